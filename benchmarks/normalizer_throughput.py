@@ -1,0 +1,203 @@
+"""Throughput of the reward normalizer against a plain confluent-kafka loop, in one run.
+
+    python benchmarks/normalizer_throughput.py                  # embedded broker (Tansu)
+    python benchmarks/normalizer_throughput.py --broker apache  # Apache Kafka (KRaft, JVM)
+    python benchmarks/normalizer_throughput.py --bootstrap host:9092
+
+Prints:
+  * the SDK's cost per ``TrainerClient.log_step`` call (validate, encode, enqueue), in us
+  * events/s through the worker (one process, every processor loaded)
+  * events/s through a plain confluent-kafka consume -> normalize -> produce loop on the
+    same input topic, using the same window rule, and the ratio worker / plain.
+
+Both rates are measured the same way: records out / (last output's CreateTime - first
+output's CreateTime), so start-up and group joins are excluded from both.
+This is a benchmark, not a test: figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from fragrance_ops.admin import create_contract_topics
+from fragrance_ops.brokers import ApacheKafkaBroker, TansuBroker
+from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from fragrance_ops.worker_process import WorkerProcess, worker_env
+from producers import TrainerClient
+from schemas import Topic, topic_name
+from streams.rules.reward_window import RewardWindow
+
+
+@contextlib.contextmanager
+def broker(kind: str, bootstrap: str | None) -> Iterator[tuple[str, bool]]:
+    if bootstrap:
+        yield bootstrap, False
+        return
+    local = TansuBroker() if kind == "tansu" else ApacheKafkaBroker()
+    local.start()
+    try:
+        yield local.bootstrap_servers, kind == "tansu"
+    finally:
+        local.stop()
+
+
+def fill(settings: Settings, events: int, runs: int) -> float:
+    """Publish ``events`` metrics over ``runs`` runs through the SDK; returns us per call."""
+    client_runs = [f"bench-run-{i}" for i in range(runs)]
+    # One client per run, as trainers would; timing covers log_step only.
+    clients = [TrainerClient(run, settings=settings, receive_commands=False) for run in client_runs]
+    per_call: list[float] = []
+    step = 0
+    sent = 0
+    while sent < events:
+        started = time.perf_counter()
+        for client in clients:
+            client.log_step(step, loss=0.5, reward=float((step * 7919 + sent) % 1000) / 100.0)
+        per_call.append((time.perf_counter() - started) / len(clients))
+        sent += len(clients)
+        step += 1
+    for client in clients:
+        client.close()
+        assert client.stats.dropped == 0, client.stats
+    return statistics.median(per_call) * 1e6
+
+
+def output_rate(bootstrap: str, topic: str, expected: int, timeout_s: float) -> float:
+    """events/s from the CreateTime span of ``expected`` output records."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"}
+    )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    first, last, seen = float("inf"), 0.0, 0
+    deadline = time.monotonic() + timeout_s
+    while seen < expected and time.monotonic() < deadline:
+        for message in consumer.consume(10_000, timeout=0.5):
+            if message.error() is None:
+                created = message.timestamp()[1] / 1000.0
+                first, last, seen = min(first, created), max(last, created), seen + 1
+    consumer.close()
+    if seen < expected:
+        raise SystemExit(f"only {seen} of {expected} outputs on {topic} in {timeout_s}s")
+    return expected / max(last - first, 1e-9)
+
+
+def plain_loop(bootstrap: str, source: str, sink: str, expected: int, window: int) -> None:
+    """The baseline: confluent-kafka consume, orjson decode, the same window rule, produce."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"plain-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+        }
+    )
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"}
+    )
+    consumer.subscribe([source])
+    windows: dict[str, RewardWindow] = {}
+    done = 0
+    while done < expected:
+        for message in consumer.consume(2000, timeout=0.5):
+            if message.error() is not None:
+                continue
+            metric = orjson.loads(message.value())
+            run = metric["run_id"]
+            rule = windows.get(run)
+            if rule is None:
+                rule = windows[run] = RewardWindow(window)
+            stats = rule.add(metric["reward"], step=metric["step"])
+            if stats is not None:
+                out = {
+                    "run_id": run,
+                    "step": metric["step"],
+                    "reward": stats.reward,
+                    "normalized_reward": stats.normalized_reward,
+                    "mean": stats.mean,
+                    "std": stats.std,
+                    "count": stats.count,
+                    "ts": time.time(),
+                }
+                while True:
+                    try:
+                        producer.produce(sink, orjson.dumps(out), message.key())
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            done += 1
+        producer.poll(0)
+    producer.flush(30)
+    consumer.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--broker", choices=["tansu", "apache"], default="tansu")
+    parser.add_argument("--bootstrap", help="use this Kafka instead of starting one")
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--partitions", type=int, default=8)
+    args = parser.parse_args()
+
+    with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
+        prefix = f"bench{uuid.uuid4().hex[:6]}."
+        settings = Settings(
+            kafka=KafkaSettings(
+                bootstrap_servers=bootstrap,
+                topic_prefix=prefix,
+                partitions=args.partitions,
+                embedded_broker=embedded,
+            ),
+            sdk=SdkSettings(queue_max_messages=2_000_000),
+        )
+        create_contract_topics(settings.kafka)
+        metrics = topic_name(Topic.METRICS, prefix)
+        print(f"broker: {args.bootstrap or args.broker} at {bootstrap}; "
+              f"{args.events} metrics over {args.runs} runs, {args.partitions} partitions")
+
+        publish_us = fill(settings, args.events, args.runs)
+        print(f"SDK log_step: {publish_us:.1f} us per call (median)")
+
+        plain_kafka = settings.kafka.model_copy(update={"topic_prefix": f"{prefix}plain."})
+        create_contract_topics(plain_kafka)
+        plain_sink = topic_name(Topic.REWARD_STATS, plain_kafka.topic_prefix)
+        plain_loop(bootstrap, metrics, plain_sink, args.events, settings.reward.window_size)
+        plain = output_rate(bootstrap, plain_sink, args.events, 120)
+        print(f"plain confluent-kafka loop: {plain:,.0f} events/s")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            env = worker_env(
+                KAFKA__BOOTSTRAP_SERVERS=bootstrap,
+                KAFKA__TOPIC_PREFIX=prefix,
+                KAFKA__PARTITIONS=str(args.partitions),
+                KAFKA__EMBEDDED_BROKER=str(embedded).lower(),
+                WORKER__APP_ID=f"bench-{prefix}",
+                WORKER__DATA_DIR=tmp,
+            )
+            worker = WorkerProcess(env, Path(tmp) / "worker.log")
+            worker.start()
+            try:
+                rate = output_rate(
+                    bootstrap, topic_name(Topic.REWARD_STATS, prefix), args.events, 600
+                )
+            finally:
+                worker.stop()
+        print(f"fragrance-ops worker: {rate:,.0f} events/s")
+        print(f"ratio worker / plain: {rate / plain:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from fragrance_ops.cli import main
+
+main()

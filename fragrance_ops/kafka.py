@@ -1,0 +1,91 @@
+"""Kafka client configuration from settings, for confluent-kafka and for Faust (aiokafka).
+
+Security settings (SASL PLAIN/SCRAM, TLS) pass through unchanged to every client and the
+worker. Secrets stay pydantic ``SecretStr`` until the moment a client is configured, so
+they never appear in a repr, a log line or ``status`` output.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from fragrance_ops.settings import KafkaSettings
+
+# Java's murmur2 partitioner, which Faust (aiokafka) also uses for keyed records.
+# confluent-kafka's default (consistent_random, CRC32) would land the same key elsewhere.
+JAVA_COMPATIBLE_PARTITIONER = "murmur2_random"
+
+
+def require_bootstrap(kafka: KafkaSettings) -> str:
+    if not kafka.bootstrap_servers:
+        raise ValueError(
+            "no Kafka bootstrap servers configured: set KAFKA_BOOTSTRAP_SERVERS "
+            "or FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS"
+        )
+    return kafka.bootstrap_servers
+
+
+def confluent_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """librdkafka properties for bootstrap and security (no role-specific settings)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": require_bootstrap(kafka),
+        "security.protocol": kafka.security_protocol,
+    }
+    if kafka.sasl_mechanism:
+        config["sasl.mechanism"] = kafka.sasl_mechanism
+    if kafka.sasl_username is not None:
+        config["sasl.username"] = kafka.sasl_username
+    if kafka.sasl_password is not None:
+        config["sasl.password"] = kafka.sasl_password.get_secret_value()
+    if kafka.ssl_cafile is not None:
+        config["ssl.ca.location"] = str(kafka.ssl_cafile)
+    if kafka.ssl_certfile is not None:
+        config["ssl.certificate.location"] = str(kafka.ssl_certfile)
+    if kafka.ssl_keyfile is not None:
+        config["ssl.key.location"] = str(kafka.ssl_keyfile)
+    if kafka.ssl_key_password is not None:
+        config["ssl.key.password"] = kafka.ssl_key_password.get_secret_value()
+    return config
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a client config safe to log."""
+    return {
+        key: "***" if ("password" in key or "secret" in key) else value
+        for key, value in config.items()
+    }
+
+
+def faust_credentials(kafka: KafkaSettings) -> Any:
+    """Faust ``broker_credentials`` for the security settings, or None for PLAINTEXT."""
+    import faust  # the worker extra; kept out of the SDK's import path
+
+    protocol = kafka.security_protocol.upper()
+    context: ssl.SSLContext | None = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+        )
+        if kafka.ssl_certfile is not None:
+            context.load_cert_chain(
+                str(kafka.ssl_certfile),
+                str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
+                kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None,
+            )
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        mechanism = (kafka.sasl_mechanism or "PLAIN").upper()
+        if mechanism == "PLAIN":
+            return faust.SASLCredentials(
+                username=kafka.sasl_username, password=password, ssl_context=context
+            )
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=password,
+            ssl_context=context,
+            mechanism=mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None

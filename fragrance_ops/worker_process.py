@@ -1,0 +1,90 @@
+"""A worker in a child process: the demo runs one, tests start, kill and restart them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def worker_env(**settings: str) -> dict[str, str]:
+    """This process's environment plus settings given as ``KAFKA__TOPIC_PREFIX="x."``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.update({f"FRAGRANCE_OPS_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+class WorkerProcess:
+    """Runs the worker CLI in its own process group; ``ready`` waits for Faust's readiness."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self._log_offset = 0
+        self._env = env
+        self._log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        with self._log_path.open("ab") as log:  # the child keeps its own descriptor
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "fragrance_ops", "worker", "--loglevel", "info"],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.starts += 1
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self._process.returncode}:\n{self.tail()}")
+            with self._log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                if b"Worker ready" in log.read():
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        text = self._log_path.read_bytes().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown hooks, no final commit."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(timeout=10)
+        self._process = None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait(timeout=10)
+        self._process = None
+
+    def __enter__(self) -> WorkerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,26 @@
+"""fragrance-ops client SDKs (confluent-kafka): trainers, LLM services, the rating app."""
+
+from producers.partitioning import murmur2, partition_for_key
+from producers.trainer import CommandHandler, CommandRejected, TrainerClient
+from producers.transport import (
+    CommandReader,
+    DeliveryStats,
+    InMemoryTransport,
+    KafkaTransport,
+    Record,
+    Transport,
+)
+
+__all__ = [
+    "CommandHandler",
+    "CommandReader",
+    "CommandRejected",
+    "DeliveryStats",
+    "InMemoryTransport",
+    "KafkaTransport",
+    "Record",
+    "TrainerClient",
+    "Transport",
+    "murmur2",
+    "partition_for_key",
+]

@@ -1,0 +1,207 @@
+"""The trainer SDK: announce a run, publish metrics and checkpoints, receive commands.
+
+    with TrainerClient("run-42") as ops:
+        ops.on_command("set_entropy_coef", lambda cmd: trainer.set_entropy(cmd.entropy_coef))
+        for step in range(total):
+            loss, reward = train_step()
+            ops.log_step(step, loss=loss, reward=reward)   # never blocks, never raises
+
+Commands are delivered at step boundaries: ``log_step`` (or ``poll_commands``) runs the
+handlers in the caller's thread, so a handler may touch the model and optimizer safely.
+Each command id is handled once and acknowledged on ``trainer.acks``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fragrance_ops.settings import Settings
+from producers.transport import DeliveryStats, KafkaTransport, Transport
+from schemas import (
+    CheckpointSaved,
+    Command,
+    CommandAck,
+    Event,
+    InvalidEvent,
+    RunAnnounced,
+    StepMetric,
+    Topic,
+    decode_command,
+    encode,
+    topic_name,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+_OPTIONAL_METRICS = frozenset(StepMetric.model_fields) - {
+    "run_id", "step", "loss", "reward", "ts", "attempt"
+}
+
+
+class CommandRejected(Exception):
+    """Raise from a handler to reject a command; the message becomes the ack's detail."""
+
+
+HandlerResult = dict[str, Any] | None
+"""A handler may return ``{"before": {...}, "after": {...}}`` to record what it changed."""
+CommandHandler = Callable[[Command], HandlerResult]
+
+
+class TrainerClient:
+    """One training run's connection to the operations layer."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        settings: Settings | None = None,
+        transport: Transport | None = None,
+        attempt: int = 0,
+        receive_commands: bool = True,
+    ) -> None:
+        self.run_id = run_id
+        self.attempt = attempt
+        self.settings = settings if settings is not None else Settings()
+        self._transport = transport if transport is not None else KafkaTransport(self.settings)
+        self._key = run_id.encode()
+        self._handlers: dict[str, CommandHandler] = {}
+        self._handled: set[str] = set()
+        prefix = self.settings.kafka.topic_prefix
+        self._topics = {topic: topic_name(topic, prefix) for topic in Topic}
+        self._commands = (
+            self._transport.reader(
+                self._topics[Topic.COMMANDS],
+                self._key,
+                group_id=f"{self.settings.worker.app_id}.trainer.{run_id}",
+            )
+            if receive_commands
+            else None
+        )
+        self._closed = False
+
+    @property
+    def stats(self) -> DeliveryStats:
+        return self._transport.stats
+
+    def _publish(self, event: Event) -> None:
+        self._transport.produce(self._topics[event.TOPIC], self._key, encode(event))
+
+    def announce(self, settings: dict[str, bool | int | float | str] | None = None) -> None:
+        """Announce (or re-announce on resume) the run with its per-run setting overrides."""
+        self._publish(RunAnnounced(run_id=self.run_id, ts=time.time(), settings=settings or {}))
+
+    def log_step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        reward: float,
+        **optional: float,
+    ) -> None:
+        """Publish one step's metrics, then run handlers for any commands that arrived.
+
+        Non-finite loss or reward is reported as such (the stream treats it as an anomaly).
+        Invalid arguments (a negative step, an unknown field) are the caller's bug and raise
+        ``InvalidEvent`` at once; Kafka being down never raises.
+        """
+        unknown = set(optional) - _OPTIONAL_METRICS
+        if unknown:
+            raise InvalidEvent(f"unknown metric fields {sorted(unknown)}")
+        metric = validate(
+            StepMetric,
+            {
+                "run_id": self.run_id,
+                "step": int(step),
+                "loss": float(loss),
+                "reward": float(reward),
+                "ts": time.time(),
+                "attempt": self.attempt,
+                **{name: float(value) for name, value in optional.items()},
+            },
+        )
+        self._publish(metric)
+        self.poll_commands()
+
+    def checkpoint_saved(self, step: int, uri: str) -> None:
+        self._publish(CheckpointSaved(run_id=self.run_id, step=step, uri=uri, ts=time.time()))
+
+    def on_command(self, command_type: str, handler: CommandHandler) -> None:
+        """Register the handler for one command type (set_entropy_coef, rollback, ...)."""
+        self._handlers[command_type] = handler
+
+    def poll_commands(self) -> int:
+        """Run handlers for commands that arrived; returns how many were handled."""
+        if self._commands is None:
+            return 0
+        handled = 0
+        for record in self._commands.poll():
+            try:
+                command = decode_command(record.value)
+            except InvalidEvent as exc:
+                log.warning("ignoring an invalid command at offset %d: %s", record.offset, exc)
+                self._commands.commit(record)
+                continue
+            if command.run_id != self.run_id or command.command_id in self._handled:
+                self._commands.commit(record)
+                continue
+            self._handle(command)
+            self._handled.add(command.command_id)
+            self._commands.commit(record)
+            handled += 1
+        return handled
+
+    def _handle(self, command: Command) -> None:
+        handler = self._handlers.get(command.type)
+        status: Literal["applied", "rejected"]
+        before: dict[str, Any] | None = None
+        after: dict[str, Any] | None = None
+        if handler is None:
+            status, detail = "rejected", f"no handler for {command.type!r}"
+        else:
+            try:
+                result = handler(command)
+            except CommandRejected as exc:
+                status, detail = "rejected", str(exc) or "rejected by handler"
+            except Exception as exc:
+                # A broken handler must not stop training; the ack says what happened.
+                log.exception("handler for %s failed", command.type)
+                status, detail = "rejected", f"handler raised {type(exc).__name__}: {exc}"
+            else:
+                status, detail = "applied", f"{command.type} applied"
+                if result:
+                    before, after = result.get("before"), result.get("after")
+        self._publish(
+            CommandAck(
+                command_id=command.command_id,
+                run_id=self.run_id,
+                status=status,
+                detail=detail,
+                ts=time.time(),
+                before=before,
+                after=after,
+            )
+        )
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait for buffered events to be delivered; returns how many are still pending."""
+        return self._transport.flush(
+            self.settings.sdk.close_timeout_s if timeout_s is None else timeout_s
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._commands is not None:
+            self._commands.close()
+        self._transport.close(self.settings.sdk.close_timeout_s)
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,298 @@
+"""How SDK clients reach Kafka: an injectable transport.
+
+``KafkaTransport`` is the real one (confluent-kafka: idempotent, batching, compressed,
+Java-compatible key partitioning). ``InMemoryTransport`` keeps records in process so
+client code is usable and testable without a broker.
+
+Neither ever blocks or raises into the caller because Kafka is unreachable: the producer
+buffers up to a bound, then drops and counts; the command reader logs and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, redacted
+from fragrance_ops.settings import Settings
+
+log = logging.getLogger(__name__)
+_librdkafka_log = logging.getLogger("producers.librdkafka")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    offset: int = -1
+
+
+@dataclass
+class DeliveryStats:
+    """What happened to what the caller published: counters, never exceptions."""
+
+    produced: int = 0
+    delivered: int = 0
+    dropped_queue_full: int = 0
+    failed_delivery: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_queue_full + self.failed_delivery
+
+
+class CommandReader(Protocol):
+    """Reads one run's records from one keyed topic, resuming after the last commit."""
+
+    def poll(self) -> list[Record]: ...
+
+    def commit(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    stats: DeliveryStats
+
+    def produce(self, topic: str, key: bytes, value: bytes) -> None: ...
+
+    def flush(self, timeout_s: float) -> int: ...
+
+    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader: ...
+
+    def close(self, timeout_s: float) -> int: ...
+
+
+class _Throttled:
+    """Each warning at most once per interval, so an outage does not flood the logs."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(message, -self._interval_s) >= self._interval_s:
+            self._last[message] = now
+            log.warning(message, *args)
+
+
+class KafkaTransport:
+    """confluent-kafka producer plus per-run command readers."""
+
+    def __init__(self, settings: Settings, *, extra_config: dict[str, Any] | None = None) -> None:
+        self._settings = settings
+        self._base = confluent_config(settings.kafka)
+        sdk = settings.sdk
+        config = {
+            **self._base,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": sdk.linger_ms,
+            "compression.type": sdk.compression,
+            "partitioner": JAVA_COMPATIBLE_PARTITIONER,
+            "queue.buffering.max.messages": sdk.queue_max_messages,
+            **(extra_config or {}),
+        }
+        log.debug("producer config: %s", redacted(config))
+        self.stats = DeliveryStats()
+        self._warn = _Throttled()
+        # librdkafka's own log lines go through Python logging, not straight to stderr.
+        self._producer = Producer(config, error_cb=self._on_error, logger=_librdkafka_log)
+
+    def _on_error(self, error: KafkaError) -> None:
+        self._warn("kafka unreachable or failing (events are buffered): %s", error.str())
+
+    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+        if error is None:
+            self.stats.delivered += 1
+        else:
+            self.stats.failed_delivery += 1
+            self._warn("event not delivered and dropped: %s", error.str())
+
+    def produce(self, topic: str, key: bytes, value: bytes) -> None:
+        try:
+            self._producer.produce(topic, value, key, on_delivery=self._on_delivery)
+            self.stats.produced += 1
+        except BufferError:
+            self.stats.dropped_queue_full += 1
+            self._warn(
+                "local buffer full (%d events): dropping; is Kafka down?",
+                self._settings.sdk.queue_max_messages,
+            )
+        except KafkaException as exc:
+            self.stats.failed_delivery += 1
+            self._warn("event rejected by the client and dropped: %s", exc)
+        self._producer.poll(0)
+
+    def flush(self, timeout_s: float) -> int:
+        return int(self._producer.flush(timeout_s))
+
+    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader:
+        return _KafkaKeyReader(self._base, topic, key, group_id)
+
+    def close(self, timeout_s: float) -> int:
+        remaining = self.flush(timeout_s)
+        if remaining:
+            log.warning("closing with %d events undelivered", remaining)
+        return remaining
+
+
+class _KafkaKeyReader:
+    """A background thread reads one key's partition; poll() hands records over.
+
+    The partition is found with the same murmur2 partitioner the producers use; records
+    with other keys on that partition are skipped. Offsets are committed per record once
+    the caller has handled it, so a restarted trainer resumes after its last handled one.
+    """
+
+    def __init__(self, base: dict[str, Any], topic: str, key: bytes, group_id: str) -> None:
+        self._topic = topic
+        self._key = key
+        self._consumer = Consumer(
+            {
+                **base,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+            logger=_librdkafka_log,
+        )
+        self._buffer: list[Record] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._warn = _Throttled()
+        self._thread = threading.Thread(target=self._run, name=f"commands-{topic}", daemon=True)
+        self._thread.start()
+
+    def _partition(self) -> int:
+        from producers.partitioning import partition_for_key
+
+        metadata = self._consumer.list_topics(self._topic, timeout=5.0)
+        partitions = metadata.topics[self._topic].partitions
+        if not partitions:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        return partition_for_key(self._key, len(partitions))
+
+    def _run(self) -> None:
+        assigned = False
+        while not self._stopped.is_set():
+            try:
+                if not assigned:
+                    partition = self._partition()
+                    self._consumer.assign([TopicPartition(self._topic, partition)])
+                    assigned = True
+                message = self._consumer.poll(0.2)
+            except (KafkaException, KeyError) as exc:
+                self._warn("command reader for %s waiting for Kafka: %s", self._topic, exc)
+                self._stopped.wait(1.0)
+                continue
+            if message is None:
+                continue
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    self._warn("command reader error: %s", error.str())
+                continue
+            if message.key() != self._key:
+                continue
+            with self._lock:
+                self._buffer.append(
+                    Record(self._topic, self._key, message.value() or b"", message.offset() or 0)
+                )
+
+    def poll(self) -> list[Record]:
+        with self._lock:
+            records, self._buffer = self._buffer, []
+        return records
+
+    def commit(self, record: Record) -> None:
+        try:
+            self._consumer.commit(
+                offsets=[
+                    TopicPartition(self._topic, self._assigned_partition(), record.offset + 1)
+                ],
+                asynchronous=True,
+            )
+        except KafkaException as exc:
+            self._warn("could not commit command offset (will re-read, ids dedupe): %s", exc)
+
+    def _assigned_partition(self) -> int:
+        assignment = self._consumer.assignment()
+        return int(assignment[0].partition) if assignment else 0
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5.0)
+        self._consumer.close()
+
+
+@dataclass
+class InMemoryTransport:
+    """An in-process stand-in for Kafka: records are kept per topic, in order.
+
+    Tests and notebooks publish through it and read ``records(topic)``; a test plays the
+    worker by calling ``deliver(topic, key, value)`` to hand records to readers.
+    """
+
+    stats: DeliveryStats = field(default_factory=DeliveryStats)
+    _topics: dict[str, list[Record]] = field(default_factory=lambda: defaultdict(list))
+    _committed: dict[tuple[str, bytes, str], int] = field(default_factory=dict)
+    on_produce: Callable[[Record], None] | None = None
+
+    def produce(self, topic: str, key: bytes, value: bytes) -> None:
+        records = self._topics[topic]
+        record = Record(topic, key, value, len(records))
+        records.append(record)
+        self.stats.produced += 1
+        self.stats.delivered += 1
+        if self.on_produce is not None:
+            self.on_produce(record)
+
+    def deliver(self, topic: str, key: bytes, value: bytes) -> None:
+        """Append a record as if another party (the worker) had produced it."""
+        records = self._topics[topic]
+        records.append(Record(topic, key, value, len(records)))
+
+    def records(self, topic: str) -> list[Record]:
+        return list(self._topics[topic])
+
+    def flush(self, timeout_s: float) -> int:
+        return 0
+
+    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader:
+        return _InMemoryReader(self, topic, key, group_id)
+
+    def close(self, timeout_s: float) -> int:
+        return 0
+
+
+@dataclass
+class _InMemoryReader:
+    transport: InMemoryTransport
+    topic: str
+    key: bytes
+    group_id: str
+    _position: int = -1
+
+    def __post_init__(self) -> None:
+        self._position = self.transport._committed.get((self.topic, self.key, self.group_id), 0)
+
+    def poll(self) -> list[Record]:
+        records = self.transport._topics[self.topic][self._position :]
+        self._position += len(records)
+        return [record for record in records if record.key == self.key]
+
+    def commit(self, record: Record) -> None:
+        self.transport._committed[(self.topic, self.key, self.group_id)] = record.offset + 1
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,296 @@
+"""Event contract v1: one pydantic model per event type.
+
+Wire format: a JSON object encoded with orjson. Decoding is strict (no type coercion,
+ranges checked, required fields required) and tolerant of unknown extra fields, so a
+producer may add fields before consumers know them.
+
+Numbers that must be finite are finite. Training metric values (loss, reward, ...) may
+legitimately be non-finite on a diverging run, and JSON has no literal for that, so they
+travel as a number or one of the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
+
+from schemas.topics import Topic
+
+NON_FINITE_MARKERS: dict[str, float] = {
+    "NaN": math.nan,
+    "Infinity": math.inf,
+    "-Infinity": -math.inf,
+}
+
+
+def _marker_to_float(value: object) -> object:
+    if isinstance(value, str) and value in NON_FINITE_MARKERS:
+        return NON_FINITE_MARKERS[value]
+    return value
+
+
+def _float_to_wire(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+MetricValue = Annotated[
+    float,
+    Field(allow_inf_nan=True),
+    BeforeValidator(_marker_to_float),
+    PlainSerializer(_float_to_wire),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number"},
+                {"enum": list(NON_FINITE_MARKERS)},
+            ],
+            "description": "a number, or a string marker for a non-finite value",
+        }
+    ),
+]
+"""A training metric: finite number, or NaN/Infinity/-Infinity as a string marker."""
+
+Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch, UTC")]
+Step = Annotated[int, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+LlmMode = Literal["creative", "balanced", "fast"]
+BreakerState = Literal["closed", "open", "half_open"]
+SettingValue = bool | int | float | str
+
+
+class Event(BaseModel):
+    """Base of every contract event: strict, finite by default, extras ignored."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        allow_inf_nan=False,
+        frozen=True,
+    )
+    TOPIC: ClassVar[Topic]
+
+    def key(self) -> str:
+        """The partitioning key the contract assigns to this event."""
+        raise NotImplementedError
+
+
+class RunAnnounced(Event):
+    """A run starts or resumes; its settings override defaults for this run only."""
+
+    TOPIC: ClassVar[Topic] = Topic.RUNS
+    run_id: Identifier
+    ts: Timestamp
+    settings: dict[str, SettingValue] = Field(
+        description="per-run overrides, keys as dotted setting paths (e.g. reward.window_size)"
+    )
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class StepMetric(Event):
+    """One training step's metrics, as the trainer measured them."""
+
+    TOPIC: ClassVar[Topic] = Topic.METRICS
+    run_id: Identifier
+    step: Step
+    loss: MetricValue
+    reward: MetricValue
+    ts: Timestamp
+    attempt: Step = Field(
+        default=0,
+        description="how many times the run was rolled back or resumed; orders replays of a step",
+    )
+    policy_loss: MetricValue | None = None
+    value_loss: MetricValue | None = None
+    entropy: MetricValue | None = None
+    learning_rate: NonNegative | None = None
+    clip_epsilon: NonNegative | None = None
+    entropy_coef: NonNegative | None = None
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class CheckpointSaved(Event):
+    TOPIC: ClassVar[Topic] = Topic.CHECKPOINTS
+    run_id: Identifier
+    step: Step
+    uri: Annotated[str, Field(min_length=1, max_length=4096)]
+    ts: Timestamp
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class RewardStats(Event):
+    """The window statistics after one metric's reward entered the run's window."""
+
+    TOPIC: ClassVar[Topic] = Topic.REWARD_STATS
+    run_id: Identifier
+    step: Step
+    reward: float
+    normalized_reward: float
+    mean: float
+    std: NonNegative
+    count: Annotated[int, Field(ge=1)]
+    ts: Timestamp
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class _CommandBase(Event):
+    TOPIC: ClassVar[Topic] = Topic.COMMANDS
+    command_id: Identifier
+    run_id: Identifier
+    issued_at: Timestamp
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class SetEntropyCoef(_CommandBase):
+    type: Literal["set_entropy_coef"] = "set_entropy_coef"
+    entropy_coef: NonNegative
+    step: Step
+
+
+class Rollback(_CommandBase):
+    type: Literal["rollback"] = "rollback"
+    checkpoint_step: Step
+    checkpoint_uri: Annotated[str, Field(min_length=1, max_length=4096)]
+    anomaly_step: Step
+    reason: str
+    values: dict[str, MetricValue] = Field(default_factory=dict)
+
+
+class Retune(_CommandBase):
+    type: Literal["retune"] = "retune"
+    changes: dict[str, float]
+    rationale: str
+    window: dict[str, Any]
+
+
+class Halt(_CommandBase):
+    type: Literal["halt"] = "halt"
+    reason: str
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+Command = Annotated[
+    SetEntropyCoef | Rollback | Retune | Halt,
+    Field(discriminator="type"),
+]
+COMMAND_TYPES: tuple[type[_CommandBase], ...] = (SetEntropyCoef, Rollback, Retune, Halt)
+
+
+class CommandAck(Event):
+    TOPIC: ClassVar[Topic] = Topic.ACKS
+    command_id: Identifier
+    run_id: Identifier
+    status: Literal["applied", "rejected"]
+    detail: str
+    ts: Timestamp
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class LlmOutcome(Event):
+    TOPIC: ClassVar[Topic] = Topic.LLM_OUTCOMES
+    model: Identifier
+    ok: bool
+    mode: LlmMode
+    latency_ms: NonNegative
+    error: str | None
+    ts: Timestamp
+
+    @model_validator(mode="after")
+    def _error_iff_failed(self) -> LlmOutcome:
+        if self.ok and self.error is not None:
+            raise ValueError("error must be null when ok is true")
+        if not self.ok and not self.error:
+            raise ValueError("error must be a non-empty string when ok is false")
+        return self
+
+    def key(self) -> str:
+        return self.model
+
+
+class LlmControl(Event):
+    TOPIC: ClassVar[Topic] = Topic.LLM_CONTROL
+    model: Identifier
+    state: BreakerState
+    mode: LlmMode
+    cache_ttl_s: NonNegative
+    until: Timestamp | None
+    reason: str
+    ts: Timestamp
+
+    def key(self) -> str:
+        return self.model
+
+
+class Rating(Event):
+    TOPIC: ClassVar[Topic] = Topic.RATINGS
+    rating: Annotated[float, Field(ge=1, le=5)]
+    user_id: Identifier
+    formula_id: Identifier
+    ts: Timestamp
+    run_id: Identifier | None = None
+
+    def key(self) -> str:
+        return self.run_id if self.run_id is not None else self.formula_id
+
+
+class DeadLetter(Event):
+    """A rejected input, with its original bytes (base64) so nothing is lost."""
+
+    TOPIC: ClassVar[Topic] = Topic.DEAD_LETTER
+    source_topic: str
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+    error: str
+    field: str | None = None
+    payload: str = Field(description="the original value bytes, base64 (RFC 4648)")
+    payload_encoding: Literal["base64"] = "base64"
+    original_key: str | None = Field(
+        default=None, description="the original key bytes, base64, or null"
+    )
+    ts: Timestamp
+
+    def key(self) -> str:
+        # The record key on the wire is the original key's raw bytes; see streams.dead_letter.
+        raise TypeError("dead letters are keyed by the original raw key bytes")
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    RunAnnounced,
+    StepMetric,
+    CheckpointSaved,
+    RewardStats,
+    *COMMAND_TYPES,
+    CommandAck,
+    LlmOutcome,
+    LlmControl,
+    Rating,
+    DeadLetter,
+)

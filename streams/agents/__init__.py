@@ -1,0 +1,1 @@
+"""Faust agents: decode, validate, call a rule, forward. One module per processor."""

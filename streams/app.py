@@ -1,0 +1,63 @@
+"""The Faust app: one worker process runs every processor.
+
+Scale out by adding partitions (``kafka.partitions``) and worker processes with the same
+``worker.app_id``: Kafka's group protocol and Faust's assignor share the partitions, and
+each table's state moves with its partition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from fragrance_ops.kafka import faust_credentials, require_bootstrap
+from fragrance_ops.settings import Settings
+from schemas import Topic, topic_name
+from streams.agents import reward_normalizer, run_registry
+from streams.context import ProcessorContext, RunSettingsCache
+from streams.dead_letter import DeadLetterSink
+from streams.output import OutputProducer
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the worker app for ``settings``."""
+    kafka = settings.kafka
+    worker = settings.worker
+    extra: dict[str, Any] = {}
+    if kafka.embedded_broker:
+        extra["producer_max_batch_size"] = worker.embedded_producer_max_batch_size
+    app = faust.App(
+        worker.app_id,
+        broker=[f"kafka://{server}" for server in require_bootstrap(kafka).split(",")],
+        broker_credentials=faust_credentials(kafka),
+        store="memory://",
+        datadir=str(worker.data_dir),
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        topic_allow_declare=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+        broker_session_timeout=worker.session_timeout_s,
+        broker_heartbeat_interval=worker.heartbeat_interval_s,
+        web_enabled=worker.web_port is not None,
+        web_port=worker.web_port or 6066,
+        web_bind="127.0.0.1",
+        # Only our own producers write the contract topics; Faust's table changelogs
+        # and outputs go through aiokafka, whose idempotent producer fails on Tansu.
+        producer_acks=-1,
+        **(extra | worker.faust_options),
+    )
+    output = OutputProducer(settings)
+    context = ProcessorContext(
+        app=app,
+        settings=settings,
+        output=output,
+        dead_letters=DeadLetterSink(output, topic_name(Topic.DEAD_LETTER, kafka.topic_prefix)),
+        run_settings=RunSettingsCache(settings),
+    )
+    run_settings = run_registry.register(context)
+    reward_normalizer.register(context, run_settings)
+    return app

@@ -1,0 +1,58 @@
+"""What every processor needs: settings, topic names, outputs, the dead-letter sink."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import orjson
+
+from fragrance_ops.settings import Settings, run_overrides
+from schemas import Event, Topic, encode, topic_name
+from streams.dead_letter import DeadLetterSink
+from streams.output import OutputProducer
+
+
+@dataclass
+class RunSettingsCache:
+    """Effective settings per run: defaults plus the run's overrides from ``trainer.runs``."""
+
+    defaults: Settings
+    _by_overrides: dict[bytes, Settings] = field(default_factory=dict)
+
+    def resolve(self, overrides: dict[str, Any] | None) -> Settings:
+        if not overrides:
+            return self.defaults
+        cache_key = orjson.dumps(overrides, option=orjson.OPT_SORT_KEYS)
+        settings = self._by_overrides.get(cache_key)
+        if settings is None:
+            settings = run_overrides(self.defaults, overrides)
+            self._by_overrides[cache_key] = settings
+        return settings
+
+
+@dataclass
+class ProcessorContext:
+    app: faust.App
+    settings: Settings
+    output: OutputProducer
+    dead_letters: DeadLetterSink
+    run_settings: RunSettingsCache
+
+    def topic(self, topic: Topic) -> str:
+        return topic_name(topic, self.settings.kafka.topic_prefix)
+
+    async def forward(self, event: Event) -> None:
+        """Send an output event, keyed per contract."""
+        await self.output.send(self.topic(event.TOPIC), event.key().encode(), encode(event))
+
+    async def delivered(self) -> None:
+        """Wait until outputs are on the broker, before state that implies them is written."""
+        await self.output.delivered()
+
+    @staticmethod
+    def now() -> float:
+        """The worker's clock: the one trusted time source for decisions."""
+        return time.time()

@@ -1,0 +1,1 @@
+"""The rules: plain Python, no Kafka or Faust import. Agents call these."""

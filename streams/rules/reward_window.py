@@ -1,0 +1,154 @@
+"""Reward normalization over a sliding window (operations guide, section 1).
+
+The window's sum and sum of squares are kept as exact integers (every float is a dyadic
+rational, so scaling by a power of two makes it an integer; the scale grows only when a
+reward needs finer bits than any before it), so an update is O(1), nothing drifts
+however long a run lasts, and the mean and the population standard deviation (ddof=0, as
+numpy's default) are the correctly rounded values of the exact window statistics. The same
+window therefore gives bit-identical statistics whether or not the worker crashed and
+restored it in between.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from struct import Struct
+
+_HEADER = Struct("<I I I q q")  # version, capacity, count, last attempt, last step
+_FORMAT_VERSION = 1
+_NO_POSITION = (-1, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """The window after one reward entered it."""
+
+    reward: float
+    normalized_reward: float
+    mean: float
+    std: float
+    count: int
+
+
+class RewardWindow:
+    """The last ``capacity`` rewards of one run, deduplicated by (attempt, step)."""
+
+    __slots__ = ("_capacity", "_count", "_head", "_last", "_ring", "_scale", "_sum", "_sum_sq")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("window capacity must be at least 1")
+        self._capacity = capacity
+        self._ring = array("d")  # grows to capacity, then wraps at _head
+        self._head = 0
+        self._count = 0
+        self._scale = 0  # sums are in units of 2**-_scale
+        self._sum = 0
+        self._sum_sq = 0
+        self._last = _NO_POSITION
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def last_position(self) -> tuple[int, int]:
+        """(attempt, step) of the newest reward, or (-1, -1) when empty."""
+        return self._last
+
+    def rewards(self) -> list[float]:
+        """The rewards in the window, oldest first."""
+        return list(self._ring[self._head :]) + list(self._ring[: self._head])
+
+    def has_seen(self, attempt: int, step: int) -> bool:
+        """True when (attempt, step) is not newer than the newest reward: a duplicate."""
+        return (attempt, step) <= self._last
+
+    def _exact(self, value: float) -> int:
+        numerator, denominator = value.as_integer_ratio()
+        bits = denominator.bit_length() - 1
+        if bits > self._scale:
+            grow = bits - self._scale
+            self._sum <<= grow
+            self._sum_sq <<= 2 * grow
+            self._scale = bits
+        return numerator << (self._scale - bits)
+
+    def add(self, reward: float, *, step: int, attempt: int = 0) -> WindowStats | None:
+        """Add a finite reward; return the new statistics, or None for a duplicate step."""
+        if not math.isfinite(reward):
+            raise ValueError(f"reward must be finite, got {reward!r}")
+        if self.has_seen(attempt, step):
+            return None
+        exact = self._exact(reward)
+        if self._count < self._capacity:
+            self._ring.append(reward)
+            self._count += 1
+        else:
+            evicted = self._exact(self._ring[self._head])
+            self._sum -= evicted
+            self._sum_sq -= evicted * evicted
+            self._ring[self._head] = reward
+            self._head = (self._head + 1) % self._capacity
+        self._sum += exact
+        self._sum_sq += exact * exact
+        self._last = (attempt, step)
+        return self._stats(reward)
+
+    def _stats(self, reward: float) -> WindowStats:
+        n = self._count
+        mean = self._sum / (n << self._scale)
+        try:
+            variance = (n * self._sum_sq - self._sum * self._sum) / ((n * n) << (2 * self._scale))
+            std = math.sqrt(variance)
+        except OverflowError:  # rewards near 1e300: the spread is beyond float range
+            std = math.inf
+        normalized = (reward - mean) / std if std > 0.0 else 0.0
+        return WindowStats(reward=reward, normalized_reward=normalized, mean=mean, std=std, count=n)
+
+    def resize(self, capacity: int) -> None:
+        """Change the capacity, keeping the newest rewards that fit."""
+        if capacity == self._capacity:
+            return
+        if capacity < 1:
+            raise ValueError("window capacity must be at least 1")
+        kept = self.rewards()[-capacity:]
+        self._capacity = capacity
+        self._load(kept)
+
+    def _load(self, rewards: list[float]) -> None:
+        self._ring = array("d", rewards)
+        self._head = 0
+        self._count = len(rewards)
+        self._scale = 0
+        self._sum = 0
+        self._sum_sq = 0
+        for reward in rewards:
+            exact = self._exact(reward)
+            self._sum += exact
+            self._sum_sq += exact * exact
+
+    # State: a compact binary snapshot, so a changelog record per run per batch stays small.
+    def to_bytes(self) -> bytes:
+        header = _HEADER.pack(_FORMAT_VERSION, self._capacity, self._count, *self._last)
+        return header + array("d", self.rewards()).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RewardWindow:
+        version, capacity, count, attempt, step = _HEADER.unpack_from(data)
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"unknown reward window format {version}")
+        rewards = array("d")
+        rewards.frombytes(data[_HEADER.size :])
+        if len(rewards) != count:
+            raise ValueError("corrupt reward window snapshot")
+        window = cls(capacity)
+        window._load(list(rewards))
+        window._last = (attempt, step)
+        return window

@@ -1,0 +1,1 @@
+"""Plain helper functions for tests (no fixtures here; those live in conftest)."""

@@ -1,0 +1,162 @@
+"""The trainer SDK without a broker (in-memory transport) and with an unreachable one."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import orjson
+import pytest
+
+from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER
+from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from producers import CommandRejected, InMemoryTransport, KafkaTransport, TrainerClient
+from schemas import Command, InvalidEvent, SetEntropyCoef, StepMetric, Topic, decode, encode
+
+
+@pytest.fixture
+def transport() -> InMemoryTransport:
+    return InMemoryTransport()
+
+
+@pytest.fixture
+def client(transport: InMemoryTransport) -> TrainerClient:
+    return TrainerClient("run-1", settings=Settings(), transport=transport)
+
+
+def entropy_command(command_id: str, value: float = 0.005, run_id: str = "run-1") -> bytes:
+    return encode(
+        SetEntropyCoef(
+            command_id=command_id, run_id=run_id, issued_at=1.0, entropy_coef=value, step=10
+        )
+    )
+
+
+def acks(transport: InMemoryTransport) -> list[dict[str, object]]:
+    return [orjson.loads(record.value) for record in transport.records(Topic.ACKS)]
+
+
+def test_announce_metrics_and_checkpoints_are_published_keyed_by_run(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    client.announce({"reward.window_size": 500})
+    client.log_step(7, loss=0.5, reward=1.5, entropy=0.2, learning_rate=3e-4)
+    client.checkpoint_saved(500, "file:///ckpt/500.pt")
+    runs, metrics, checkpoints = (
+        transport.records(topic) for topic in (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS)
+    )
+    assert orjson.loads(runs[0].value)["settings"] == {"reward.window_size": 500}
+    metric = decode(StepMetric, metrics[0].value)
+    assert (metric.step, metric.loss, metric.reward, metric.entropy) == (7, 0.5, 1.5, 0.2)
+    assert orjson.loads(checkpoints[0].value)["uri"] == "file:///ckpt/500.pt"
+    assert {record.key for record in runs + metrics + checkpoints} == {b"run-1"}
+
+
+def test_non_finite_losses_are_reported_not_refused(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    client.log_step(1, loss=math.inf, reward=math.nan)
+    wire = orjson.loads(transport.records(Topic.METRICS)[0].value)
+    assert (wire["loss"], wire["reward"]) == ("Infinity", "NaN")
+
+
+def test_caller_bugs_raise_at_once(client: TrainerClient) -> None:
+    with pytest.raises(InvalidEvent, match="step"):
+        client.log_step(-1, loss=1.0, reward=1.0)
+    with pytest.raises(InvalidEvent, match="unknown metric"):
+        client.log_step(1, loss=1.0, reward=1.0, lossy=2.0)
+
+
+def test_each_command_id_is_handled_once_and_acked(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    applied: list[Command] = []
+
+    def set_entropy(command: Command) -> dict[str, object]:
+        applied.append(command)
+        assert isinstance(command, SetEntropyCoef)
+        return {"before": {"entropy_coef": 0.01}, "after": {"entropy_coef": command.entropy_coef}}
+
+    client.on_command("set_entropy_coef", set_entropy)
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("c-1"))
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("c-1"))  # a duplicate
+    transport.deliver(Topic.COMMANDS, b"run-2", entropy_command("c-2", run_id="run-2"))
+    client.log_step(1, loss=1.0, reward=1.0)
+    assert [command.command_id for command in applied] == ["c-1"]
+    assert acks(transport) == [
+        {
+            "command_id": "c-1",
+            "run_id": "run-1",
+            "status": "applied",
+            "detail": "set_entropy_coef applied",
+            "ts": acks(transport)[0]["ts"],
+            "before": {"entropy_coef": 0.01},
+            "after": {"entropy_coef": 0.005},
+        }
+    ]
+
+
+def test_commands_are_rejected_with_a_reason(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    def refuse(command: Command) -> None:
+        raise CommandRejected("paused by operator")
+
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("no-handler"))
+    client.poll_commands()
+    client.on_command("set_entropy_coef", refuse)
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("refused"))
+    client.poll_commands()
+    client.on_command("set_entropy_coef", lambda command: 1 / 0)  # type: ignore[arg-type,return-value]
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("broken"))
+    client.poll_commands()
+    assert [(ack["status"], ack["detail"]) for ack in acks(transport)] == [
+        ("rejected", "no handler for 'set_entropy_coef'"),
+        ("rejected", "paused by operator"),
+        ("rejected", "handler raised ZeroDivisionError: division by zero"),
+    ]
+
+
+def test_invalid_commands_are_skipped(client: TrainerClient, transport: InMemoryTransport) -> None:
+    transport.deliver(Topic.COMMANDS, b"run-1", b'{"type": "set_entropy_coef"}')
+    assert client.poll_commands() == 0
+    assert acks(transport) == []
+
+
+def test_a_restarted_client_resumes_after_its_last_handled_command(
+    transport: InMemoryTransport,
+) -> None:
+    first = TrainerClient("run-1", transport=transport)
+    first.on_command("set_entropy_coef", lambda command: None)
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("c-1"))
+    first.poll_commands()
+    first.close()
+    second = TrainerClient("run-1", transport=transport)
+    second.on_command("set_entropy_coef", lambda command: None)
+    transport.deliver(Topic.COMMANDS, b"run-1", entropy_command("c-2"))
+    assert second.poll_commands() == 1
+    assert [ack["command_id"] for ack in acks(transport)] == ["c-1", "c-2"]
+
+
+def test_an_unreachable_broker_never_blocks_or_raises(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        sdk=SdkSettings(queue_max_messages=100, close_timeout_s=0.5),
+    )
+    caplog.set_level(logging.WARNING)
+    with TrainerClient("run-1", settings=settings) as client:
+        started = time.perf_counter()
+        for step in range(1000):
+            client.log_step(step, loss=1.0, reward=1.0)
+        elapsed = time.perf_counter() - started
+    assert client.stats.dropped_queue_full >= 900
+    assert client.stats.delivered == 0
+    assert "dropping" in caplog.text
+    assert elapsed < 5.0  # generous: 1,000 calls must not wait on the network
+
+
+def test_the_kafka_producer_uses_the_java_partitioner() -> None:
+    transport = KafkaTransport(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1")))
+    assert JAVA_COMPATIBLE_PARTITIONER == "murmur2_random"
+    assert transport.close(0) >= 0
