@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -136,6 +136,126 @@ class SdkSettings(_Group):
     )
 
 
+class EntropySettings(_Group):
+    """Entropy coefficient schedule (guide section 1). Env: FRAGRANCE_OPS_ENTROPY__<NAME>."""
+
+    start: float = Field(
+        default=0.01, ge=0, allow_inf_nan=False, description="coefficient at step 0 (exploration)"
+    )
+    end: float = Field(
+        default=0.001,
+        ge=0,
+        allow_inf_nan=False,
+        description="coefficient from step `steps` on (exploitation); the value holds there",
+    )
+    steps: int = Field(default=10_000, ge=1, description="steps the decay from start to end takes")
+    kind: Literal["cosine", "linear"] = Field(default="cosine", description="decay curve")
+    emit_tolerance_rel: float = Field(
+        default=0.05,
+        ge=0,
+        allow_inf_nan=False,
+        description="a set_entropy_coef command is sent when the value moved by more than this "
+        "fraction of the last value sent (and always at a run's first metric, on a new attempt "
+        "and after a retune)",
+    )
+    min_coef: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="lowest coefficient ever sent (bounds a retuned schedule)",
+    )
+    max_coef: float = Field(
+        default=0.1,
+        ge=0,
+        allow_inf_nan=False,
+        description="highest coefficient ever sent (bounds a retuned schedule)",
+    )
+
+    @model_validator(mode="after")
+    def _schedule_within_bounds(self) -> Self:
+        if self.min_coef > self.max_coef:
+            raise ValueError("entropy min_coef must not exceed max_coef")
+        for name in ("start", "end"):
+            if not self.min_coef <= getattr(self, name) <= self.max_coef:
+                raise ValueError(f"entropy {name} must lie within [min_coef, max_coef]")
+        return self
+
+
+class AnomalySettings(_Group):
+    """Anomaly detection (guide section 2). Env: FRAGRANCE_OPS_ANOMALY__<NAME>."""
+
+    loss_spike_ratio: float = Field(
+        default=2.0,
+        gt=1,
+        allow_inf_nan=False,
+        description="a loss at or above this multiple of the baseline loss is an anomaly",
+    )
+    reward_drop_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="a reward at or below this fraction of the baseline reward is an anomaly",
+    )
+    baseline: Literal["previous", "ema", "median"] = Field(
+        default="previous",
+        description="what a step is compared with: the previous normal value (the guide's), "
+        "an exponential moving average, or the median of the last normal values",
+    )
+    ema_alpha: float = Field(
+        default=0.1, gt=0, le=1, description="weight of the newest value in the EMA baseline"
+    )
+    median_window: int = Field(
+        default=20, ge=1, le=10_000, description="normal values the median baseline spans"
+    )
+    warmup_steps: int = Field(
+        default=10,
+        ge=0,
+        description="steps after a run's first metric (or a rollback) without verdicts on finite "
+        "values; the baseline forms meanwhile",
+    )
+    patience: int = Field(
+        default=1, ge=1, description="consecutive anomalous metrics before acting (rolling back)"
+    )
+    cooldown_steps: int = Field(
+        default=100, ge=0, description="steps after a restored checkpoint without acting"
+    )
+
+
+class CheckpointSettings(_Group):
+    """Checkpoints, retention and rollback (guide section 2).
+
+    Env: FRAGRANCE_OPS_CHECKPOINTS__<NAME>.
+    """
+
+    interval_steps: int = Field(
+        default=500, ge=1, description="a checkpoint is saved every N steps"
+    )
+    keep: int = Field(
+        default=5,
+        ge=1,
+        description="checkpoints kept; older ones are deleted, except the newest healthy one",
+    )
+    auto_rollback: bool = Field(
+        default=True, description="on an anomaly, send a rollback command to the trainer"
+    )
+    health_lookback_steps: int = Field(
+        default=50,
+        ge=1,
+        description="a checkpoint at step s is healthy when the metrics of (s - N, s] were seen "
+        "and none was anomalous",
+    )
+    max_rollbacks: int = Field(
+        default=3,
+        ge=0,
+        description="rollbacks allowed within rollback_within_steps; one more halts the run",
+    )
+    rollback_within_steps: int = Field(
+        default=2000,
+        ge=1,
+        description="the span, in steps around an anomaly, in which max_rollbacks counts",
+    )
+
+
 class Settings(BaseSettings):
     """All settings. ``Settings()`` reads the environment and the optional config file."""
 
@@ -150,6 +270,9 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     reward: RewardSettings = RewardSettings()
     sdk: SdkSettings = SdkSettings()
+    entropy: EntropySettings = EntropySettings()
+    anomaly: AnomalySettings = AnomalySettings()
+    checkpoints: CheckpointSettings = CheckpointSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ from schemas import Topic, topic_name
 from streams.agents import reward_normalizer, run_registry
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
+from streams.monitor import LeanMonitor
 from streams.output import OutputProducer
 
 
@@ -27,10 +28,13 @@ def create_app(settings: Settings) -> faust.App:
     extra: dict[str, Any] = {}
     if kafka.embedded_broker:
         extra["producer_max_batch_size"] = worker.embedded_producer_max_batch_size
+    servers = require_bootstrap(kafka).split(",")
     app = faust.App(
         worker.app_id,
-        broker=[f"kafka://{server}" for server in require_bootstrap(kafka).split(",")],
+        broker=[f"kafka://{server}" for server in servers],
+        broker_consumer=[f"fragrance://{server}" for server in servers],
         broker_credentials=faust_credentials(kafka),
+        monitor=LeanMonitor(),
         store="memory://",
         datadir=str(worker.data_dir),
         topic_partitions=kafka.partitions,

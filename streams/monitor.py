@@ -1,0 +1,37 @@
+"""Faust's monitor without its per-event bookkeeping.
+
+Faust's default ``Monitor`` updates a dozen counters and timers for every message and
+stream event (about 5% of the worker's main thread when profiled). The product's metrics
+come from its own counters, so those four per-event hooks are no-ops here; the hooks for
+commits, sends, rebalances and tables stay Faust's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.sensors import Monitor
+from faust.types import TP, EventT, Message, StreamT
+
+
+class LeanMonitor(Monitor):
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+    def on_stream_event_in(
+        self, tp: TP, offset: int, stream: StreamT[Any], event: EventT[Any]
+    ) -> dict[str, Any] | None:
+        return None
+
+    def on_stream_event_out(
+        self,
+        tp: TP,
+        offset: int,
+        stream: StreamT[Any],
+        event: EventT[Any],
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        pass
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        pass
