@@ -34,7 +34,7 @@ from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker, TansuBroker
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from fragrance_ops.worker_process import WorkerProcess, worker_env
-from producers import TrainerClient
+from producers import KafkaTransport, TrainerClient
 from schemas import Topic, topic_name
 from streams.rules.reward_window import RewardWindow
 
@@ -54,9 +54,14 @@ def broker(kind: str, bootstrap: str | None) -> Iterator[tuple[str, bool]]:
 
 def fill(settings: Settings, events: int, runs: int) -> float:
     """Publish ``events`` metrics over ``runs`` runs through the SDK; returns us per call."""
-    client_runs = [f"bench-run-{i}" for i in range(runs)]
-    # One client per run, as trainers would; timing covers log_step only.
-    clients = [TrainerClient(run, settings=settings, receive_commands=False) for run in client_runs]
+    # One process hosting many runs shares one producer (a trainer process has one).
+    transport = KafkaTransport(settings)
+    clients = [
+        TrainerClient(
+            f"bench-run-{i}", settings=settings, transport=transport, receive_commands=False
+        )
+        for i in range(runs)
+    ]
     per_call: list[float] = []
     step = 0
     sent = 0
@@ -67,17 +72,14 @@ def fill(settings: Settings, events: int, runs: int) -> float:
         per_call.append((time.perf_counter() - started) / len(clients))
         sent += len(clients)
         step += 1
-    for client in clients:
-        client.close()
-        assert client.stats.dropped == 0, client.stats
+    assert transport.close(60) == 0
+    assert transport.stats.dropped == 0, transport.stats
     return statistics.median(per_call) * 1e6
 
 
 def output_rate(bootstrap: str, topic: str, expected: int, timeout_s: float) -> float:
     """events/s from the CreateTime span of ``expected`` output records."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"}
-    )
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"})
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     first, last, seen = float("inf"), 0.0, 0
@@ -164,8 +166,10 @@ def main() -> int:
         )
         create_contract_topics(settings.kafka)
         metrics = topic_name(Topic.METRICS, prefix)
-        print(f"broker: {args.bootstrap or args.broker} at {bootstrap}; "
-              f"{args.events} metrics over {args.runs} runs, {args.partitions} partitions")
+        print(
+            f"broker: {args.bootstrap or args.broker} at {bootstrap}; "
+            f"{args.events} metrics over {args.runs} runs, {args.partitions} partitions"
+        )
 
         publish_us = fill(settings, args.events, args.runs)
         print(f"SDK log_step: {publish_us:.1f} us per call (median)")

@@ -10,7 +10,7 @@ import faust
 from faust.types import Message
 
 from schemas import RewardStats, StepMetric, Topic, decode
-from streams.batching import batches, unfinished_batch_guard
+from streams.batching import batches, crash_on_failure
 from streams.context import ProcessorContext
 from streams.rules.reward_window import RewardWindow
 from streams.state import REWARD_WINDOW_CODEC, PartitionedTable, partitioned_table
@@ -64,8 +64,8 @@ def register(ctx: ProcessorContext, run_settings: PartitionedTable) -> Partition
         )
 
     async def normalize_rewards(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            async with unfinished_batch_guard(app, events):
+        async for events in batches(stream, worker.batch_max_events):
+            async with crash_on_failure(app):
                 touched: dict[bytes, tuple[RewardWindow, int]] = {}
                 for event in events:
                     try:
