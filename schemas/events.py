@@ -155,7 +155,9 @@ class RewardStats(Event):
         return self.run_id
 
 
-class _CommandBase(Event):
+class CommandBase(Event):
+    """Fields every command carries; ``type`` names the command."""
+
     TOPIC: ClassVar[Topic] = Topic.COMMANDS
     command_id: Identifier
     run_id: Identifier
@@ -165,13 +167,13 @@ class _CommandBase(Event):
         return self.run_id
 
 
-class SetEntropyCoef(_CommandBase):
+class SetEntropyCoef(CommandBase):
     type: Literal["set_entropy_coef"] = "set_entropy_coef"
     entropy_coef: NonNegative
     step: Step
 
 
-class Rollback(_CommandBase):
+class Rollback(CommandBase):
     type: Literal["rollback"] = "rollback"
     checkpoint_step: Step
     checkpoint_uri: Annotated[str, Field(min_length=1, max_length=4096)]
@@ -180,24 +182,41 @@ class Rollback(_CommandBase):
     values: dict[str, MetricValue] = Field(default_factory=dict)
 
 
-class Retune(_CommandBase):
+class Retune(CommandBase):
     type: Literal["retune"] = "retune"
     changes: dict[str, float]
     rationale: str
     window: dict[str, Any]
 
 
-class Halt(_CommandBase):
+class Halt(CommandBase):
     type: Literal["halt"] = "halt"
     reason: str
     history: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class PruneCheckpoints(CommandBase):
+    """Delete these checkpoints; the stream keeps the newest ones and the newest healthy one."""
+
+    type: Literal["prune_checkpoints"] = "prune_checkpoints"
+    steps: list[Step]
+    uris: list[str]
+    protected_step: Step | None = Field(
+        default=None, description="the newest healthy checkpoint, never pruned"
+    )
+
+
 Command = Annotated[
-    SetEntropyCoef | Rollback | Retune | Halt,
+    SetEntropyCoef | Rollback | Retune | Halt | PruneCheckpoints,
     Field(discriminator="type"),
 ]
-COMMAND_TYPES: tuple[type[_CommandBase], ...] = (SetEntropyCoef, Rollback, Retune, Halt)
+COMMAND_TYPES: tuple[type[CommandBase], ...] = (
+    SetEntropyCoef,
+    Rollback,
+    Retune,
+    Halt,
+    PruneCheckpoints,
+)
 
 
 class CommandAck(Event):

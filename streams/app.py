@@ -14,7 +14,7 @@ import faust
 from fragrance_ops.kafka import faust_credentials, require_bootstrap
 from fragrance_ops.settings import Settings
 from schemas import Topic, topic_name
-from streams.agents import reward_normalizer, run_registry
+from streams.agents import training
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
 from streams.monitor import LeanMonitor
@@ -62,6 +62,5 @@ def create_app(settings: Settings) -> faust.App:
         dead_letters=DeadLetterSink(output, topic_name(Topic.DEAD_LETTER, kafka.topic_prefix)),
         run_settings=RunSettingsCache(settings),
     )
-    run_settings = run_registry.register(context)
-    reward_normalizer.register(context, run_settings)
+    training.register(context)
     return app

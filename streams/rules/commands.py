@@ -15,6 +15,7 @@ Which parts each command type uses (the helpers below fix the order):
   SDK as a duplicate.
 - ``retune``: the ratings window's id.
 - ``halt``: attempt, step (the anomaly step that exhausted the rollback budget).
+- ``prune_checkpoints``: the step of the checkpoint whose arrival caused it.
 
 Changing ``COMMAND_NAMESPACE`` or the encoding changes every id: never do it while runs are
 live (a replay after an upgrade would then yield a second, distinct command).
@@ -26,7 +27,7 @@ import json
 import uuid
 
 COMMAND_NAMESPACE = uuid.UUID("1ebbc34f-04d7-5be4-9537-54c7432613ef")
-COMMAND_TYPES = frozenset({"set_entropy_coef", "rollback", "retune", "halt"})
+COMMAND_TYPES = frozenset({"set_entropy_coef", "rollback", "retune", "halt", "prune_checkpoints"})
 
 
 def command_id(run_id: str, command_type: str, *parts: str | int) -> str:
@@ -56,3 +57,7 @@ def retune_command_id(run_id: str, *, window_id: str | int) -> str:
 
 def halt_command_id(run_id: str, *, attempt: int, step: int) -> str:
     return command_id(run_id, "halt", attempt, step)
+
+
+def prune_command_id(run_id: str, *, checkpoint_step: int) -> str:
+    return command_id(run_id, "prune_checkpoints", checkpoint_step)

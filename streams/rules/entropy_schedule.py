@@ -9,7 +9,8 @@ Schedule (``EntropySettings``): from ``start`` to ``end`` over ``steps`` steps, 
 Emission (``EntropyEmitter``, one per run): the trainer is sent a ``set_entropy_coef``
 command at a run's first metric, whenever a metric carries a higher ``attempt`` (a resume
 or a rollback, so a restored trainer gets the right value at once), and otherwise only
-when the value moved by more than ``emit_tolerance_rel`` of the last value sent. A metric
+when the value moved by more than ``emit_tolerance_rel`` of the last value sent, or first reached
+the schedule's end value (sent exactly). A metric
 whose ``(attempt, step)`` is not newer than the last one seen is a replay: nothing is sent
 and nothing changes.
 
@@ -129,6 +130,8 @@ class EntropyEmitter:
             or sent is None
             or attempt > last[0]
             or abs(value - sent) > self._tolerance * abs(sent)
+            # The schedule's end is sent exactly, however small the last move.
+            or (step >= self.schedule.steps and value != sent)
         ):
             self._sent = value
             return value

@@ -131,12 +131,15 @@ def test_first_metric_emits_then_only_moves_beyond_the_tolerance() -> None:
     steps = sorted(emitted)
     for previous, step in itertools.pairwise(steps):
         assert emitted[step] == schedule.value(step)
+        if step == schedule.steps:  # the end value is sent exactly when first reached
+            assert emitted[step] == schedule.end
+            continue
         assert abs(emitted[step] - emitted[previous]) > 0.05 * emitted[previous]
         # The step before each emission was still within the tolerance of the last value.
         assert abs(schedule.value(step - 1) - emitted[previous]) <= 0.05 * emitted[previous]
     # Far fewer commands than metrics, and the held end value is reached.
     assert 20 < len(emitted) < 100
-    assert abs(schedule.value(11_999) - emitted[steps[-1]]) <= 0.05 * emitted[steps[-1]]
+    assert emitted[steps[-1]] == schedule.value(11_999) == schedule.end
 
 
 def test_a_higher_attempt_always_emits_even_without_change() -> None:

@@ -1,0 +1,176 @@
+"""A run's operations: entropy commands, rollback to the last healthy checkpoint, budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fragrance_ops.settings import Settings, run_overrides
+from schemas import (
+    CheckpointSaved,
+    CommandAck,
+    Halt,
+    PruneCheckpoints,
+    Rollback,
+    SetEntropyCoef,
+    StepMetric,
+)
+from streams.rules.training import RunOperations
+
+RUN = "run-1"
+
+
+def metric(step: int, loss: float = 1.0, reward: float = 1.0, attempt: int = 0) -> StepMetric:
+    return StepMetric(
+        run_id=RUN, step=step, loss=loss, reward=reward, ts=float(step), attempt=attempt
+    )
+
+
+def checkpoint(step: int) -> CheckpointSaved:
+    return CheckpointSaved(run_id=RUN, step=step, uri=f"ckpt/{step}.pt", ts=float(step) + 0.5)
+
+
+def feed(ops: RunOperations, steps: range, **values: float) -> list[object]:
+    commands: list[object] = []
+    for step in steps:
+        commands += ops.on_metric(metric(step, **values), now=1.0)
+        if step and step % 500 == 0:
+            commands += ops.on_checkpoint(checkpoint(step), now=1.0)
+    return commands
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_entropy_commands_follow_the_closed_form(kind: str) -> None:
+    settings = run_overrides(Settings(), {"entropy.kind": kind})
+    ops = RunOperations(RUN, settings)
+    sent = [c for c in feed(ops, range(12_000)) if isinstance(c, SetEntropyCoef)]
+    assert sent[0].step == 0
+    assert sent[0].entropy_coef == pytest.approx(0.01, abs=1e-12)
+    for command in sent:
+        progress = min(command.step, 10_000) / 10_000
+        expected = (
+            0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * progress))
+            if kind == "cosine"
+            else 0.01 - 0.009 * progress
+        )
+        assert command.entropy_coef == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert 10 < len(sent) < 200  # on change past the tolerance, not one per metric
+    assert sent[-1].entropy_coef == pytest.approx(0.001, rel=1e-9)
+
+
+def test_a_loss_spike_rolls_back_once_to_the_last_healthy_checkpoint() -> None:
+    ops = RunOperations(RUN, Settings())
+    assert not [c for c in feed(ops, range(1200)) if isinstance(c, Rollback | Halt)]
+    spike = ops.on_metric(metric(1200, loss=5.0), now=2.0)
+    rollbacks = [c for c in spike if isinstance(c, Rollback)]
+    assert len(rollbacks) == 1
+    rollback = rollbacks[0]
+    assert (rollback.checkpoint_step, rollback.checkpoint_uri) == (1000, "ckpt/1000.pt")
+    assert rollback.anomaly_step == 1200
+    assert "loss spike" in rollback.reason
+    assert rollback.values["loss"] == 5.0
+    # The same spike replayed, and more anomalous steps of the same streak: no second one.
+    again = ops.on_metric(metric(1200, loss=5.0), now=3.0)
+    later = ops.on_metric(metric(1201, loss=9.0), now=3.0)
+    assert not [c for c in again + later if isinstance(c, Rollback)]
+
+
+def test_a_replayed_run_yields_the_same_rollback_id() -> None:
+    first, second = RunOperations(RUN, Settings()), RunOperations(RUN, Settings())
+    feed(first, range(700))
+    feed(second, range(700))
+    one = first.on_metric(metric(700, reward=-100.0), now=1.0)
+    two = second.on_metric(metric(700, reward=-100.0), now=99.0)
+    ids = {c.command_id for c in one + two if isinstance(c, Rollback)}
+    assert len(ids) == 1
+
+
+def test_after_the_ack_the_run_continues_from_the_restored_step() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(1200))
+    rollback = next(
+        c for c in ops.on_metric(metric(1200, loss=5.0), now=1.0) if isinstance(c, Rollback)
+    )
+    ops.on_ack(
+        CommandAck(command_id=rollback.command_id, run_id=RUN, status="applied", detail="", ts=2e3)
+    )
+    assert ops.pending_rollback is None
+    resumed = ops.on_metric(metric(1001, attempt=1), now=1.0)
+    assert any(isinstance(c, SetEntropyCoef) for c in resumed)  # resumed: value sent at once
+    # Past warm-up and cooldown, a new spike on the new attempt rolls back again.
+    commands = feed(ops, range(1002, 1400), attempt=1)  # type: ignore[arg-type]
+    assert not [c for c in commands if isinstance(c, Rollback)]
+
+
+def test_non_finite_loss_acts_immediately() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(600))
+    commands = ops.on_metric(metric(600, loss=math.nan), now=1.0)
+    rollback = next(c for c in commands if isinstance(c, Rollback))
+    assert rollback.checkpoint_step == 500
+    assert "non-finite" in rollback.reason
+
+
+def test_without_a_healthy_checkpoint_the_run_is_halted() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(300))  # no checkpoint yet
+    commands = ops.on_metric(metric(300, loss=10.0), now=1.0)
+    halt = next(c for c in commands if isinstance(c, Halt))
+    assert "no healthy checkpoint" in halt.reason
+    assert ops.on_metric(metric(301), now=1.0) == []  # halted runs get no more commands
+
+
+def test_the_rollback_budget_halts_a_run_that_keeps_diverging() -> None:
+    ops = RunOperations(RUN, run_overrides(Settings(), {"anomaly.cooldown_steps": 0}))
+    feed(ops, range(600))
+    attempt = 0
+    for _ in range(3):
+        commands = ops.on_metric(metric(700, loss=50.0, attempt=attempt), now=1.0)
+        rollback = next(c for c in commands if isinstance(c, Rollback))
+        ops.on_ack(
+            CommandAck(
+                command_id=rollback.command_id,
+                run_id=RUN,
+                status="applied",
+                detail="",
+                ts=1e4 + attempt,
+            )
+        )
+        attempt += 1
+        for step in range(501, 700):
+            ops.on_metric(metric(step, attempt=attempt), now=1.0)
+    commands = ops.on_metric(metric(700, loss=50.0, attempt=attempt), now=1.0)
+    halt = next(c for c in commands if isinstance(c, Halt))
+    assert len(halt.history) == 3
+    assert "budget" in halt.reason
+
+
+def test_retention_keeps_the_newest_healthy_checkpoint_through_a_long_anomaly() -> None:
+    settings = run_overrides(Settings(), {"checkpoints.auto_rollback": False})
+    ops = RunOperations(RUN, settings)
+    pruned: list[int] = []
+    for command in feed(ops, range(1001)):
+        if isinstance(command, PruneCheckpoints):
+            pruned += command.steps
+    # Anomalous (a reward far below its baseline) for the next 8 checkpoints.
+    for command in feed(ops, range(1001, 5001), reward=-1000.0):
+        if isinstance(command, PruneCheckpoints):
+            assert command.protected_step == 1000
+            assert 1000 not in command.steps
+            pruned += command.steps
+    kept = [cp.step for cp in ops.ledger.checkpoints]
+    assert 1000 in kept
+    assert kept == [1000, 3000, 3500, 4000, 4500, 5000]
+    assert sorted(pruned) == [500, 1500, 2000, 2500]
+
+
+def test_state_round_trips_and_continues_identically() -> None:
+    uncrashed, crashed = RunOperations(RUN, Settings()), RunOperations(RUN, Settings())
+    feed(uncrashed, range(1100))
+    feed(crashed, range(1100))
+    crashed = RunOperations.from_state(RUN, crashed.to_state(), Settings())
+    assert crashed.to_state() == uncrashed.to_state()
+    assert crashed.on_metric(metric(1100, loss=9.0), now=5.0) == uncrashed.on_metric(
+        metric(1100, loss=9.0), now=5.0
+    )
