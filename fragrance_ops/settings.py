@@ -89,7 +89,7 @@ class WorkerSettings(_Group):
     )
     faust_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="extra faust.App settings, e.g. {\"broker_max_poll_records\": 5000}; "
+        description='extra faust.App settings, e.g. {"broker_max_poll_records": 5000}; '
         "they override ours (an escape hatch for tuning, JSON in the environment)",
     )
     max_event_bytes: int = Field(
@@ -310,9 +310,7 @@ def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
             raise ValueError(f"unknown per-run setting {dotted!r}")
         nested.setdefault(group, {})[name] = value
     updates = {
-        group: type(getattr(base, group)).model_validate(
-            getattr(base, group).model_dump() | values
-        )
+        group: type(getattr(base, group)).model_validate(getattr(base, group).model_dump() | values)
         for group, values in nested.items()
     }
     return base.model_copy(update=updates)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from fragrance_ops.processes import spawn_supervised
+
 
 def worker_env(**settings: str) -> dict[str, str]:
     """This process's environment plus settings given as ``KAFKA__TOPIC_PREFIX="x."``."""
@@ -31,12 +33,12 @@ class WorkerProcess:
     def start(self, timeout_s: float = 90.0) -> None:
         self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
         with self._log_path.open("ab") as log:  # the child keeps its own descriptor
-            self._process = subprocess.Popen(
+            self._process = spawn_supervised(
                 [sys.executable, "-m", "fragrance_ops", "worker", "--loglevel", "info"],
+                name="fragrance-ops-worker",
+                log=log,
+                grace_s=30.0,
                 env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
         self.starts += 1
         self._wait_ready(timeout_s)
@@ -63,7 +65,7 @@ class WorkerProcess:
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(timeout=10)
-        self._process = None
+        self._reap()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self._process is None:
@@ -75,6 +77,12 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait(timeout=10)
+        self._reap()
+
+    def _reap(self) -> None:
+        # Closing our end of the watchdog's pipe; the group is already gone.
+        if self._process is not None and self._process.stdin is not None:
+            self._process.stdin.close()
         self._process = None
 
     def __enter__(self) -> WorkerProcess:

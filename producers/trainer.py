@@ -38,7 +38,12 @@ from schemas import (
 log = logging.getLogger(__name__)
 
 _OPTIONAL_METRICS = frozenset(StepMetric.model_fields) - {
-    "run_id", "step", "loss", "reward", "ts", "attempt"
+    "run_id",
+    "step",
+    "loss",
+    "reward",
+    "ts",
+    "attempt",
 }
 
 

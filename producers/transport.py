@@ -150,8 +150,10 @@ class _KafkaKeyReader:
     """A background thread reads one key's partition; poll() hands records over.
 
     The partition is found with the same murmur2 partitioner the producers use; records
-    with other keys on that partition are skipped. Offsets are committed per record once
-    the caller has handled it, so a restarted trainer resumes after its last handled one.
+    with other keys on that partition are skipped. Offsets are committed once the caller
+    has handled a record, so a restarted trainer resumes after its last handled one. Only
+    the reader thread touches the consumer (librdkafka calls from two threads at once
+    deadlocked here); ``commit`` just leaves the offset for it.
     """
 
     def __init__(self, base: dict[str, Any], topic: str, key: bytes, group_id: str) -> None:
@@ -167,6 +169,8 @@ class _KafkaKeyReader:
             logger=_librdkafka_log,
         )
         self._buffer: list[Record] = []
+        self._partition_number = -1
+        self._to_commit: int | None = None  # next offset to commit, left by commit()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._warn = _Throttled()
@@ -187,9 +191,10 @@ class _KafkaKeyReader:
         while not self._stopped.is_set():
             try:
                 if not assigned:
-                    partition = self._partition()
-                    self._consumer.assign([TopicPartition(self._topic, partition)])
+                    self._partition_number = self._partition()
+                    self._consumer.assign([TopicPartition(self._topic, self._partition_number)])
                     assigned = True
+                self._commit_pending()
                 message = self._consumer.poll(0.2)
             except (KafkaException, KeyError) as exc:
                 self._warn("command reader for %s waiting for Kafka: %s", self._topic, exc)
@@ -215,24 +220,29 @@ class _KafkaKeyReader:
         return records
 
     def commit(self, record: Record) -> None:
+        with self._lock:
+            self._to_commit = record.offset + 1
+
+    def _commit_pending(self, asynchronous: bool = True) -> None:
+        with self._lock:
+            offset, self._to_commit = self._to_commit, None
+        if offset is None or self._partition_number < 0:
+            return
         try:
-            self._consumer.commit(
-                offsets=[
-                    TopicPartition(self._topic, self._assigned_partition(), record.offset + 1)
-                ],
-                asynchronous=True,
-            )
+            offsets = [TopicPartition(self._topic, self._partition_number, offset)]
+            if asynchronous:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             self._warn("could not commit command offset (will re-read, ids dedupe): %s", exc)
-
-    def _assigned_partition(self) -> int:
-        assignment = self._consumer.assignment()
-        return int(assignment[0].partition) if assignment else 0
 
     def close(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5.0)
-        self._consumer.close()
+        if not self._thread.is_alive():  # now this thread may use the consumer
+            self._commit_pending(asynchronous=False)
+            self._consumer.close()
 
 
 @dataclass

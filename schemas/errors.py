@@ -1,8 +1,8 @@
 """The one error type for a payload that is not a valid contract event.
 
-    InvalidEvent (ValueError)
-      .field   dotted path of the offending field, or None when the payload as a whole is bad
-      .reason  what is wrong, in words fit for a dead-letter record
+InvalidEvent (ValueError)
+  .field   dotted path of the offending field, or None when the payload as a whole is bad
+  .reason  what is wrong, in words fit for a dead-letter record
 """
 
 from __future__ import annotations

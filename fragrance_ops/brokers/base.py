@@ -33,24 +33,11 @@ from typing import ClassVar, Self
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from fragrance_ops.processes import spawn_supervised
+
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 STOP_GRACE_SECONDS = 15.0
-
-# Runs as `sh -c _WATCHDOG <argv0> <broker command...>`. fd 0 is the pipe from
-# the parent; it is moved to fd 3 for the background watcher (an async list in a
-# non-interactive shell gets /dev/null as stdin, hence the explicit redirection),
-# then the shell execs the broker, so the broker's pid is the group id ($$ in
-# the watcher). On EOF the watcher TERMs the group, waits up to the grace period
-# for the broker to go, then KILLs whatever is left (itself included); it
-# ignores TERM so that it survives its own group-wide signal.
-_WATCHDOG = (
-    "exec 3<&0; "
-    '( trap "" TERM; while read -r _ <&3; do :; done; kill -TERM 0; i=0; '
-    'while kill -0 "$$" && [ "$i" -lt {ticks} ]; do sleep 0.2; i=$((i + 1)); done; '
-    "kill -KILL 0 ) </dev/null >/dev/null 2>&1 & "
-    'exec "$@" </dev/null 3<&-'
-)
 
 
 class BrokerError(RuntimeError):
@@ -238,19 +225,12 @@ class LocalBroker(abc.ABC):
             log.write(f"=== fragrance-ops: starting {command!r}\n".encode())
             log.flush()
             try:
-                self._proc = subprocess.Popen(
-                    [
-                        "/bin/sh",
-                        "-c",
-                        _WATCHDOG.format(ticks=int(STOP_GRACE_SECONDS * 5)),
-                        f"fragrance-{self.kind}",
-                        *command,
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                self._proc = spawn_supervised(
+                    command,
+                    name=f"fragrance-{self.kind}",
+                    log=log,
+                    grace_s=STOP_GRACE_SECONDS,
                     cwd=self._work_dir,
-                    start_new_session=True,
                 )
             except OSError as exc:
                 raise BrokerStartError(f"could not spawn {command[0]}: {exc}") from exc

@@ -99,9 +99,7 @@ class RunOperations:
                 else f"{verdict.reason}; no healthy checkpoint before step {streak_start}"
             )
             return Halt(
-                command_id=halt_command_id(
-                    self.run_id, attempt=verdict.attempt, step=verdict.step
-                ),
+                command_id=halt_command_id(self.run_id, attempt=verdict.attempt, step=verdict.step),
                 run_id=self.run_id,
                 issued_at=now,
                 reason=reason,

@@ -153,9 +153,7 @@ def test_ratings_must_be_numbers_from_1_to_5(rating: object) -> None:
 
 
 def test_commands_are_discriminated_by_type() -> None:
-    payload = orjson.dumps(
-        {"command_id": "c", "run_id": "r", "issued_at": 1.0, "type": "explode"}
-    )
+    payload = orjson.dumps({"command_id": "c", "run_id": "r", "issued_at": 1.0, "type": "explode"})
     with pytest.raises(InvalidEvent):
         decode_command(payload)
 
