@@ -72,10 +72,13 @@ class WorkerSettings(_Group):
         default=Path(".fragrance-ops"), description="worker-local data (Faust tables' cache)"
     )
     batch_max_events: int = Field(
-        default=2000,
-        ge=1,
-        description="most events an agent processes per batch; a batch is what is buffered, "
-        "so a lone event never waits",
+        default=2000, ge=1, description="events an agent takes per batch (amortizes per-event cost)"
+    )
+    batch_within_s: float = Field(
+        default=0.02,
+        gt=0,
+        description="longest a partial batch waits before it is processed (the latency a "
+        "lone event pays; larger batches raise throughput under load)",
     )
     output_linger_ms: float = Field(
         default=1.0, ge=0, description="output producer batching delay (librdkafka linger.ms)"

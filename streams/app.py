@@ -32,7 +32,6 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server}" for server in servers],
-        broker_consumer=[f"fragrance://{server}" for server in servers],
         broker_credentials=faust_credentials(kafka),
         monitor=LeanMonitor(),
         store="memory://",

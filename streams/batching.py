@@ -1,25 +1,19 @@
-"""Batches of events that are acknowledged only once they are fully processed.
+"""Batch processing that never acknowledges what it did not finish.
 
-Agents process events in batches so that per-batch costs (waiting for the broker to confirm
-outputs, writing state) are shared. ``batches`` yields whatever is buffered, as soon as the
-stream's buffer runs dry or ``max_events`` are collected, so a lone event is processed at
-once and a backlog is processed in large batches while Faust keeps filling the buffer.
-(Faust's ``take_events`` instead waits up to a timeout for a full batch, and stops filling
-the buffer while the agent works.)
-
-A batch's events are acknowledged when the agent asks for the next batch, that is, after it
-finished the batch. Faust's ``take_events`` acknowledges a batch even when the agent raised,
-the failure mode of faust-streaming#606; here ``crash_on_failure`` stops the worker instead,
-the events stay unacknowledged and uncommitted, and a restart reprocesses them. Bad input
-never gets that far: agents dead-letter it per event.
+Faust's ``take_events`` acknowledges a batch's events when the batch ends, even when the
+agent body raised: the events would be committed and lost (faust-streaming#606 is this
+failure mode). ``unfinished_batch_guard`` withholds those acks and crashes the worker
+instead, so a restart resumes at the first unfinished event. Bad input never gets here:
+agents dead-letter it per event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import faust
 from faust.types import EventT
@@ -27,26 +21,28 @@ from faust.types import EventT
 log = logging.getLogger(__name__)
 
 
-async def batches(stream: faust.StreamT[Any], max_events: int) -> AsyncIterator[list[EventT[Any]]]:
-    """Events in batches of up to ``max_events``: what is buffered, without waiting."""
-    buffer = getattr(stream.channel, "queue", None)
-    stream.enable_acks = False  # acknowledged below, once the agent took the next batch
-    batch: list[EventT[Any]] = []
-    async for event in stream.events():
-        batch.append(event)
-        if len(batch) >= max_events or buffer is None or buffer.empty():
-            yield batch
-            for done in batch:
-                await stream.ack(done)
-            batch = []
+def batches(
+    stream: faust.StreamT[Any], max_events: int, within_s: float
+) -> AsyncIterator[Sequence[EventT[Any]]]:
+    """Events in batches of up to ``max_events``, or fewer after ``within_s`` seconds."""
+    # Agents are handed a StreamT; take_events lives on the concrete Stream.
+    return cast(faust.Stream[Any], stream).take_events(max_events, within_s)
 
 
 @contextlib.asynccontextmanager
-async def crash_on_failure(app: faust.App) -> AsyncIterator[None]:
-    """Stop the worker if the block raises, before anything acknowledges its events."""
+async def unfinished_batch_guard(
+    app: faust.App, events: Sequence[EventT[Any]]
+) -> AsyncIterator[None]:
     try:
         yield
-    except Exception as exc:
-        log.critical("batch failed; stopping so that a restart reprocesses it", exc_info=exc)
-        await app.crash(exc)
+    except BaseException as exc:
+        unacked = getattr(app.consumer, "_unacked_messages", None)
+        for event in events:
+            # Marked as acked, Faust's ack becomes a no-op and the offset is never committed.
+            event.message.acked = True
+            if unacked is not None:
+                unacked.discard(event.message)
+        if not isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            log.critical("batch failed; crashing so a restart reprocesses it", exc_info=exc)
+            await app.crash(exc)
         raise

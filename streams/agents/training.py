@@ -31,7 +31,7 @@ from schemas import (
     Topic,
     decode,
 )
-from streams.batching import batches, crash_on_failure
+from streams.batching import batches, unfinished_batch_guard
 from streams.context import ProcessorContext
 from streams.rules.reward_window import RewardWindow
 from streams.rules.training import RunOperations
@@ -180,8 +180,8 @@ def register(ctx: ProcessorContext) -> TrainingTables:
     topic = app.topic(*handlers, key_serializer="raw", value_serializer="raw")
 
     async def training(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events):
-            async with crash_on_failure(app):
+        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
+            async with unfinished_batch_guard(app, events):
                 batch = _Batch(ctx, tables)
                 for event in events:
                     message = event.message
