@@ -86,6 +86,7 @@ class TorchRunOps:
         self.entropy_coef = settings.entropy.start
         self.step = start_step
         self.halted = False
+        self.last_checkpoint_step: int | None = None
         self.halt_reason: str | None = None
         client.on_command("set_entropy_coef", self._set_entropy_coef)
         client.on_command("rollback", self._rollback)
@@ -98,7 +99,12 @@ class TorchRunOps:
         if step > 0 and step % self.interval == 0:
             self.save_checkpoint()
         self.client.log_step(
-            step, loss=loss, reward=reward, entropy_coef=self.entropy_coef, **metrics
+            step,
+            loss=loss,
+            reward=reward,
+            checkpoint_step=self.last_checkpoint_step,
+            entropy_coef=self.entropy_coef,
+            **metrics,
         )
         if self.step == step:  # not rolled back by a command applied in log_step
             self.step = step + 1
@@ -116,6 +122,7 @@ class TorchRunOps:
             },
         )
         self.client.checkpoint_saved(self.step, uri)
+        self.last_checkpoint_step = self.step
         return uri
 
     def _set_entropy_coef(self, command: Command) -> dict[str, Any]:
@@ -137,6 +144,7 @@ class TorchRunOps:
         # Continue after the restored step, as a new attempt: the stream tells replayed
         # steps from the abandoned trajectory by it.
         self.step = int(state["step"]) + 1
+        self.last_checkpoint_step = int(state["step"])
         self.client.attempt += 1
         log.warning("rolled back to step %d: %s", state["step"], command.reason)
         return {

@@ -44,6 +44,7 @@ _OPTIONAL_METRICS = frozenset(StepMetric.model_fields) - {
     "reward",
     "ts",
     "attempt",
+    "checkpoint_step",
 }
 
 
@@ -105,6 +106,7 @@ class TrainerClient:
         *,
         loss: float,
         reward: float,
+        checkpoint_step: int | None = None,
         **optional: float,
     ) -> None:
         """Publish one step's metrics, then run handlers for any commands that arrived.
@@ -125,6 +127,7 @@ class TrainerClient:
                 "reward": float(reward),
                 "ts": time.time(),
                 "attempt": self.attempt,
+                "checkpoint_step": checkpoint_step,
                 **{name: float(value) for name, value in optional.items()},
             },
         )

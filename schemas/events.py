@@ -119,6 +119,11 @@ class StepMetric(Event):
     policy_loss: MetricValue | None = None
     value_loss: MetricValue | None = None
     entropy: MetricValue | None = None
+    checkpoint_step: Step | None = Field(
+        default=None,
+        description="the newest checkpoint the trainer saved so far: the stream waits for "
+        "its announcement (another topic) before choosing a rollback target",
+    )
     learning_rate: NonNegative | None = None
     clip_epsilon: NonNegative | None = None
     entropy_coef: NonNegative | None = None

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fragrance_ops.settings import AnomalySettings
+from streams.rules import Position
 
 _STATE_VERSION = 1
-Position = tuple[int, int]  # (attempt, step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fragrance_ops.settings import CheckpointSettings
+from streams.rules import Position
 
 _STATE_VERSION = 1
 _MAX_INTERVALS = 1024
 _HISTORY_LIMIT = 64
-Position = tuple[int, int]  # (attempt, step)
 Health = Literal["healthy", "unhealthy", "unknown", "stale"]
 
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fragrance_ops.settings import EntropySettings
+from streams.rules import Position
 
 _STATE_VERSION = 1
-Position = tuple[int, int]  # (attempt, step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ contract commands with deterministic ids:
 - every metric: ``set_entropy_coef`` when the schedule moved past its tolerance, or the run
   started or resumed (a new ``attempt``);
 - an anomaly that acts: ``rollback`` to the newest healthy checkpoint saved before the
-  anomalous streak began, or ``halt`` (with the rollback history) when the budget is spent
-  or no healthy checkpoint exists;
+  anomalous streak began, or ``halt`` (with the rollback history) when the budget is spent.
+  Checkpoints and metrics travel on different topics, so a checkpoint may arrive after the
+  anomaly that needs it: without a target the decision waits, and is taken when a healthy
+  checkpoint arrives, or becomes a ``halt`` when none has after ``2 * interval_steps``;
 - every checkpoint: ``prune_checkpoints`` when retention drops some;
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
   restored step.
@@ -19,6 +21,7 @@ the agent can keep it in a table; replayed inputs yield the same commands (same 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fragrance_ops.settings import Settings
@@ -57,6 +60,8 @@ class RunOperations:
         self.budget = RollbackBudget.from_settings(settings.checkpoints)
         # The rollback the trainer has not acknowledged yet: {command_id, step, attempt}.
         self.pending_rollback: dict[str, Any] | None = None
+        # An anomaly that must act but has no checkpoint to roll back to yet.
+        self.awaiting_target: dict[str, Any] | None = None
         self.halted = False
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
@@ -83,36 +88,49 @@ class RunOperations:
             metric.step, verdict.anomalous, attempt=metric.attempt, ts=metric.ts
         )
         if verdict.act and self.settings.checkpoints.auto_rollback:
-            commands.append(self._rollback_or_halt(verdict, now))
+            self.awaiting_target = _trigger(verdict, metric.checkpoint_step)
+        waiting = self.awaiting_target
+        if waiting is not None:
+            overdue = metric.step - waiting["step"] >= 2 * self.settings.checkpoints.interval_steps
+            decision = self._decide(now, overdue=overdue)
+            if decision is not None:
+                commands.append(decision)
+            elif overdue:
+                commands.append(self._halt(waiting, "no healthy checkpoint", now))
         return commands
 
-    def _rollback_or_halt(self, verdict: Verdict, now: float) -> CommandBase:
-        streak_start = verdict.streak_start if verdict.streak_start is not None else verdict.step
-        target = self.ledger.newest_healthy_before(streak_start)
-        if target is None or not self.budget.allow(verdict.step):
-            self.halted = True
-            reason = (
-                f"{verdict.reason}; rollback budget spent "
-                f"({self.settings.checkpoints.max_rollbacks} within "
-                f"{self.settings.checkpoints.rollback_within_steps} steps)"
-                if target is not None
-                else f"{verdict.reason}; no healthy checkpoint before step {streak_start}"
+    def _decide(self, now: float, *, overdue: bool = False) -> CommandBase | None:
+        """Roll back for the awaiting anomaly if a target is known (or halt on the budget).
+
+        While the trainer's newest checkpoint (named in its metrics) has not been announced
+        yet, wait for it rather than pick an older one, until the wait is overdue.
+        """
+        trigger = self.awaiting_target
+        assert trigger is not None
+        target = self.ledger.newest_healthy_before(trigger["streak_start"])
+        expected = trigger.get("expected_checkpoint")
+        announced = {checkpoint.step for checkpoint in self.ledger.checkpoints}
+        if expected is not None and expected not in announced and not overdue:
+            return None
+        if target is None:
+            return None
+        if not self.budget.allow(trigger["step"]):
+            checkpoints = self.settings.checkpoints
+            return self._halt(
+                trigger,
+                f"rollback budget spent ({checkpoints.max_rollbacks} within "
+                f"{checkpoints.rollback_within_steps} steps)",
+                now,
             )
-            return Halt(
-                command_id=halt_command_id(self.run_id, attempt=verdict.attempt, step=verdict.step),
-                run_id=self.run_id,
-                issued_at=now,
-                reason=reason,
-                history=self.budget.history,
-            )
-        self.budget.record(verdict.step, target.step, verdict.reason, verdict.attempt)
+        self.awaiting_target = None
+        self.budget.record(trigger["step"], target.step, trigger["reason"], trigger["attempt"])
         command_id = rollback_command_id(
-            self.run_id, attempt=verdict.attempt, streak_start=streak_start
+            self.run_id, attempt=trigger["attempt"], streak_start=trigger["streak_start"]
         )
         self.pending_rollback = {
             "command_id": command_id,
             "step": target.step,
-            "attempt": verdict.attempt + 1,
+            "attempt": trigger["attempt"] + 1,
         }
         return Rollback(
             command_id=command_id,
@@ -120,19 +138,41 @@ class RunOperations:
             issued_at=now,
             checkpoint_step=target.step,
             checkpoint_uri=target.uri,
-            anomaly_step=streak_start,
-            reason=verdict.reason,
-            values=verdict.values(),
+            anomaly_step=trigger["streak_start"],
+            reason=trigger["reason"],
+            values=trigger["values"],
+        )
+
+    def _halt(self, trigger: dict[str, Any], why: str, now: float) -> Halt:
+        self.halted = True
+        self.awaiting_target = None
+        reason = f"{trigger['reason']}; {why}"
+        if why == "no healthy checkpoint":
+            reason += f" before step {trigger['streak_start']}"
+        return Halt(
+            command_id=halt_command_id(
+                self.run_id, attempt=trigger["attempt"], step=trigger["step"]
+            ),
+            run_id=self.run_id,
+            issued_at=now,
+            reason=reason,
+            history=self.budget.history,
         )
 
     def on_checkpoint(self, checkpoint: CheckpointSaved, now: float) -> list[CommandBase]:
         if not self.ledger.record(checkpoint.step, checkpoint.uri, ts=checkpoint.ts):
             return []
+        commands: list[CommandBase] = []
+        if self.awaiting_target is not None and not self.halted:
+            decision = self._decide(now)
+            if decision is not None:
+                commands.append(decision)
         pruned = self.ledger.retention()
         if not pruned:
-            return []
+            return commands
         protected = self.ledger.newest_healthy_before()
         return [
+            *commands,
             PruneCheckpoints(
                 command_id=prune_command_id(self.run_id, checkpoint_step=checkpoint.step),
                 run_id=self.run_id,
@@ -140,7 +180,7 @@ class RunOperations:
                 steps=[cp.step for cp in pruned],
                 uris=[cp.uri for cp in pruned],
                 protected_step=protected.step if protected is not None else None,
-            )
+            ),
         ]
 
     def on_ack(self, ack: CommandAck) -> None:
@@ -160,6 +200,7 @@ class RunOperations:
             "ledger": self.ledger.to_state(),
             "budget": self.budget.to_state(),
             "pending_rollback": self.pending_rollback,
+            "awaiting_target": self.awaiting_target,
             "halted": self.halted,
         }
 
@@ -173,5 +214,30 @@ class RunOperations:
         ops.ledger = CheckpointLedger.from_state(state["ledger"], settings.checkpoints)
         ops.budget = RollbackBudget.from_state(state["budget"], settings.checkpoints)
         ops.pending_rollback = state["pending_rollback"]
+        ops.awaiting_target = state["awaiting_target"]
         ops.halted = state["halted"]
         return ops
+
+
+def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any]:
+    """What a rollback decision needs from the verdict that called for it (JSON-safe)."""
+    streak_start = verdict.streak_start if verdict.streak_start is not None else verdict.step
+    return {
+        "expected_checkpoint": (
+            expected_checkpoint
+            if expected_checkpoint is not None and expected_checkpoint < streak_start
+            else None
+        ),
+        "step": verdict.step,
+        "attempt": verdict.attempt,
+        "streak_start": streak_start,
+        "reason": verdict.reason,
+        "values": {name: _wire(value) for name, value in verdict.values().items()},
+    }
+
+
+def _wire(value: float) -> float | str:
+    # State is stored as JSON: non-finite values as the contract's string markers.
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")

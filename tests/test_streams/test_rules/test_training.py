@@ -112,13 +112,29 @@ def test_non_finite_loss_acts_immediately() -> None:
     assert "non-finite" in rollback.reason
 
 
+def test_a_checkpoint_arriving_after_the_anomaly_is_still_the_target() -> None:
+    # Checkpoints and metrics are different topics: the checkpoint of step 500 may be
+    # consumed after the anomaly at step 600 that needs it.
+    ops = RunOperations(RUN, Settings())
+    for step in range(600):
+        ops.on_metric(metric(step), now=1.0)
+    assert not [
+        c for c in ops.on_metric(metric(600, loss=9.0), now=1.0) if isinstance(c, Rollback | Halt)
+    ]
+    rollback = next(
+        c for c in ops.on_checkpoint(checkpoint(500), now=1.0) if isinstance(c, Rollback)
+    )
+    assert (rollback.checkpoint_step, rollback.anomaly_step) == (500, 600)
+
+
 def test_without_a_healthy_checkpoint_the_run_is_halted() -> None:
     ops = RunOperations(RUN, Settings())
     feed(ops, range(300))  # no checkpoint yet
-    commands = ops.on_metric(metric(300, loss=10.0), now=1.0)
+    assert not [c for c in ops.on_metric(metric(300, loss=10.0), now=1.0) if isinstance(c, Halt)]
+    commands = feed(ops, range(301, 1301))  # none arrives within two checkpoint intervals
     halt = next(c for c in commands if isinstance(c, Halt))
-    assert "no healthy checkpoint" in halt.reason
-    assert ops.on_metric(metric(301), now=1.0) == []  # halted runs get no more commands
+    assert "no healthy checkpoint before step 300" in halt.reason
+    assert ops.on_metric(metric(1301), now=1.0) == []  # halted runs get no more commands
 
 
 def test_the_rollback_budget_halts_a_run_that_keeps_diverging() -> None:
@@ -174,3 +190,17 @@ def test_state_round_trips_and_continues_identically() -> None:
     assert crashed.on_metric(metric(1100, loss=9.0), now=5.0) == uncrashed.on_metric(
         metric(1100, loss=9.0), now=5.0
     )
+
+
+def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen() -> None:
+    ops = RunOperations(RUN, Settings())
+    ops.on_checkpoint(checkpoint(500), now=1.0)
+    for step in range(1100):
+        ops.on_metric(metric(step), now=1.0)
+    # The trainer says it saved step 1000; that announcement has not been consumed yet.
+    spike = StepMetric(run_id=RUN, step=1100, loss=9.0, reward=1.0, ts=1100.0, checkpoint_step=1000)
+    assert not [c for c in ops.on_metric(spike, now=1.0) if isinstance(c, Rollback)]
+    rollback = next(
+        c for c in ops.on_checkpoint(checkpoint(1000), now=1.0) if isinstance(c, Rollback)
+    )
+    assert rollback.checkpoint_step == 1000
