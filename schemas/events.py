@@ -39,7 +39,8 @@ def _marker_to_float(value: object) -> object:
     return value
 
 
-def _float_to_wire(value: float) -> float | str:
+def float_to_wire(value: float) -> float | str:
+    """A float as it travels in JSON: itself, or its non-finite string marker."""
     if math.isfinite(value):
         return value
     if math.isnan(value):
@@ -51,7 +52,7 @@ MetricValue = Annotated[
     float,
     Field(allow_inf_nan=True),
     BeforeValidator(_marker_to_float),
-    PlainSerializer(_float_to_wire),
+    PlainSerializer(float_to_wire),
     WithJsonSchema(
         {
             "anyOf": [

@@ -21,7 +21,6 @@ the agent can keep it in a table; replayed inputs yield the same commands (same 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fragrance_ops.settings import Settings
@@ -35,6 +34,7 @@ from schemas import (
     SetEntropyCoef,
     StepMetric,
 )
+from schemas.events import float_to_wire
 from streams.rules.anomaly import AnomalyDetector, Verdict
 from streams.rules.checkpoints import CheckpointLedger, RollbackBudget
 from streams.rules.commands import (
@@ -232,12 +232,6 @@ def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any
         "attempt": verdict.attempt,
         "streak_start": streak_start,
         "reason": verdict.reason,
-        "values": {name: _wire(value) for name, value in verdict.values().items()},
+        # Kept as JSON in the run's state: non-finite values as the contract's markers.
+        "values": {name: float_to_wire(value) for name, value in verdict.values().items()},
     }
-
-
-def _wire(value: float) -> float | str:
-    # State is stored as JSON: non-finite values as the contract's string markers.
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
