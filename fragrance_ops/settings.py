@@ -137,6 +137,15 @@ class SdkSettings(_Group):
     close_timeout_s: float = Field(
         default=10.0, ge=0, description="how long close() waits to flush"
     )
+    control_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="how long a new LLM client waits to read its model's state from "
+        "llm.control before serving on its local breaker alone",
+    )
+    cache_max_entries: int = Field(
+        default=10_000, ge=1, description="the LLM client's in-process response cache size"
+    )
 
 
 class EntropySettings(_Group):
@@ -259,6 +268,239 @@ class CheckpointSettings(_Group):
     )
 
 
+class BreakerSettings(_Group):
+    """LLM circuit breaker, one per model (guide section 3; streams/rules/breaker.py).
+
+    Env: FRAGRANCE_OPS_BREAKER__<NAME>.
+    """
+
+    failure_threshold: int = Field(
+        default=3,
+        ge=1,
+        description="trip_on=consecutive: this many consecutive failures in the current mode "
+        "open the breaker and step the mode down one (creative -> balanced -> fast)",
+    )
+    trip_on: Literal["consecutive", "rate"] = Field(
+        default="consecutive",
+        description="what trips: consecutive failures (the guide's), or the failure rate over "
+        "the last rate_window calls",
+    )
+    rate_window: int = Field(
+        default=20, ge=1, le=100_000, description="trip_on=rate: calls the failure rate spans"
+    )
+    failure_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="trip_on=rate: a failed fraction at or above this trips",
+    )
+    rate_min_calls: int = Field(
+        default=10,
+        ge=1,
+        description="trip_on=rate: calls in the window before the rate is judged",
+    )
+    slow_call_ms: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="a successful call slower than this counts as a failure; None: never",
+    )
+    open_s: float = Field(
+        default=300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how long a downshift holds before probing the mode one step up; also "
+        "how long a probe round may stay undecided before it is renewed",
+    )
+    probe_calls: int = Field(
+        default=3,
+        ge=1,
+        description="half-open: probe calls each replica may send in the mode one step up",
+    )
+    probe_failures_to_reopen: int = Field(
+        default=2,
+        ge=1,
+        description="half-open: probe failures that re-open the breaker and step down one "
+        "more; probe_calls - probe_failures_to_reopen + 1 probe successes step up",
+    )
+    ttl_closed_s: float = Field(
+        default=3600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="response-cache TTL while closed (mode creative)",
+    )
+    ttl_degraded_s: float = Field(
+        default=300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="response-cache TTL while downshifted (open or half-open)",
+    )
+    tick_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="how often the worker checks held and probing breakers against its clock "
+        "(recovery happens within this much of its due time, with or without traffic)",
+    )
+    dedupe_window: int = Field(
+        default=1024,
+        ge=0,
+        le=100_000,
+        description="recent call ids remembered per model; a repeated outcome is ignored; "
+        "0: no deduplication",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.probe_failures_to_reopen > self.probe_calls:
+            raise ValueError("breaker probe_failures_to_reopen must not exceed probe_calls")
+        if self.rate_min_calls > self.rate_window:
+            raise ValueError("breaker rate_min_calls must not exceed rate_window")
+        return self
+
+
+class RetuneSettings(_Group):
+    """Feedback retuning from user ratings (guide section 4; streams/rules/retune.py).
+
+    Env: FRAGRANCE_OPS_RETUNE__<NAME>.
+    """
+
+    min_window: int = Field(
+        default=100,
+        ge=2,
+        description="counted ratings before a window may close on evidence (the guide's 100)",
+    )
+    max_window: int = Field(
+        default=300,
+        ge=2,
+        description="a window closes at this many counted ratings, decided or not (the "
+        "guide's 300)",
+    )
+    window_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="wall-clock seconds (the worker's clock) after a window's first rating at "
+        "which it closes whatever its size",
+    )
+    timeout_min_ratings: int = Field(
+        default=30,
+        ge=2,
+        description="a window closed by the timeout with fewer counted ratings proposes "
+        "nothing (every rule undecided): the normal-theory intervals mean little below this",
+    )
+    default_target: str = Field(
+        default="default",
+        min_length=1,
+        max_length=256,
+        description="run id that ratings without a run_id are windowed and retuned under",
+    )
+    confidence: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description="two-sided confidence of the intervals a rule must clear: a rule fires "
+        "only when its statistic's interval lies wholly beyond the threshold (0.99 because "
+        "a window is checked after every rating from min_window on: at 0.95 a mean exactly "
+        "on a threshold fired in about 11% of simulated windows, at 0.99 in 2.5%)",
+    )
+    per_user_cap: int = Field(
+        default=5,
+        ge=1,
+        description="ratings of one user counted per window; more are ignored and counted",
+    )
+    low_mean_threshold: float = Field(
+        default=3.0,
+        allow_inf_nan=False,
+        description="rule 1: mean rating below this raises entropy_coef (more exploration)",
+    )
+    high_variance_threshold: float = Field(
+        default=1.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="rule 2: rating variance (sample, n-1) above this lowers learning_rate "
+        "(stability)",
+    )
+    high_mean_threshold: float = Field(
+        default=4.0,
+        allow_inf_nan=False,
+        description="rule 3: mean rating at or above this lowers clip_epsilon (exploitation)",
+    )
+    entropy_coef_raise_factor: float = Field(
+        default=2.0,
+        gt=1,
+        allow_inf_nan=False,
+        description="rule 1 multiplies the run's entropy_coef by this",
+    )
+    entropy_coef_max: float = Field(
+        default=0.1,
+        ge=0,
+        allow_inf_nan=False,
+        description="rule 1 never proposes an entropy_coef above this",
+    )
+    learning_rate_lower_factor: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="rule 2 multiplies the run's learning_rate by this",
+    )
+    learning_rate_min: float = Field(
+        default=1e-6,
+        ge=0,
+        allow_inf_nan=False,
+        description="rule 2 never proposes a learning_rate below this",
+    )
+    clip_epsilon_lower_factor: float = Field(
+        default=0.8,
+        gt=0,
+        lt=1,
+        description="rule 3 multiplies the run's clip_epsilon by this",
+    )
+    clip_epsilon_min: float = Field(
+        default=0.05,
+        ge=0,
+        allow_inf_nan=False,
+        description="rule 3 never proposes a clip_epsilon below this",
+    )
+    default_entropy_coef: float = Field(
+        default=0.01,
+        ge=0,
+        allow_inf_nan=False,
+        description="the run's entropy_coef when its metrics never reported one",
+    )
+    default_learning_rate: float = Field(
+        default=2e-4,
+        ge=0,
+        allow_inf_nan=False,
+        description="the run's learning_rate when its metrics never reported one",
+    )
+    default_clip_epsilon: float = Field(
+        default=0.2,
+        ge=0,
+        allow_inf_nan=False,
+        description="the run's clip_epsilon when its metrics never reported one",
+    )
+    seen_ratings_max: int = Field(
+        default=3000,
+        ge=1,
+        le=1_000_000,
+        description="rating fingerprints remembered per target (across windows) to drop "
+        "duplicates; at least max_window",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_window > self.max_window:
+            raise ValueError("retune min_window must not exceed max_window")
+        if self.timeout_min_ratings > self.min_window:
+            raise ValueError("retune timeout_min_ratings must not exceed min_window")
+        if self.low_mean_threshold > self.high_mean_threshold:
+            raise ValueError("retune low_mean_threshold must not exceed high_mean_threshold")
+        if self.seen_ratings_max < self.max_window:
+            raise ValueError("retune seen_ratings_max must be at least max_window")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings. ``Settings()`` reads the environment and the optional config file."""
 
@@ -276,6 +518,8 @@ class Settings(BaseSettings):
     entropy: EntropySettings = EntropySettings()
     anomaly: AnomalySettings = AnomalySettings()
     checkpoints: CheckpointSettings = CheckpointSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    retune: RetuneSettings = RetuneSettings()
 
     @classmethod
     def settings_customise_sources(

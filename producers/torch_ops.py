@@ -10,7 +10,9 @@
 written atomically and announced on ``trainer.checkpoints``), applies the commands that
 arrived, and advances ``step``. A ``rollback`` restores everything from the named checkpoint
 (loaded confined to the run's directory, weights only), so ``step`` moves back and the run
-continues under a new ``attempt``. ``prune_checkpoints`` deletes the files the stream says
+continues under a new ``attempt``. ``retune`` sets the learning rate (every optimizer
+param group), the clip epsilon and the entropy coefficient, unless ``approve_retune``
+refuses it (then the ack says ``rejected``). ``prune_checkpoints`` deletes the files the stream says
 to; ``halt`` sets ``halted``. Every command is acknowledged with what changed.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,12 @@ import torch
 
 from producers.checkpoints import CheckpointRejected, CheckpointStore
 from producers.trainer import CommandRejected, TrainerClient
-from schemas import Command, Halt, PruneCheckpoints, Rollback, SetEntropyCoef
+from schemas import Command, Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef
 
 log = logging.getLogger(__name__)
+
+APPLIED_LOG_NAME = "applied-commands.log"
+ATTEMPT_FILE_NAME = "attempt"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -76,14 +82,22 @@ class TorchRunOps:
         checkpoint_dir: Path | str,
         *,
         start_step: int = 0,
+        clip_epsilon: float | None = None,
+        approve_retune: Callable[[Retune], bool] | None = None,
     ) -> None:
         self.client = client
         self.model = model
         self.optimizer = optimizer
         self.store = CheckpointStore(checkpoint_dir)
+        # Applied command ids survive a trainer restart next to the checkpoints they refer to.
+        client.record_applied_in(self.store.directory / APPLIED_LOG_NAME)
+        self._attempt_file = self.store.directory / ATTEMPT_FILE_NAME
         settings = client.settings
         self.interval = settings.checkpoints.interval_steps
         self.entropy_coef = settings.entropy.start
+        self.clip_epsilon = clip_epsilon  # None: the loop has no clip range (not PPO)
+        self.approve_retune = approve_retune
+        self.retuned: dict[str, float] = {}  # the latest applied retune, for integrations
         self.step = start_step
         self.halted = False
         self.last_checkpoint_step: int | None = None
@@ -92,6 +106,11 @@ class TorchRunOps:
         client.on_command("rollback", self._rollback)
         client.on_command("prune_checkpoints", self._prune)
         client.on_command("halt", self._halt)
+        client.on_command("retune", self._retune)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def end_step(self, *, loss: float, reward: float, **metrics: float) -> None:
         """Report the finished step, checkpoint if due, apply commands, advance."""
@@ -103,11 +122,52 @@ class TorchRunOps:
             loss=loss,
             reward=reward,
             checkpoint_step=self.last_checkpoint_step,
-            entropy_coef=self.entropy_coef,
+            **self.hyperparameters(),
             **metrics,
         )
         if self.step == step:  # not rolled back by a command applied in log_step
             self.step = step + 1
+
+    def resume_latest(self) -> int | None:
+        """After a trainer restart: load the newest checkpoint and continue from it.
+
+        Returns the restored step (None when there is no checkpoint). The run continues
+        under a new attempt, so the stream treats what follows as a resume and sends the
+        entropy coefficient again. The caller should ``announce`` the run again first.
+        """
+        steps = self.store.steps()
+        if not steps:
+            return None
+        state = self.store.load(self.store.uri_for(steps[-1]))
+        self._restore(state)
+        self._begin_attempt(max(int(state["attempt"]), self._last_attempt()) + 1)
+        return int(state["step"])
+
+    def _last_attempt(self) -> int:
+        try:
+            return int(self._attempt_file.read_text(encoding="ascii"))
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _begin_attempt(self, attempt: int) -> None:
+        """Attempts must never repeat (the stream ignores steps it has seen for an attempt),
+        so the newest one is written down before any metric of it is published."""
+        self.client.attempt = attempt
+        temp = self._attempt_file.with_suffix(".tmp")
+        temp.write_text(str(attempt), encoding="ascii")
+        temp.replace(self._attempt_file)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        self.entropy_coef = float(state["entropy_coef"])
+        if "clip_epsilon" in state:
+            self.clip_epsilon = float(state["clip_epsilon"])
+        # Continue after the restored step: the stream tells replayed steps from the
+        # abandoned trajectory by the new attempt.
+        self.step = int(state["step"]) + 1
+        self.last_checkpoint_step = int(state["step"])
 
     def save_checkpoint(self) -> str:
         uri = self.store.save(
@@ -117,13 +177,20 @@ class TorchRunOps:
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
                 "attempt": self.client.attempt,
-                "entropy_coef": self.entropy_coef,
+                **self.hyperparameters(),
                 "rng": capture_rng(),
             },
         )
         self.client.checkpoint_saved(self.step, uri)
         self.last_checkpoint_step = self.step
         return uri
+
+    def hyperparameters(self) -> dict[str, float]:
+        """The values a retune may change, as the loop uses them now."""
+        values = {"entropy_coef": self.entropy_coef, "learning_rate": self.learning_rate}
+        if self.clip_epsilon is not None:
+            values["clip_epsilon"] = self.clip_epsilon
+        return values
 
     def _set_entropy_coef(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, SetEntropyCoef)
@@ -137,19 +204,36 @@ class TorchRunOps:
         except CheckpointRejected as exc:
             raise CommandRejected(str(exc)) from None
         before = {"step": self.step, "attempt": self.client.attempt}
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        self.entropy_coef = float(state["entropy_coef"])
-        # Continue after the restored step, as a new attempt: the stream tells replayed
-        # steps from the abandoned trajectory by it.
-        self.step = int(state["step"]) + 1
-        self.last_checkpoint_step = int(state["step"])
-        self.client.attempt += 1
+        self._restore(state)
+        self._begin_attempt(self.client.attempt + 1)
         log.warning("rolled back to step %d: %s", state["step"], command.reason)
         return {
             "before": before,
             "after": {"step": int(state["step"]), "attempt": self.client.attempt},
+        }
+
+    def _retune(self, command: Command) -> dict[str, Any]:
+        """Apply a retune proposal (or refuse it when ``approve_retune`` says no)."""
+        assert isinstance(command, Retune)
+        before = self.hyperparameters()
+        unknown = set(command.changes) - set(before)
+        if unknown:
+            raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
+        if self.approve_retune is not None and not self.approve_retune(command):
+            raise CommandRejected("retune not approved: " + command.rationale)
+        for name, value in command.changes.items():
+            if name == "learning_rate":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = value
+            elif name == "clip_epsilon":
+                self.clip_epsilon = value
+            else:
+                self.entropy_coef = value
+        self.retuned = dict(command.changes)
+        log.warning("retuned %s: %s", command.changes, command.rationale)
+        return {
+            "before": {name: before[name] for name in command.changes},
+            "after": {name: self.hyperparameters()[name] for name in command.changes},
         }
 
     def _prune(self, command: Command) -> dict[str, Any]:

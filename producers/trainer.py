@@ -8,7 +8,8 @@
 
 Commands are delivered at step boundaries: ``log_step`` (or ``poll_commands``) runs the
 handlers in the caller's thread, so a handler may touch the model and optimizer safely.
-Each command id is handled once and acknowledged on ``trainer.acks``.
+Each command id is handled once and acknowledged on ``trainer.acks``; with ``applied_log``
+(``TorchRunOps`` sets one in the run's checkpoint directory) that holds across restarts.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from fragrance_ops.settings import Settings
+from producers.applied import AppliedCommands
 from producers.transport import DeliveryStats, KafkaTransport, Transport
 from schemas import (
     CheckpointSaved,
@@ -68,6 +71,7 @@ class TrainerClient:
         transport: Transport | None = None,
         attempt: int = 0,
         receive_commands: bool = True,
+        applied_log: Path | str | None = None,
     ) -> None:
         self.run_id = run_id
         self.attempt = attempt
@@ -75,7 +79,7 @@ class TrainerClient:
         self._transport = transport if transport is not None else KafkaTransport(self.settings)
         self._key = run_id.encode()
         self._handlers: dict[str, CommandHandler] = {}
-        self._handled: set[str] = set()
+        self.applied = AppliedCommands(applied_log)
         prefix = self.settings.kafka.topic_prefix
         self._topics = {topic: topic_name(topic, prefix) for topic in Topic}
         self._commands = (
@@ -88,6 +92,11 @@ class TrainerClient:
             else None
         )
         self._closed = False
+
+    def record_applied_in(self, path: Path | str) -> None:
+        """Keep the applied command ids in ``path`` too (kept if one is already set)."""
+        if self.applied.path is None:
+            self.applied = AppliedCommands(path)
 
     @property
     def stats(self) -> DeliveryStats:
@@ -153,11 +162,17 @@ class TrainerClient:
                 log.warning("ignoring an invalid command at offset %d: %s", record.offset, exc)
                 self._commands.commit(record)
                 continue
-            if command.run_id != self.run_id or command.command_id in self._handled:
+            if command.run_id != self.run_id:
+                self._commands.commit(record)
+                continue
+            previous = self.applied.status(command.command_id)
+            if previous is not None:
+                # Delivered again (a duplicate, or a restart before the offset commit):
+                # acknowledged again, in case the first ack was lost, but not applied again.
+                self._ack(command, previous, f"{command.type} already handled", None, None)
                 self._commands.commit(record)
                 continue
             self._handle(command)
-            self._handled.add(command.command_id)
             self._commands.commit(record)
             handled += 1
         return handled
@@ -182,6 +197,17 @@ class TrainerClient:
                 status, detail = "applied", f"{command.type} applied"
                 if result:
                     before, after = result.get("before"), result.get("after")
+        self.applied.add(command.command_id, status)
+        self._ack(command, status, detail, before, after)
+
+    def _ack(
+        self,
+        command: Command,
+        status: Literal["applied", "rejected"],
+        detail: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
         self._publish(
             CommandAck(
                 command_id=command.command_id,

@@ -56,6 +56,10 @@ class CommandReader(Protocol):
 
     def commit(self, record: Record) -> None: ...
 
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        """Wait until every record present at start is in ``poll``'s hands; False on timeout."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -165,9 +169,11 @@ class _KafkaKeyReader:
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
             },
             logger=_librdkafka_log,
         )
+        self._caught_up = threading.Event()
         self._buffer: list[Record] = []
         self._partition_number = -1
         self._to_commit: int | None = None  # next offset to commit, left by commit()
@@ -204,7 +210,9 @@ class _KafkaKeyReader:
                 continue
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self._caught_up.set()
+                else:
                     self._warn("command reader error: %s", error.str())
                 continue
             if message.key() != self._key:
@@ -222,6 +230,9 @@ class _KafkaKeyReader:
     def commit(self, record: Record) -> None:
         with self._lock:
             self._to_commit = record.offset + 1
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        return self._caught_up.wait(timeout_s)
 
     def _commit_pending(self, asynchronous: bool = True) -> None:
         with self._lock:
@@ -303,6 +314,9 @@ class _InMemoryReader:
 
     def commit(self, record: Record) -> None:
         self.transport._committed[(self.topic, self.key, self.group_id)] = record.offset + 1
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        return True
 
     def close(self) -> None:
         pass

@@ -245,8 +245,14 @@ class LlmOutcome(Event):
     ok: bool
     mode: LlmMode
     latency_ms: NonNegative
-    error: str | None
+    # Defaults to None: the encoder omits nulls, so a successful call's error travels absent.
+    error: str | None = Field(
+        default=None, description="why the call failed; null or absent exactly when ok"
+    )
     ts: Timestamp
+    call_id: Identifier | None = Field(
+        default=None, description="set by the SDK, lets the stream drop duplicates"
+    )
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> LlmOutcome:
@@ -266,9 +272,25 @@ class LlmControl(Event):
     state: BreakerState
     mode: LlmMode
     cache_ttl_s: NonNegative
-    until: Timestamp | None
+    # Defaults to None: the encoder omits nulls, so a closed breaker's until travels absent.
+    until: Timestamp | None = Field(
+        default=None,
+        description="open: when probing starts; half_open: when an undecided probe round is "
+        "renewed; null or absent when closed",
+    )
     reason: str
     ts: Timestamp
+    probe_mode: LlmMode | None = Field(
+        default=None, description="half_open only: the mode probe calls are sent in"
+    )
+    probe_calls: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="half_open only: probe calls each replica may send"
+    )
+    epoch: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="increments with each state change of the model; lets replicas ignore "
+        "stale control events",
+    )
 
     def key(self) -> str:
         return self.model
@@ -281,6 +303,10 @@ class Rating(Event):
     formula_id: Identifier
     ts: Timestamp
     run_id: Identifier | None = None
+    rating_id: Identifier | None = Field(
+        default=None,
+        description="set by the rating SDK, unique per rating: lets the stream drop duplicates",
+    )
 
     def key(self) -> str:
         return self.run_id if self.run_id is not None else self.formula_id

@@ -14,7 +14,7 @@ import faust
 from fragrance_ops.kafka import faust_credentials, require_bootstrap
 from fragrance_ops.settings import Settings
 from schemas import Topic, topic_name
-from streams.agents import training
+from streams.agents import llm, training
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
 from streams.monitor import LeanMonitor
@@ -62,4 +62,5 @@ def create_app(settings: Settings) -> faust.App:
         run_settings=RunSettingsCache(settings),
     )
     training.register(context)
+    llm.register(context)
     return app

@@ -13,7 +13,7 @@ import torch
 from fragrance_ops.settings import Settings, run_overrides
 from producers import InMemoryTransport, TrainerClient
 from producers.torch_ops import TorchRunOps
-from schemas import Halt, PruneCheckpoints, Rollback, SetEntropyCoef, Topic, encode
+from schemas import Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef, Topic, encode
 
 
 def make_ops(tmp_path: Path, transport: InMemoryTransport) -> TorchRunOps:
@@ -139,3 +139,79 @@ def test_entropy_prune_and_halt_commands(tmp_path: Path) -> None:
     assert ops.halted
     assert ops.halt_reason == "budget spent"
     assert [ack["status"] for ack in acks(transport)] == ["applied", "applied", "applied"]
+
+
+def retune(changes: dict[str, float], command_id: str = "rt-1") -> bytes:
+    return encode(
+        Retune(
+            command_id=command_id,
+            run_id="run-1",
+            issued_at=1.0,
+            changes=changes,
+            rationale="window 100 ratings: mean 2.41 < 3.0",
+            window={"size": 100},
+        )
+    )
+
+
+def test_a_retune_sets_the_optimizer_learning_rate_and_acks_before_and_after(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    ops = make_ops(tmp_path, transport)
+    ops.clip_epsilon = 0.2
+    train(ops, 2)
+    transport.deliver(
+        Topic.COMMANDS,
+        b"run-1",
+        retune({"learning_rate": 0.005, "entropy_coef": 0.02, "clip_epsilon": 0.16}),
+    )
+    train(ops, 1)
+    assert [group["lr"] for group in ops.optimizer.param_groups] == [0.005]
+    assert (ops.entropy_coef, ops.clip_epsilon) == (0.02, 0.16)
+    (ack,) = acks(transport)
+    assert ack["status"] == "applied"
+    assert ack["before"] == {"learning_rate": 0.01, "entropy_coef": 0.01, "clip_epsilon": 0.2}
+    assert ack["after"] == {"learning_rate": 0.005, "entropy_coef": 0.02, "clip_epsilon": 0.16}
+    # The next metric reports the values in use, so the stream's view follows.
+    train(ops, 1)
+    last = orjson.loads(transport.records(Topic.METRICS)[-1].value)
+    assert (last["learning_rate"], last["clip_epsilon"]) == (0.005, 0.16)
+
+
+def test_a_retune_can_require_approval_and_unknown_parameters_are_rejected(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    ops = make_ops(tmp_path, transport)
+    ops.approve_retune = lambda command: "learning_rate" not in command.changes
+    transport.deliver(Topic.COMMANDS, b"run-1", retune({"learning_rate": 0.5}, "rt-1"))
+    transport.deliver(Topic.COMMANDS, b"run-1", retune({"clip_epsilon": 0.1}, "rt-2"))
+    transport.deliver(Topic.COMMANDS, b"run-1", retune({"entropy_coef": 0.02}, "rt-3"))
+    train(ops, 1)
+    statuses = [(ack["command_id"], ack["status"]) for ack in acks(transport)]
+    assert statuses == [("rt-1", "rejected"), ("rt-2", "rejected"), ("rt-3", "applied")]
+    assert "not approved" in str(acks(transport)[0]["detail"])
+    assert "clip_epsilon" in str(acks(transport)[1]["detail"])  # this loop has no clip range
+    assert ops.learning_rate == 0.01
+    assert ops.entropy_coef == 0.02
+
+
+def test_a_restarted_trainer_resumes_from_its_newest_checkpoint_under_a_new_attempt(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    ops = make_ops(tmp_path, transport)
+    train(ops, 12)  # checkpoints at 5 and 10
+    transport.deliver(Topic.COMMANDS, b"run-1", rollback(ops.store.uri_for(5)))
+    train(ops, 3)  # rolled back to 5: attempt 1, steps 6 and 7 follow
+    assert (ops.client.attempt, ops.step) == (1, 8)
+    saved = torch.load(ops.store.path_for(10), weights_only=True)["model"]
+    restarted = make_ops(tmp_path, transport)  # a new process: same directory, same log
+    assert restarted.resume_latest() == 10
+    # Attempt 0 saved step 10, but attempt 1 was used since: attempts never repeat.
+    assert (restarted.client.attempt, restarted.step) == (2, 11)
+    for name, parameter in restarted.model.named_parameters():
+        assert torch.equal(parameter, saved[name]), name
+    restarted.client.poll_commands()  # the rollback is not applied again
+    assert restarted.client.attempt == 2

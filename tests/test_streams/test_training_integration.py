@@ -13,6 +13,8 @@ import torch
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
+from producers.reference import PPOConfig, ReferencePPOTrainer
+from producers.reference.ppo import StepReport
 from producers.torch_ops import TorchRunOps
 from schemas import Topic, topic_name
 from tests.helpers.kafka import consume_until
@@ -98,3 +100,125 @@ def test_a_loss_spike_is_rolled_back_to_the_last_healthy_checkpoint_once(
     entropy = [command for command in decoded if command["type"] == "set_entropy_coef"]
     assert entropy[0]["entropy_coef"] == pytest.approx(0.01)
     assert any(command["step"] > 100 for command in entropy)  # resumed: sent again at once
+
+
+def rollbacks_and_acks(
+    kafka_bootstrap: str, prefix: str, expected: int
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    commands = consume_until(
+        kafka_bootstrap,
+        topic_name(Topic.COMMANDS, prefix),
+        lambda got: sum(b'"rollback"' in (m.value() or b"") for m in got) >= expected,
+        30,
+    )
+    acks = consume_until(
+        kafka_bootstrap, topic_name(Topic.ACKS, prefix), lambda got: len(got) >= expected, 30
+    )
+    decoded = [orjson.loads(message.value()) for message in commands]
+    return [c for c in decoded if c["type"] == "rollback"], [
+        orjson.loads(message.value()) for message in acks
+    ]
+
+
+def test_the_reference_ppo_trainer_is_rolled_back_after_an_injected_divergence(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+) -> None:
+    settings = ops_settings.model_copy(
+        update={"checkpoints": ops_settings.checkpoints.model_copy(update={"interval_steps": 100})}
+    )
+    with make_worker():
+        trainer = ReferencePPOTrainer(
+            TrainerClient("ppo-run", settings=settings),
+            tmp_path / "ppo-run",
+            config=PPOConfig(rollout_steps=512),
+            seed=3,
+        )
+        trainer.inject_fault(230)
+        restored: dict[str, torch.Tensor] = {}
+
+        def observe(report: StepReport) -> None:
+            if trainer.ops.client.attempt == 1 and not restored:  # the rollback just applied
+                restored.update(
+                    {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+                )
+            time.sleep(0.005)  # a real trainer's pace, so the rollback lands mid-run
+
+        trainer.train(600, on_step=observe)
+        assert trainer.ops.client.attempt == 1, "no rollback arrived (or more than one)"
+        saved = torch.load(trainer.ops.store.path_for(200), weights_only=True)["model"]
+        for name, parameter in restored.items():
+            assert torch.equal(parameter, saved[name]), name
+        time.sleep(2)  # would a second rollback follow? give the worker time to say so
+        rollbacks, acks = rollbacks_and_acks(
+            kafka_bootstrap, settings.kafka.topic_prefix, expected=1
+        )
+        trainer.ops.client.close()
+    assert [(r["anomaly_step"], r["checkpoint_step"]) for r in rollbacks] == [(230, 200)]
+    assert "loss rise to" in str(rollbacks[0]["reason"])  # PPO's loss is negative here
+    (ack,) = [ack for ack in acks if ack["command_id"] == rollbacks[0]["command_id"]]
+    assert (ack["status"], ack["after"]) == ("applied", {"step": 200, "attempt": 1})
+
+
+SPIKES = {0: 130, 1: 260, 2: 390}
+"""attempt -> the step whose loss is spiked in that attempt."""
+KILLS = {(0, 131), (1, 180), (1, 261), (2, 300)}
+"""(attempt, step) after which the worker is SIGKILLed; it restarts 15 steps later."""
+
+
+def test_sigkill_of_the_worker_mid_run_misses_no_anomaly_and_duplicates_no_rollback(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+) -> None:
+    settings = ops_settings.model_copy(
+        update={
+            "checkpoints": ops_settings.checkpoints.model_copy(
+                update={"interval_steps": 50, "health_lookback_steps": 20}
+            )
+        }
+    )
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(256, 8, generator=generator)
+    data = (inputs, inputs @ torch.randn(8, 1, generator=generator))
+    worker = make_worker(CHECKPOINTS__HEALTH_LOOKBACK_STEPS="20")
+    worker.start()
+    ops = make_trainer(settings, tmp_path / "torch-run")
+    applied_rollbacks: list[int] = []
+    ops.client.on_command(
+        "rollback",
+        lambda command, apply=ops._rollback: applied_rollbacks.append(1) or apply(command),
+    )
+    restart_at: int | None = None
+    deadline = time.monotonic() + 180
+    while (ops.client.attempt, ops.step) < (3, 450) and time.monotonic() < deadline:
+        attempt, step = ops.client.attempt, ops.step
+        train_step(ops, data, spike=SPIKES.get(attempt) == step)
+        if (attempt, step) in KILLS:
+            worker.kill()
+            restart_at = step + 15
+        elif restart_at is not None and ops.step >= restart_at:
+            worker.start()
+            restart_at = None
+        time.sleep(0.01)
+    if restart_at is not None:
+        worker.start()
+    ops.client.flush()
+    time.sleep(2)  # would a further rollback follow? give the worker time to say so
+    rollbacks, acks = rollbacks_and_acks(kafka_bootstrap, settings.kafka.topic_prefix, 3)
+    ops.client.close()
+    worker.stop()
+    assert worker.starts == len(KILLS) + 1
+    distinct = {r["command_id"]: r for r in rollbacks}  # a replay may repeat an id, never more
+    assert sorted((r["anomaly_step"], r["checkpoint_step"]) for r in distinct.values()) == [
+        (130, 100),
+        (260, 250),
+        (390, 350),
+    ]
+    assert len(applied_rollbacks) == 3
+    assert ops.client.attempt == 3
+    applied = [ack for ack in acks if ack["detail"] == "rollback applied"]
+    assert sorted(ack["command_id"] for ack in applied) == sorted(distinct)

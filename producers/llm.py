@@ -1,0 +1,283 @@
+"""The LLM SDK: wrap a generate callable; its outcomes feed the shared breaker.
+
+    llm = LlmClient("qwen-fragrance")
+    generate = llm.wrap(qwen_generate)      # qwen_generate(prompt, *, mode) -> text
+    text = generate("a fresh citrus accord")  # called in llm.mode (or a probe mode)
+
+Each call is made in the mode the operations layer says (``creative``, ``balanced`` or
+``fast``), timed, and its outcome (ok or error, latency, mode, a call id) published to
+``llm.outcomes`` without waiting for Kafka. The stream keeps one breaker per model and
+publishes every state change on the compacted ``llm.control``; the client follows it for
+its model, so all replicas serve in the same mode. A new client reads the current state
+before its first call (up to ``sdk.control_wait_s``).
+
+Local fast path: the client runs the same breaker rule (``streams.rules.breaker``) on its
+own calls. When it trips locally (3 failures by default) the client downshifts at once,
+before the stream's decision arrives, and converges to the shared state with the next
+``llm.control`` event. If Kafka is unreachable the local breaker alone decides, on the
+replica's clock; a warning says so and ``status()["following_stream"]`` is False.
+
+Half-open: the client sends up to ``probe_calls`` calls per probe round in the probe mode,
+the rest in the current mode.
+
+Nothing here raises into the caller because the operations layer is down: the wrapped
+function raises exactly what ``generate`` raises, and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from fragrance_ops.settings import Settings
+from producers.response_cache import InProcessCache, ResponseCache
+from producers.transport import KafkaTransport, Transport
+from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode, topic_name
+from schemas.events import LlmMode
+from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass
+class LlmStats:
+    calls: int = 0
+    failures: int = 0
+    probes: int = 0
+    local_trips: int = 0
+    control_events: int = 0
+    sdk_errors: int = 0  # the SDK's own failures, logged and swallowed
+
+
+class LlmClient:
+    """One LLM replica's connection to the operations layer, for one model."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        settings: Settings | None = None,
+        transport: Transport | None = None,
+        cache: ResponseCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.settings = settings if settings is not None else Settings()
+        self._transport = transport if transport is not None else KafkaTransport(self.settings)
+        self._clock = clock
+        self._key = model.encode()
+        self._local = ModelBreaker(model, BreakerPolicy.from_settings(self.settings.breaker))
+        self._shared: Transition | None = None  # the stream's latest decision
+        self._local_override = False  # a local trip newer than the shared decision
+        self._probe_round = (-1, 0)  # (epoch, probe calls sent in it)
+        self._lock = threading.Lock()
+        self.cache = (
+            cache if cache is not None else InProcessCache(self.settings.sdk.cache_max_entries)
+        )
+        self.stats = LlmStats()
+        prefix = self.settings.kafka.topic_prefix
+        self._outcomes = topic_name(Topic.LLM_OUTCOMES, prefix)
+        # A group of its own that never commits: every start reads the compacted state.
+        self._control = self._transport.reader(
+            topic_name(Topic.LLM_CONTROL, prefix),
+            self._key,
+            group_id=f"{self.settings.worker.app_id}.llm.{model}.{uuid.uuid4().hex}",
+        )
+        if not self._control.wait_caught_up(self.settings.sdk.control_wait_s):
+            log.warning(
+                "llm.control unreadable for %s within %gs: serving on the local breaker",
+                model,
+                self.settings.sdk.control_wait_s,
+            )
+        with self._lock:
+            self._follow()
+
+    # -- the shared state -------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Adopt control events that arrived (caller holds the lock)."""
+        for record in self._control.poll():
+            try:
+                control = decode(LlmControl, record.value)
+            except InvalidEvent as exc:
+                log.warning("ignoring an invalid llm.control event: %s", exc)
+                continue
+            if control.model != self.model:
+                continue
+            if self._shared is not None and control.epoch < self._shared.epoch:
+                continue  # older than what we follow
+            self._shared = Transition(
+                model=control.model,
+                state=control.state,
+                mode=control.mode,
+                cache_ttl_s=control.cache_ttl_s,
+                until=control.until,
+                reason=control.reason,
+                epoch=control.epoch,
+                probe_mode=control.probe_mode,
+                probe_calls=control.probe_calls,
+            )
+            self._local.adopt(self._shared)
+            self._local_override = False
+            self.stats.control_events += 1
+
+    def _current(self) -> Transition:
+        """The state calls follow now (caller holds the lock)."""
+        self._follow()
+        if self._shared is not None and not self._local_override:
+            return self._shared
+        self._local.on_tick(self._clock())  # no stream decision to wait for: local clock
+        if self._shared is not None and self._local.state == "closed":
+            self._local_override = False
+            return self._shared
+        return self._local.control()
+
+    @property
+    def mode(self) -> LlmMode:
+        with self._lock:
+            return self._current().mode
+
+    @property
+    def cache_ttl_s(self) -> float:
+        with self._lock:
+            return self._current().cache_ttl_s
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            current = self._current()
+            return {
+                "model": self.model,
+                "state": current.state,
+                "mode": current.mode,
+                "cache_ttl_s": current.cache_ttl_s,
+                "until": current.until,
+                "reason": current.reason,
+                "following_stream": self._shared is not None and not self._local_override,
+                "outcomes_dropped": self._transport.stats.dropped,
+            }
+
+    # -- calls ------------------------------------------------------------------------
+
+    def choose_mode(self) -> LlmMode:
+        """The mode for the next call: a probe while the probe budget lasts, else current."""
+        with self._lock:
+            current = self._current()
+            if current.state == "half_open" and current.probe_mode and current.probe_calls:
+                epoch, sent = self._probe_round
+                if epoch != current.epoch:
+                    epoch, sent = current.epoch, 0
+                if sent < current.probe_calls:
+                    self._probe_round = (epoch, sent + 1)
+                    self.stats.probes += 1
+                    return current.probe_mode
+            return current.mode
+
+    def record(
+        self, *, ok: bool, mode: LlmMode, latency_ms: float, error: str | None = None
+    ) -> None:
+        """Publish one call's outcome and feed the local breaker."""
+        now = self._clock()
+        call_id = uuid.uuid4().hex
+        outcome = LlmOutcome(
+            model=self.model,
+            ok=ok,
+            mode=mode,
+            latency_ms=max(latency_ms, 0.0),
+            error=None if ok else (error or "error"),
+            ts=now,
+            call_id=call_id,
+        )
+        self._transport.produce(self._outcomes, self._key, encode(outcome))
+        with self._lock:
+            self.stats.calls += 1
+            self.stats.failures += not ok
+            transition = self._local.on_outcome(ok, mode, latency_ms, now, call_id=call_id)
+            if transition is not None and transition.state == "open":
+                self._local_override = True
+                self.stats.local_trips += 1
+                log.warning("local breaker for %s: %s", self.model, transition.reason)
+
+    def _chosen_mode(self) -> LlmMode:
+        try:
+            return self.choose_mode()
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("choosing the mode failed; serving in the local breaker's mode")
+            return self._local.mode
+
+    def _recorded(
+        self, ok: bool, mode: LlmMode, started: float, error: BaseException | None
+    ) -> None:
+        try:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            detail = None if error is None else f"{type(error).__name__}: {error}"[:500]
+            self.record(ok=ok, mode=mode, latency_ms=latency_ms, error=detail)
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("recording an outcome failed; the call itself is unaffected")
+
+    def wrap(self, generate: Callable[..., R]) -> Callable[..., R]:
+        """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported."""
+        if inspect.iscoroutinefunction(generate):
+            async_generate = cast(Callable[..., Awaitable[Any]], generate)
+
+            @functools.wraps(generate)
+            async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+                mode = self._chosen_mode()
+                started = time.perf_counter()
+                try:
+                    result = await async_generate(*args, mode=mode, **kwargs)
+                except Exception as exc:
+                    self._recorded(False, mode, started, exc)
+                    raise
+                self._recorded(True, mode, started, None)
+                return result
+
+            return cast(Callable[..., R], wrapped_async)
+
+        @functools.wraps(generate)
+        def wrapped(*args: Any, **kwargs: Any) -> R:
+            mode = self._chosen_mode()
+            started = time.perf_counter()
+            try:
+                result = generate(*args, mode=mode, **kwargs)
+            except Exception as exc:
+                self._recorded(False, mode, started, exc)
+                raise
+            self._recorded(True, mode, started, None)
+            return result
+
+        return wrapped
+
+    # -- the response cache -----------------------------------------------------------
+
+    def cache_get(self, key: str) -> bytes | None:
+        return self.cache.get(key)
+
+    def cache_put(self, key: str, value: bytes) -> None:
+        """Store with the TTL the control stream sets now (3,600 s, or 300 s downshifted).
+
+        A TTL change applies to entries stored after it; entries already stored keep the
+        TTL they were stored with (at most 3,600 s), so a recovery never serves a
+        response older than its own TTL promised.
+        """
+        self.cache.set(key, value, self.cache_ttl_s)
+
+    def close(self) -> None:
+        self._control.close()
+        self._transport.close(self.settings.sdk.close_timeout_s)
+
+    def __enter__(self) -> LlmClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,171 @@
+"""The LLM SDK without a broker: wrapping, the local fast path, following llm.control."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+import pytest
+
+from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from producers import InMemoryTransport
+from producers.llm import LlmClient
+from producers.response_cache import InProcessCache
+from schemas import LlmControl, Topic, encode
+from schemas.events import BreakerState, LlmMode
+
+MODEL = "qwen-fragrance"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def control(
+    state: BreakerState,
+    mode: LlmMode,
+    epoch: int,
+    *,
+    ttl: float = 300.0,
+    probe_mode: LlmMode | None = None,
+) -> bytes:
+    return encode(
+        LlmControl(
+            model=MODEL,
+            state=state,
+            mode=mode,
+            cache_ttl_s=ttl,
+            until=None if state == "closed" else 2_000.0,
+            reason="test",
+            ts=1.0,
+            epoch=epoch,
+            probe_mode=probe_mode,
+            probe_calls=3 if probe_mode else None,
+        )
+    )
+
+
+def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
+    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+
+
+def failing(prompt: str, *, mode: str) -> str:
+    raise TimeoutError(f"{mode} timed out on {prompt!r}")
+
+
+def test_a_wrapped_call_runs_in_the_current_mode_and_publishes_its_outcome() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    generate = llm.wrap(lambda prompt, *, mode: f"{mode}: {prompt}")
+    assert generate("citrus") == "creative: citrus"
+    with pytest.raises(TimeoutError, match="creative timed out"):  # the caller's own error
+        llm.wrap(failing)("rose")
+    ok, failed = outcomes(transport)
+    assert (ok["ok"], ok["mode"], ok["model"], ok.get("error")) == (True, "creative", MODEL, None)
+    assert isinstance(ok["latency_ms"], float)
+    assert (failed["ok"], failed["error"]) == (False, "TimeoutError: creative timed out on 'rose'")
+    assert ok["call_id"] != failed["call_id"]
+
+
+def test_async_generate_is_wrapped_too() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    async def generate(prompt: str, *, mode: str) -> str:
+        await asyncio.sleep(0)
+        return f"{mode}:{prompt}"
+
+    assert asyncio.run(llm.wrap(generate)("musk")) == "creative:musk"
+    assert outcomes(transport)[0]["ok"] is True
+
+
+def test_local_failures_downshift_at_once_then_the_stream_decides() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    llm = LlmClient(MODEL, transport=transport, clock=clock)
+    generate = llm.wrap(failing)
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            generate("x")
+    assert (llm.mode, llm.cache_ttl_s) == ("balanced", 300.0)  # before any stream decision
+    assert llm.stats.local_trips == 1
+    assert llm.status()["following_stream"] is False
+    # The stream's decision arrives: the replica converges to it.
+    transport.deliver(Topic.LLM_CONTROL, MODEL.encode(), control("open", "fast", epoch=4))
+    assert llm.mode == "fast"
+    assert llm.status()["following_stream"] is True
+
+
+def test_half_open_sends_the_probe_budget_in_the_probe_mode() -> None:
+    transport = InMemoryTransport()
+    transport.deliver(
+        Topic.LLM_CONTROL,
+        MODEL.encode(),
+        control("half_open", "balanced", epoch=2, probe_mode="creative"),
+    )
+    llm = LlmClient(MODEL, transport=transport)  # a new replica reads the state first
+    assert [llm.choose_mode() for _ in range(5)] == ["creative"] * 3 + ["balanced"] * 2
+    transport.deliver(
+        Topic.LLM_CONTROL,
+        MODEL.encode(),
+        control("half_open", "balanced", epoch=3, probe_mode="creative"),
+    )
+    assert llm.choose_mode() == "creative"  # a new round, a new budget
+    transport.deliver(
+        Topic.LLM_CONTROL, MODEL.encode(), control("closed", "creative", epoch=4, ttl=3600.0)
+    )
+    assert (llm.choose_mode(), llm.cache_ttl_s) == ("creative", 3600.0)
+    # A stale event (an older epoch) changes nothing.
+    transport.deliver(Topic.LLM_CONTROL, MODEL.encode(), control("open", "fast", epoch=1))
+    assert llm.mode == "creative"
+
+
+def test_the_local_breaker_recovers_on_its_own_clock_without_the_stream() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    settings = Settings().model_copy(
+        update={"breaker": Settings().breaker.model_copy(update={"open_s": 10.0})}
+    )
+    llm = LlmClient(MODEL, settings=settings, transport=transport, clock=clock)
+    for _ in range(3):
+        llm.record(ok=False, mode="creative", latency_ms=5.0, error="boom")
+    assert llm.mode == "balanced"
+    clock.now += 10.0
+    assert llm.choose_mode() == "creative"  # half-open: a probe
+    llm.record(ok=True, mode="creative", latency_ms=5.0)
+    llm.record(ok=True, mode="creative", latency_ms=5.0)
+    assert (llm.mode, llm.cache_ttl_s) == ("creative", 3600.0)
+
+
+def test_the_cache_ttl_follows_the_control_stream_for_new_entries() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    cache = InProcessCache(timer=clock)
+    llm = LlmClient(MODEL, transport=transport, cache=cache)
+    llm.cache_put("old", b"stored at 3600")
+    transport.deliver(Topic.LLM_CONTROL, MODEL.encode(), control("open", "balanced", epoch=1))
+    llm.cache_put("new", b"stored at 300")
+    clock.now += 301
+    assert (llm.cache_get("old"), llm.cache_get("new")) == (b"stored at 3600", None)
+
+
+def test_kafka_unreachable_never_blocks_or_raises_into_the_call_path() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once closed
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"),
+        sdk=SdkSettings(control_wait_s=0.2, close_timeout_s=0.1),
+    )
+    with LlmClient(MODEL, settings=settings) as llm:
+        generate = llm.wrap(lambda prompt, *, mode: mode)
+        assert [generate("x") for _ in range(50)] == ["creative"] * 50
+        for _ in range(3):
+            llm.record(ok=False, mode="creative", latency_ms=1.0, error="down")
+        assert generate("x") == "balanced"  # the local breaker serves alone
+        assert llm.status()["following_stream"] is False

@@ -1,0 +1,73 @@
+"""The reference PPO trainer and its environment, without a broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from fragrance_ops.settings import Settings
+from producers import InMemoryTransport, TrainerClient
+from producers.reference import FragranceFormulaEnv, PPOConfig, ReferencePPOTrainer
+from producers.reference.ppo import StepReport
+from schemas import Topic
+
+
+def test_the_environment_follows_the_gymnasium_api_and_returns_a_similarity() -> None:
+    env = FragranceFormulaEnv()
+    check_env(env, skip_render_check=True)
+    observation, _ = env.reset(seed=3)
+    assert observation.shape == (40,)
+    assert env.action_space.n == 60
+    total, terminated, steps = 0.0, False, 0
+    while not terminated:
+        observation, reward, terminated, truncated, info = env.step(np.int64(steps % 60))
+        total += float(reward)
+        steps += 1
+        assert not truncated
+    assert steps == env.formula_units
+    assert total == pytest.approx(info["similarity"])
+    assert 0.0 <= total <= 1.0
+    with pytest.raises(ValueError, match="ingredient"):
+        env.step(np.int64(60))
+
+
+def test_the_reference_trainer_learns_checkpoints_and_reports_every_update(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    trainer = ReferencePPOTrainer(
+        TrainerClient("ppo-1", settings=Settings(), transport=transport), tmp_path / "ppo-1"
+    )
+    assert PPOConfig() == PPOConfig(
+        state_dim=40, action_dim=60, rollout_steps=2048, epochs=10, batch_size=64
+    )
+    reports: list[StepReport] = []
+    trainer.train(1100, on_step=reports.append)
+    assert [report.step for report in reports] == list(range(1100))
+    assert trainer.ops.store.steps() == [500, 1000]
+    # 320 minibatch updates per rollout (2,048 / 64 x 10 epochs): the reward is per rollout.
+    assert len({report.reward for report in reports[:320]}) == 1
+    assert reports[-1].reward > reports[0].reward  # it learns
+    metrics = [orjson.loads(record.value) for record in transport.records(Topic.METRICS)]
+    assert metrics[-1]["learning_rate"] == pytest.approx(1e-3)
+    assert metrics[-1]["clip_epsilon"] == pytest.approx(0.2)
+    assert {"policy_loss", "value_loss", "entropy", "entropy_coef"} <= set(metrics[-1])
+    (announced,) = [orjson.loads(record.value) for record in transport.records(Topic.RUNS)]
+    assert announced["settings"] == {"anomaly.baseline": "median", "anomaly.patience": 3}
+
+
+def test_an_injected_fault_makes_the_loss_spike(tmp_path: Path) -> None:
+    trainer = ReferencePPOTrainer(
+        TrainerClient("ppo-2", settings=Settings(), transport=InMemoryTransport()),
+        tmp_path / "ppo-2",
+        config=PPOConfig(rollout_steps=256),
+    )
+    trainer.inject_fault(50)
+    reports: list[StepReport] = []
+    trainer.train(60, on_step=reports.append)
+    before = max(abs(report.loss) for report in reports[40:50])
+    assert min(report.loss for report in reports[50:53]) > 10 * before
