@@ -131,7 +131,7 @@ def plain_service(bootstrap: str, prefix: str, stop: threading.Event) -> None:
     previous: dict[str, float] = {}
     newest_checkpoint: dict[str, int] = {}
     while not stop.is_set():
-        for message in consumer.consume(1000, timeout=0.05):
+        for message in consumer.consume(1000, timeout=0.001):  # returns at once when idle
             if message.error() is not None:
                 continue
             metric = orjson.loads(message.value())
@@ -170,6 +170,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="metrics/s over all runs")
     parser.add_argument("--samples-per-run", type=int, default=4)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument(
+        "--batch-within-s", type=float, help="the worker's worker.batch_within_s (default: its own)"
+    )
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
@@ -215,6 +218,11 @@ def main() -> int:
                 KAFKA__EMBEDDED_BROKER=str(embedded).lower(),
                 WORKER__APP_ID=f"bench-{settings.kafka.topic_prefix}",
                 WORKER__DATA_DIR=tmp,
+                **(
+                    {"WORKER__BATCH_WITHIN_S": str(args.batch_within_s)}
+                    if args.batch_within_s
+                    else {}
+                ),
             )
             worker = WorkerProcess(env, Path(tmp) / "worker.log")
             worker.start()

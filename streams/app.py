@@ -7,18 +7,24 @@ each table's state moves with its partition.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
+from prometheus_client import start_http_server
 
 from fragrance_ops.kafka import faust_credentials, require_bootstrap
 from fragrance_ops.settings import Settings
 from schemas import Topic, topic_name
-from streams.agents import llm, training
+from streams.agents import feedback, llm, training
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
+from streams.metrics import WorkerMetrics
 from streams.monitor import LeanMonitor
 from streams.output import OutputProducer
+from streams.rules.commands import COMMAND_TYPES
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -54,13 +60,74 @@ def create_app(settings: Settings) -> faust.App:
         **(extra | worker.faust_options),
     )
     output = OutputProducer(settings)
+    metrics = WorkerMetrics(settings.metrics.max_run_labels)
     context = ProcessorContext(
         app=app,
         settings=settings,
         output=output,
-        dead_letters=DeadLetterSink(output, topic_name(Topic.DEAD_LETTER, kafka.topic_prefix)),
+        dead_letters=DeadLetterSink(
+            output, topic_name(Topic.DEAD_LETTER, kafka.topic_prefix), metrics
+        ),
         run_settings=RunSettingsCache(settings),
+        metrics=metrics,
     )
     training.register(context)
     llm.register(context)
+    feedback.register(context)
+    serve_metrics(context)
     return app
+
+
+def _input_topics(settings: Settings) -> list[str]:
+    inputs = (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS, Topic.ACKS)
+    others = (Topic.LLM_OUTCOMES, Topic.RATINGS)
+    return [topic_name(topic, settings.kafka.topic_prefix) for topic in (*inputs, *others)]
+
+
+def serve_metrics(ctx: ProcessorContext) -> None:
+    """``/metrics`` over HTTP, and a timer measuring consumer lag."""
+    app, settings = ctx.app, ctx.settings.metrics
+    if settings.port is None:
+        return
+    metrics = ctx.metrics
+    lag = metrics.consumer_lag
+    metrics.start_at_zero(_input_topics(ctx.settings), sorted(COMMAND_TYPES))
+
+    async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
+        metrics.forget_partition_state()
+
+    app.on_partitions_revoked.connect(on_rebalance)
+
+    async def start_metrics_server() -> None:
+        try:
+            server, _thread = start_http_server(
+                settings.port or 0, settings.bind, registry=ctx.metrics.registry
+            )
+        except OSError as exc:  # processing matters more than its metrics: say so, go on
+            log.error(
+                "metrics endpoint not started on %s:%s: %s", settings.bind, settings.port, exc
+            )
+            return
+        host, port = server.server_address[:2]
+        log.warning("metrics on http://%s:%s/metrics", host, port)
+
+    app.task(start_metrics_server)
+
+    async def measure_lag() -> None:
+        consumer = app.consumer
+        assigned = app.assignor.assigned_actives()
+        if app.rebalancing or not assigned:
+            lag.clear()
+            return
+        highwaters = await consumer.highwaters(*assigned)
+        # Faust keeps the committed offsets it knows in this mapping (0.15); lag is what
+        # the group has not committed yet, as Kafka's own tools report it.
+        committed = getattr(consumer, "_committed_offset", {})
+        lag.clear()
+        for tp, highwater in highwaters.items():
+            position = committed.get(tp)
+            lag.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - (position if position is not None else 0))
+            )
+
+    app.timer(settings.lag_interval_s)(measure_lag)

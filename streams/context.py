@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,8 +12,9 @@ import faust
 import orjson
 
 from fragrance_ops.settings import Settings, run_overrides
-from schemas import Event, Topic, encode, topic_name
+from schemas import CommandBase, Event, Topic, encode, topic_name
 from streams.dead_letter import DeadLetterSink
+from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer
 
 
@@ -40,17 +43,29 @@ class ProcessorContext:
     output: OutputProducer
     dead_letters: DeadLetterSink
     run_settings: RunSettingsCache
+    metrics: WorkerMetrics
+    # run id -> the hyperparameters its latest metric reported (the training agent writes,
+    # the feedback agent reads; both own the run's partition).
+    hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def topic(self, topic: Topic) -> str:
         return topic_name(topic, self.settings.kafka.topic_prefix)
 
     async def forward(self, event: Event) -> None:
         """Send an output event, keyed per contract."""
+        if isinstance(event, CommandBase):
+            self.metrics.commands.labels(event.type).inc()  # type: ignore[attr-defined]
         await self.output.send(self.topic(event.TOPIC), event.key().encode(), encode(event))
 
     async def delivered(self) -> None:
         """Wait until outputs are on the broker, before state that implies them is written."""
         await self.output.delivered()
+
+    def observe_batch(self, agent: str, topics: Iterable[str], started: float) -> None:
+        """Count a finished batch's events per source topic and time it."""
+        for topic, count in Counter(topics).items():
+            self.metrics.events.labels(topic).inc(count)
+        self.metrics.batch_seconds.labels(agent).observe(time.perf_counter() - started)
 
     @staticmethod
     def now() -> float:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections import Counter
 
 from faust.types import Message
 
 from schemas import DeadLetter, InvalidEvent, encode
+from streams.metrics import WorkerMetrics
 from streams.output import Headers, OutputProducer
 
 log = logging.getLogger(__name__)
@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 class DeadLetterSink:
     """Sends rejected records to ``ops.dead-letter`` keyed by their original key."""
 
-    def __init__(self, output: OutputProducer, topic: str) -> None:
+    def __init__(self, output: OutputProducer, topic: str, metrics: WorkerMetrics) -> None:
         self._output = output
         self._topic = topic
-        self.counts: Counter[str] = Counter()  # by source topic
+        self._metrics = metrics
 
     async def send(self, message: Message, error: Exception) -> None:
         """Dead-letter ``message``: bad input (InvalidEvent) or a processing failure."""
@@ -46,7 +46,7 @@ class DeadLetterSink:
             ("source.partition", str(message.partition).encode()),
             ("source.offset", str(message.offset).encode()),
         ]
-        self.counts[message.topic] += 1
+        self._metrics.dead_letters.labels(message.topic).inc()
         log.warning(
             "dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, error
         )

@@ -4,79 +4,59 @@ Per batch the agent decodes each outcome, calls the model's breaker
 (``streams.rules.breaker``), forwards each transition as an ``LlmControl`` event, waits
 for the broker to acknowledge them, then writes each touched breaker's state once. A timer
 (``breaker.tick_interval_s``) drives recovery from the worker's clock, so a held breaker
-goes half-open on time with no traffic at all.
-
-Live breakers stay in memory between batches and ticks (the timer needs them, and loading
-state per event would cost a decode each). They belong to the partitions this worker
-owns: a rebalance drops them all and they are reloaded from the table, which Faust has
-recovered from its changelog by then. Batches and ticks take one lock, so a tick never
-interleaves with a half-processed batch.
+goes half-open on time with no traffic at all. Breakers stay live in memory between
+batches and ticks (``streams.live``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
 
 import faust
-import orjson
-from faust.types import TP
 
-from producers.partitioning import partition_for_key
 from schemas import LlmControl, LlmOutcome, Topic, decode
+from schemas.events import LlmMode
 from streams.batching import batches, unfinished_batch_guard
 from streams.context import ProcessorContext
+from streams.live import LiveStates
+from streams.metrics import MODE_VALUES, STATE_VALUES
 from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
-from streams.state import PartitionedTable, partitioned_table
+from streams.state import partitioned_table
 
 log = logging.getLogger(__name__)
 
 
 class Breakers:
-    """The live breakers of the models whose partitions this worker owns."""
+    """The breakers of the models whose partitions this worker owns, and their outputs."""
 
-    def __init__(self, ctx: ProcessorContext, table: PartitionedTable) -> None:
+    def __init__(self, ctx: ProcessorContext) -> None:
         self.ctx = ctx
-        self.table = table
-        self.policy = BreakerPolicy.from_settings(ctx.settings.breaker)
         self.source = ctx.topic(Topic.LLM_OUTCOMES)
-        self.lock = asyncio.Lock()
-        self._live: dict[bytes, tuple[ModelBreaker, int]] = {}
-        self._touched: set[bytes] = set()
+        policy = BreakerPolicy.from_settings(ctx.settings.breaker)
+        table = partitioned_table(
+            ctx.app,
+            "llm-breakers",
+            partitions=ctx.settings.kafka.partitions,
+            value_serializer="raw",
+        )
+        self.live: LiveStates[ModelBreaker] = LiveStates(
+            ctx,
+            table,
+            [self.source],
+            new=lambda model: ModelBreaker(model, policy),
+            load=lambda model, state: ModelBreaker.from_state(model, policy, state),
+            dump=lambda breaker: breaker.to_state(),
+        )
 
-    def forget(self) -> None:
-        """After a rebalance: partitions may have moved, reload from the table."""
-        self._live.clear()
-
-    def get(self, model_key: bytes, partition: int) -> ModelBreaker:
-        live = self._live.get(model_key)
-        if live is None:
-            stored = self.table.get(model_key)
-            model = model_key.decode()
-            breaker = (
-                ModelBreaker.from_state(model, self.policy, orjson.loads(stored))
-                if stored is not None
-                else ModelBreaker(model, self.policy)
-            )
-            live = self._live[model_key] = (breaker, partition)
-        return live[0]
-
-    def owned(self) -> Iterable[tuple[bytes, int]]:
-        """(model key, partition) of every stored breaker on a partition we actively own."""
-        assigned = self.ctx.app.assignor.assigned_actives()
-        partitions = self.ctx.settings.kafka.partitions
-        for model_key in list(self.table.keys()):
-            partition = partition_for_key(model_key, partitions)
-            if TP(self.source, partition) in assigned:
-                yield model_key, partition
-
-    async def emit(self, transition: Transition | None, model_key: bytes) -> None:
+    async def emit(
+        self, transition: Transition | None, model_key: bytes, previous_mode: LlmMode
+    ) -> None:
         if transition is None:
             return
-        self._touched.add(model_key)
+        self.live.touch(model_key)
         event = LlmControl(**asdict(transition), ts=self.ctx.now())
         log.info(
             "breaker %s: %s, mode %s, ttl %gs (%s)",
@@ -86,73 +66,62 @@ class Breakers:
             event.cache_ttl_s,
             event.reason,
         )
+        if MODE_VALUES[event.mode] > MODE_VALUES[previous_mode]:
+            self.ctx.metrics.breaker_downgrades.labels(event.model, previous_mode, event.mode).inc()
+        self.export(transition)
         await self.ctx.forward(event)
 
-    async def commit(self) -> None:
-        """Outputs on the broker first, then the state that implies them."""
-        if not self._touched:
-            return
-        await self.ctx.delivered()
-        for model_key in self._touched:
-            breaker, partition = self._live[model_key]
-            self.table.put(model_key, orjson.dumps(breaker.to_state()), partition)
-        self._touched.clear()
+    def export(self, control: Transition) -> None:
+        metrics, model = self.ctx.metrics, control.model
+        metrics.breaker_state.labels(model).set(STATE_VALUES[control.state])
+        metrics.breaker_mode.labels(model).set(MODE_VALUES[control.mode])
+        metrics.cache_ttl.labels(model).set(control.cache_ttl_s)
+
+    async def on_outcome(self, outcome: LlmOutcome, partition: int) -> None:
+        model_key = outcome.model.encode()
+        breaker = self.live.get(model_key, partition)
+        previous_mode = breaker.mode
+        transition = breaker.on_outcome(
+            outcome.ok, outcome.mode, outcome.latency_ms, self.ctx.now(), call_id=outcome.call_id
+        )
+        await self.emit(transition, model_key, previous_mode)
 
     async def tick(self) -> None:
-        if self.ctx.app.rebalancing:
-            return  # the table may be mid-recovery; the next tick catches up
         now = self.ctx.now()
-        for model_key, partition in self.owned():
-            breaker = self.get(model_key, partition)
-            await self.emit(breaker.on_tick(now), model_key)
-        await self.commit()
+        for model_key, partition in self.live.owned():
+            breaker = self.live.get(model_key, partition)
+            previous_mode = breaker.mode
+            await self.emit(breaker.on_tick(now), model_key, previous_mode)
+            self.export(breaker.control())  # a new owner exports without waiting for a change
+        await self.live.commit()
 
 
 def register(ctx: ProcessorContext) -> Breakers:
     app = ctx.app
     worker = ctx.settings.worker
-    table = partitioned_table(
-        app, "llm-breakers", partitions=ctx.settings.kafka.partitions, value_serializer="raw"
-    )
-    breakers = Breakers(ctx, table)
+    breakers = Breakers(ctx)
     max_bytes = worker.max_event_bytes
     topic = app.topic(breakers.source, key_serializer="raw", value_serializer="raw")
 
     async def llm_breakers(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
         async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            async with unfinished_batch_guard(app, events), breakers.lock:
+            started = time.perf_counter()
+            async with unfinished_batch_guard(app, events), breakers.live.lock:
                 for event in events:
                     message = event.message
                     try:
                         outcome = decode(LlmOutcome, message.value, max_bytes=max_bytes)
-                        model_key = outcome.model.encode()
-                        breaker = breakers.get(model_key, message.partition)
-                        transition = breaker.on_outcome(
-                            outcome.ok,
-                            outcome.mode,
-                            outcome.latency_ms,
-                            ctx.now(),
-                            call_id=outcome.call_id,
-                        )
+                        await breakers.on_outcome(outcome, message.partition)
                     except Exception as exc:  # bad input, or a value no rule can express
                         await ctx.dead_letters.send(message, exc)
-                        continue
-                    await breakers.emit(transition, model_key)
-                await breakers.commit()
+                await breakers.live.commit()
+            ctx.observe_batch("llm-breakers", (event.message.topic for event in events), started)
             yield len(events)
 
-    app.agent(topic, name="llm-breakers")(llm_breakers)
-
     async def breaker_clock() -> None:
-        async with breakers.lock:
+        async with breakers.live.lock:
             await breakers.tick()
 
+    app.agent(topic, name="llm-breakers")(llm_breakers)
     app.timer(ctx.settings.breaker.tick_interval_s)(breaker_clock)
-
-    async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
-        async with breakers.lock:
-            breakers.forget()
-
-    app.on_partitions_revoked.connect(on_rebalance)
-    app.on_partitions_assigned.connect(on_rebalance)
     return breakers

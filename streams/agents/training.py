@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ from streams.state import REWARD_WINDOW_CODEC, PartitionedTable, partitioned_tab
 
 log = logging.getLogger(__name__)
 
+HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
+RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
+
 
 @dataclass
 class TrainingTables:
@@ -57,6 +61,7 @@ class _Batch:
     windows: dict[bytes, RewardWindow] = field(default_factory=dict)
     operations: dict[bytes, RunOperations] = field(default_factory=dict)
     overrides: dict[bytes, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[str, StepMetric] = field(default_factory=dict)  # run id -> newest metric
 
     def settings(self, run_key: bytes) -> Settings:
         overrides = self.overrides.get(run_key, self.tables.run_settings.get(run_key))
@@ -96,6 +101,24 @@ class _Batch:
             self.operations[run_key] = RunOperations.from_state(
                 ops.run_id, ops.to_state(), settings
             )
+
+    def export_metrics(self) -> None:
+        """The newest values of each run in this batch: the per-run training gauges, and
+        the hyperparameters the feedback agent's proposals start from."""
+        metrics = self.ctx.metrics
+        for run_id, metric in self.latest.items():
+            hyperparameters = {
+                name: value
+                for name in HYPERPARAMETER_NAMES
+                if (value := getattr(metric, name)) is not None
+            }
+            if hyperparameters:
+                self.ctx.hyperparameters[run_id] = hyperparameters
+            label = metrics.run_label(run_id)
+            for name in RL_GAUGE_NAMES:
+                value = getattr(metric, name)
+                if value is not None:
+                    metrics.rl_values.labels(label, name).set(value)
 
     def write(self) -> None:
         for run_key, overrides in self.overrides.items():
@@ -138,6 +161,8 @@ def register(ctx: ProcessorContext) -> TrainingTables:
     async def on_metric(message: Message, batch: _Batch) -> None:
         metric = decode(StepMetric, message.value, max_bytes=max_bytes)
         run_key = metric.run_id.encode()
+        batch.latest[metric.run_id] = metric
+        ctx.metrics.rl_updates.labels("ppo").inc()
         now = ctx.now()
         if math.isfinite(metric.reward):
             # A non-finite reward stays out of the window (it would poison 1,000 others);
@@ -169,7 +194,9 @@ def register(ctx: ProcessorContext) -> TrainingTables:
 
     async def on_ack(message: Message, batch: _Batch) -> None:
         ack = decode(CommandAck, message.value, max_bytes=max_bytes)
-        batch.run_operations(ack.run_id.encode(), message.partition).on_ack(ack)
+        ops = batch.run_operations(ack.run_id.encode(), message.partition)
+        for command in ops.on_ack(ack, ctx.now()):
+            await ctx.forward(command)
 
     handlers: dict[str, Callable[[Message, _Batch], Any]] = {
         ctx.topic(Topic.RUNS): on_run,
@@ -181,6 +208,7 @@ def register(ctx: ProcessorContext) -> TrainingTables:
 
     async def training(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
         async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
+            started = time.perf_counter()
             async with unfinished_batch_guard(app, events):
                 batch = _Batch(ctx, tables)
                 for event in events:
@@ -193,6 +221,8 @@ def register(ctx: ProcessorContext) -> TrainingTables:
                 # replays the batch against the old state instead of skipping lost outputs.
                 await ctx.delivered()
                 batch.write()
+            batch.export_metrics()
+            ctx.observe_batch("training", (event.message.topic for event in events), started)
             yield len(events)
 
     app.agent(topic, name="training")(training)

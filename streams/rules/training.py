@@ -13,7 +13,9 @@ contract commands with deterministic ids:
   checkpoint arrives, or becomes a ``halt`` when none has after ``2 * interval_steps``;
 - every checkpoint: ``prune_checkpoints`` when retention drops some;
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
-  restored step.
+  restored step;
+- an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
+  the retuned level (``set_entropy_coef`` with the composed value).
 
 Plain Python: no Kafka, no Faust. State round-trips through ``to_state``/``from_state`` so
 the agent can keep it in a table; replayed inputs yield the same commands (same ids).
@@ -183,14 +185,39 @@ class RunOperations:
             ),
         ]
 
-    def on_ack(self, ack: CommandAck) -> None:
+    def on_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
+        if ack.command_type == "retune":
+            return self._on_retune_ack(ack, now)
         pending = self.pending_rollback
         if pending is None or ack.command_id != pending["command_id"]:
-            return
+            return []
         self.pending_rollback = None
         if ack.status == "applied":
             self.detector.reset_to(pending["step"], pending["attempt"])
             self.ledger.restore(pending["step"], pending["attempt"], ts=ack.ts)
+        return []
+
+    def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
+        """An applied retune's entropy_coef rescales the schedule instead of being
+        overwritten by its next value (``EntropyEmitter.apply_retune``)."""
+        after = ack.after or {}
+        value = after.get("entropy_coef")
+        position = self.detector.last_position
+        if ack.status != "applied" or not isinstance(value, float | int) or position is None:
+            return []
+        attempt, step = position
+        coef = self.entropy.apply_retune(float(value), step, attempt)
+        if coef is None:
+            return []  # a replayed ack
+        return [
+            SetEntropyCoef(
+                command_id=entropy_command_id(self.run_id, attempt=attempt, step=step, retune=True),
+                run_id=self.run_id,
+                issued_at=now,
+                entropy_coef=coef,
+                step=step,
+            )
+        ]
 
     def to_state(self) -> dict[str, Any]:
         return {

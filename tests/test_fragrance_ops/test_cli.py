@@ -10,7 +10,10 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from schemas import TOPIC_SPECS, topic_name
+from fragrance_ops.admin import create_contract_topics
+from fragrance_ops.settings import KafkaSettings
+from schemas import TOPIC_SPECS, LlmControl, SetEntropyCoef, StepMetric, encode, topic_name
+from tests.helpers.kafka import produce_records
 
 
 def run_cli(
@@ -86,3 +89,53 @@ def test_settings_command_masks_secrets() -> None:
     printed = orjson.loads(result.stdout)
     assert printed["reward"]["window_size"] == 77
     assert printed["kafka"]["sasl_password"] == "**********"
+
+
+@pytest.mark.integration
+def test_status_reports_breakers_and_runs_from_the_topics(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    create_contract_topics(
+        KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix)
+    )
+    until = 4_102_444_800.0  # 2100: still held when the command runs
+    controls = [
+        LlmControl(
+            model="qwen",
+            state="open",
+            mode="balanced",
+            cache_ttl_s=300.0,
+            until=until,
+            reason="3 consecutive failures in creative: downshift to balanced",
+            ts=1.0,
+            epoch=1,
+        ),
+    ]
+    metrics = [
+        StepMetric(run_id="run-s", step=step, loss=0.5, reward=1.0, ts=1.0, entropy_coef=0.009)
+        for step in range(5)
+    ]
+    commands = [
+        SetEntropyCoef(command_id="c", run_id="run-s", issued_at=1.0, entropy_coef=0.009, step=4)
+    ]
+    for events in (controls, metrics, commands):
+        produce_records(
+            kafka_bootstrap,
+            topic_name(events[0].TOPIC, topic_prefix),
+            [(event.key().encode(), encode(event)) for event in events],
+        )
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX=topic_prefix
+    )
+    result = run_cli("status", "--json", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    status = orjson.loads(result.stdout)
+    qwen = status["models"]["qwen"]
+    assert (qwen["state"], qwen["mode"], qwen["cache_ttl_s"]) == ("open", "balanced", 300.0)
+    assert qwen["recovers_in_s"] > 0
+    run = status["runs"]["run-s"]
+    assert (run["step"], run["entropy_coef"]) == (4, 0.009)
+    assert run["last_command"]["type"] == "set_entropy_coef"
+    text = run_cli("status", env=env, timeout=60).stdout
+    assert "qwen: open, mode balanced, cache TTL 300s" in text
+    assert "run-s: step 4 (attempt 0), entropy_coef 0.009, last command set_entropy_coef" in text

@@ -93,6 +93,7 @@ def test_each_command_id_is_handled_once_and_acked(
         "ts": first["ts"],
         "before": {"entropy_coef": 0.01},
         "after": {"entropy_coef": 0.005},
+        "command_type": "set_entropy_coef",
     }
     # The duplicate is acknowledged again (the first ack may have been lost), not applied.
     assert (repeat["command_id"], repeat["status"]) == ("c-1", "applied")

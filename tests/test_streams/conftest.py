@@ -31,14 +31,15 @@ def make_worker(
     workers: list[WorkerProcess] = []
 
     def make(**settings: str) -> WorkerProcess:
-        env = worker_env(
-            KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
-            KAFKA__TOPIC_PREFIX=topic_prefix,
-            WORKER__APP_ID=f"app-{topic_prefix.rstrip('.')}",
-            KAFKA__PARTITIONS=str(TEST_PARTITIONS),
-            WORKER__DATA_DIR=str(tmp_path / f"worker{len(workers)}"),
-            **settings,
-        )
+        defaults = {
+            "KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "KAFKA__TOPIC_PREFIX": topic_prefix,
+            "WORKER__APP_ID": f"app-{topic_prefix.rstrip('.')}",
+            "KAFKA__PARTITIONS": str(TEST_PARTITIONS),
+            "WORKER__DATA_DIR": str(tmp_path / f"worker{len(workers)}"),
+            "METRICS__PORT": "0",  # workers of parallel tests must not compete for one port
+        }
+        env = worker_env(**(defaults | settings))
         worker = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log")
         workers.append(worker)
         return worker

@@ -93,7 +93,8 @@ def test_after_the_ack_the_run_continues_from_the_restored_step() -> None:
         c for c in ops.on_metric(metric(1200, loss=5.0), now=1.0) if isinstance(c, Rollback)
     )
     ops.on_ack(
-        CommandAck(command_id=rollback.command_id, run_id=RUN, status="applied", detail="", ts=2e3)
+        CommandAck(command_id=rollback.command_id, run_id=RUN, status="applied", detail="", ts=2e3),
+        now=1.0,
     )
     assert ops.pending_rollback is None
     resumed = ops.on_metric(metric(1001, attempt=1), now=1.0)
@@ -151,7 +152,8 @@ def test_the_rollback_budget_halts_a_run_that_keeps_diverging() -> None:
                 status="applied",
                 detail="",
                 ts=1e4 + attempt,
-            )
+            ),
+            now=1.0,
         )
         attempt += 1
         for step in range(501, 700):
@@ -204,3 +206,31 @@ def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen
         c for c in ops.on_checkpoint(checkpoint(1000), now=1.0) if isinstance(c, Rollback)
     )
     assert rollback.checkpoint_step == 1000
+
+
+def test_an_applied_retune_rescales_the_entropy_schedule_once() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(2000))
+    scheduled = ops.entropy.schedule.value(1999)
+    ack = CommandAck(
+        command_id="rt-1",
+        run_id=RUN,
+        status="applied",
+        detail="retune applied",
+        ts=2e3,
+        before={"entropy_coef": scheduled},
+        after={"entropy_coef": 2 * scheduled},
+        command_type="retune",
+    )
+    (command,) = ops.on_ack(ack, now=1.0)
+    assert isinstance(command, SetEntropyCoef)
+    assert command.entropy_coef == pytest.approx(2 * scheduled)
+    assert ops.on_ack(ack, now=1.0) == []  # a replayed ack changes nothing
+    # Later values follow the schedule's decay from the retuned level, not the old curve.
+    later = [c for c in feed(ops, range(2000, 6000)) if isinstance(c, SetEntropyCoef)]
+    assert later
+    assert later[-1].entropy_coef == pytest.approx(
+        2 * ops.entropy.schedule.value(later[-1].step), rel=1e-9
+    )
+    rejected = ack.model_copy(update={"command_id": "rt-2", "status": "rejected"})
+    assert ops.on_ack(rejected, now=1.0) == []

@@ -1,0 +1,134 @@
+"""``feedback.ratings`` -> rating windows per target run -> ``retune`` commands.
+
+Per rating the agent decodes it, adds it to its target's window (``streams.rules.retune``)
+and, when a window closes, forwards the proposal as a ``retune`` command on
+``trainer.commands`` (nothing when no rule fired; a log line and the
+``fragrance_ops_feedback_windows_total{result}`` metric say why). A timer closes windows
+whose wall-clock timeout passed, so a run with few ratings still gets an answer.
+
+Targets and partitions: a rating naming a run is keyed by its run id, the target. A
+rating without one is keyed by its formula id, but its target is the configured default
+(``retune.default_target``): the agent re-keys it through an internal topic, so each
+target's window lives on exactly one partition.
+
+The run's current hyperparameters (what a proposal changes) come from its latest metrics:
+the training agent, on the same partition, shares them in ``ProcessorContext``, and the
+window's state keeps the last values seen, so a restarted worker proposes from them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import faust
+from faust.types import Message
+
+from schemas import Rating, Topic, decode
+from streams.batching import batches, unfinished_batch_guard
+from streams.context import ProcessorContext
+from streams.live import LiveStates
+from streams.rules.retune import Retuner, WindowVerdict, retune_target
+from streams.state import partitioned_table
+
+log = logging.getLogger(__name__)
+
+
+class Feedback:
+    def __init__(self, ctx: ProcessorContext) -> None:
+        self.ctx = ctx
+        settings = ctx.settings.retune
+        self.settings = settings
+        self.source = ctx.topic(Topic.RATINGS)
+        prefix, app_id = ctx.settings.kafka.topic_prefix, ctx.settings.worker.app_id
+        self.by_target = f"{prefix}{app_id}-ratings-by-target"
+        table = partitioned_table(
+            ctx.app,
+            "feedback-windows",
+            partitions=ctx.settings.kafka.partitions,
+            value_serializer="raw",
+        )
+        self.live: LiveStates[Retuner] = LiveStates(
+            ctx,
+            table,
+            [self.source, self.by_target],
+            new=lambda target: Retuner(target, settings),
+            load=lambda _target, state: Retuner.from_state(state, settings),
+            dump=lambda retuner: retuner.to_state(),
+        )
+
+    async def on_rating(self, message: Message) -> None:
+        rating = decode(Rating, message.value, max_bytes=self.ctx.settings.worker.max_event_bytes)
+        target = retune_target(rating.run_id, self.settings)
+        if rating.run_id is None and message.topic == self.source:
+            # Re-key to the default target: its window must live on one partition.
+            await self.ctx.output.send(self.by_target, target.encode(), message.value or b"")
+            return
+        key = target.encode()
+        retuner = self.live.get(key, message.partition)
+        retuner.observe_current(**self.ctx.hyperparameters.get(target, {}))
+        outcome = retuner.add_event(rating, now=self.ctx.now())
+        self.live.touch(key)
+        self.ctx.metrics.ratings.labels(outcome.status).inc()
+        await self.close(outcome.verdict)
+
+    async def close(self, verdict: WindowVerdict | None) -> None:
+        if verdict is None:
+            return
+        command = verdict.command(issued_at=self.ctx.now())
+        if command is not None:
+            result = "proposed"
+            log.warning("retune proposed for %s: %s", verdict.target, verdict.rationale)
+            await self.ctx.forward(command)
+        else:
+            result = "undecided" if verdict.undecided else "nothing"
+            log.warning("no retune for %s: %s", verdict.target, verdict.rationale)
+        self.ctx.metrics.feedback_windows.labels(result).inc()
+
+    async def tick(self) -> None:
+        now = self.ctx.now()
+        for key, partition in self.live.owned():
+            retuner = self.live.get(key, partition)
+            verdict = retuner.on_tick(now)
+            if verdict is not None:
+                self.live.touch(key)
+                await self.close(verdict)
+            self.ctx.metrics.feedback_window_size.labels(retuner.target).set(retuner.size)
+        await self.live.commit()
+
+
+def register(ctx: ProcessorContext) -> Feedback:
+    app = ctx.app
+    worker = ctx.settings.worker
+    feedback = Feedback(ctx)
+    # internal: Faust creates the re-keying topic (the contract topic exists already).
+    topic = app.topic(
+        feedback.source,
+        feedback.by_target,
+        internal=True,
+        partitions=ctx.settings.kafka.partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    async def ratings(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
+        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
+            started = time.perf_counter()
+            async with unfinished_batch_guard(app, events), feedback.live.lock:
+                for event in events:
+                    try:
+                        await feedback.on_rating(event.message)
+                    except Exception as exc:  # bad input, or a value no rule can express
+                        await ctx.dead_letters.send(event.message, exc)
+                await feedback.live.commit()
+            ctx.observe_batch("feedback", (event.message.topic for event in events), started)
+            yield len(events)
+
+    async def window_clock() -> None:
+        async with feedback.live.lock:
+            await feedback.tick()
+
+    app.agent(topic, name="feedback")(ratings)
+    app.timer(ctx.settings.retune.tick_interval_s)(window_clock)
+    return feedback
