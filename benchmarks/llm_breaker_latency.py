@@ -22,19 +22,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer, Producer
-from normalizer_throughput import broker  # the sibling benchmark script
+from harness import (
+    broker,
+    fresh_settings,
+    latency_summary,
+    running_service,
+    running_worker,
+    subscribe_then_ready,
+)
 
-from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import BreakerSettings, KafkaSettings, SdkSettings, Settings
-from fragrance_ops.worker_process import WorkerProcess, worker_env
+from fragrance_ops.settings import BreakerSettings, SdkSettings, Settings
 from producers import KafkaTransport
 from producers.llm import LlmClient
 from schemas import LlmControl, Topic, encode, topic_name
@@ -80,19 +83,21 @@ def drive(settings: Settings, models: int, rate: float, samples_per_model: int) 
     return [latency for samples in latencies for latency in samples[:samples_per_model]]
 
 
-def plain_service(bootstrap: str, prefix: str, open_s: float, stop: threading.Event) -> None:
+def plain_service(
+    bootstrap: str, prefix: str, open_s: float, ready: threading.Event, stop: threading.Event
+) -> None:
     """The baseline: 3 consecutive failures -> open; ``open_s`` later -> closed."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"plain-{uuid.uuid4().hex}",
-            "auto.offset.reset": "latest",
+            "auto.offset.reset": "earliest",  # fresh topics; a slow group join loses nothing
         }
     )
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": "murmur2_random"}
     )
-    consumer.subscribe([topic_name(Topic.LLM_OUTCOMES, prefix)])
+    subscribe_then_ready(consumer, topic_name(Topic.LLM_OUTCOMES, prefix), ready)
     control = topic_name(Topic.LLM_CONTROL, prefix)
     streak: dict[str, int] = {}
     epoch: dict[str, int] = {}
@@ -157,14 +162,6 @@ def wrapper_overhead_us(settings: Settings, calls: int) -> float:
     return statistics.median(rounds)
 
 
-def summary(name: str, latencies: list[float]) -> tuple[float, float]:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1e3
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3
-    print(f"{name}: {len(ordered)} downshifts, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    return p50, p99
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--broker", choices=["tansu", "apache"], default="tansu")
@@ -177,66 +174,31 @@ def main() -> int:
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
-
-        def settings_for(prefix: str) -> Settings:
-            return Settings(
-                kafka=KafkaSettings(
-                    bootstrap_servers=bootstrap,
-                    topic_prefix=prefix,
-                    partitions=args.partitions,
-                    embedded_broker=embedded,
-                ),
-                breaker=BreakerSettings(open_s=args.open_s),
-                sdk=SdkSettings(control_wait_s=5.0),
-            )
-
+        groups = {
+            "breaker": BreakerSettings(open_s=args.open_s),
+            "sdk": SdkSettings(control_wait_s=5.0),
+        }
         print(
             f"broker: {args.bootstrap or args.broker} at {bootstrap}; {args.models} models, "
             f"{args.rate:.0f} outcomes/s, open for {args.open_s:g} s"
         )
-        overhead_settings = settings_for(f"over{uuid.uuid4().hex[:6]}.")
-        create_contract_topics(overhead_settings.kafka)
-        print(f"SDK wrap: {wrapper_overhead_us(overhead_settings, 20_000):.1f} us per call")
-
-        plain_settings = settings_for(f"plain{uuid.uuid4().hex[:6]}.")
-        create_contract_topics(plain_settings.kafka)
-        stop = threading.Event()
-        service = threading.Thread(
-            target=plain_service,
-            args=(bootstrap, plain_settings.kafka.topic_prefix, args.open_s, stop),
-            daemon=True,
-        )
-        service.start()
-        time.sleep(2.0)  # the service's group join
-        plain = summary(
-            "plain confluent-kafka service",
-            drive(plain_settings, args.models, args.rate, args.samples_per_model),
-        )
-        stop.set()
-        service.join()
-
-        settings = settings_for(f"llm{uuid.uuid4().hex[:6]}.")
-        create_contract_topics(settings.kafka)
-        with tempfile.TemporaryDirectory() as tmp:
-            env = worker_env(
-                KAFKA__BOOTSTRAP_SERVERS=bootstrap,
-                KAFKA__TOPIC_PREFIX=settings.kafka.topic_prefix,
-                KAFKA__PARTITIONS=str(args.partitions),
-                KAFKA__EMBEDDED_BROKER=str(embedded).lower(),
-                WORKER__APP_ID=f"bench-{settings.kafka.topic_prefix}",
-                WORKER__DATA_DIR=tmp,
-                BREAKER__OPEN_S=str(args.open_s),
-                METRICS__PORT="0",
+        overhead = fresh_settings(bootstrap, embedded, args.partitions, "over", **groups)
+        print(f"SDK wrap: {wrapper_overhead_us(overhead, 20_000):.1f} us per call")
+        plain_settings = fresh_settings(bootstrap, embedded, args.partitions, "plain", **groups)
+        prefix = plain_settings.kafka.topic_prefix
+        with running_service(plain_service, bootstrap, prefix, args.open_s):
+            plain = latency_summary(
+                "plain confluent-kafka service",
+                "downshifts",
+                drive(plain_settings, args.models, args.rate, args.samples_per_model),
             )
-            worker = WorkerProcess(env, Path(tmp) / "worker.log")
-            worker.start()
-            try:
-                ops = summary(
-                    "fragrance-ops worker",
-                    drive(settings, args.models, args.rate, args.samples_per_model),
-                )
-            finally:
-                worker.stop()
+        settings = fresh_settings(bootstrap, embedded, args.partitions, "llm", **groups)
+        with running_worker(settings, BREAKER__OPEN_S=str(args.open_s)):
+            ops = latency_summary(
+                "fragrance-ops worker",
+                "downshifts",
+                drive(settings, args.models, args.rate, args.samples_per_model),
+            )
         print(f"ratio worker / plain: p50 {ops[0] / plain[0]:.2f}, p99 {ops[1] / plain[1]:.2f}")
     return 0
 

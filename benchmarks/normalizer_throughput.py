@@ -18,38 +18,20 @@ This is a benchmark, not a test: figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from harness import broker, fresh_settings, running_worker
 
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.brokers import ApacheKafkaBroker, TansuBroker
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
-from fragrance_ops.worker_process import WorkerProcess, worker_env
+from fragrance_ops.settings import SdkSettings, Settings
 from producers import KafkaTransport, TrainerClient
 from schemas import Topic, topic_name
 from streams.rules.reward_window import RewardWindow
-
-
-@contextlib.contextmanager
-def broker(kind: str, bootstrap: str | None) -> Iterator[tuple[str, bool]]:
-    if bootstrap:
-        yield bootstrap, False
-        return
-    local = TansuBroker() if kind == "tansu" else ApacheKafkaBroker()
-    local.start()
-    try:
-        yield local.bootstrap_servers, kind == "tansu"
-    finally:
-        local.stop()
 
 
 def fill(settings: Settings, events: int, runs: int) -> float:
@@ -154,17 +136,14 @@ def main() -> int:
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
-        prefix = f"bench{uuid.uuid4().hex[:6]}."
-        settings = Settings(
-            kafka=KafkaSettings(
-                bootstrap_servers=bootstrap,
-                topic_prefix=prefix,
-                partitions=args.partitions,
-                embedded_broker=embedded,
-            ),
+        settings = fresh_settings(
+            bootstrap,
+            embedded,
+            args.partitions,
+            "bench",
             sdk=SdkSettings(queue_max_messages=2_000_000),
         )
-        create_contract_topics(settings.kafka)
+        prefix = settings.kafka.topic_prefix
         metrics = topic_name(Topic.METRICS, prefix)
         print(
             f"broker: {args.bootstrap or args.broker} at {bootstrap}; "
@@ -181,23 +160,8 @@ def main() -> int:
         plain = output_rate(bootstrap, plain_sink, args.events, 120)
         print(f"plain confluent-kafka loop: {plain:,.0f} events/s")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            env = worker_env(
-                KAFKA__BOOTSTRAP_SERVERS=bootstrap,
-                KAFKA__TOPIC_PREFIX=prefix,
-                KAFKA__PARTITIONS=str(args.partitions),
-                KAFKA__EMBEDDED_BROKER=str(embedded).lower(),
-                WORKER__APP_ID=f"bench-{prefix}",
-                WORKER__DATA_DIR=tmp,
-            )
-            worker = WorkerProcess(env, Path(tmp) / "worker.log")
-            worker.start()
-            try:
-                rate = output_rate(
-                    bootstrap, topic_name(Topic.REWARD_STATS, prefix), args.events, 600
-                )
-            finally:
-                worker.stop()
+        with running_worker(settings):
+            rate = output_rate(bootstrap, topic_name(Topic.REWARD_STATS, prefix), args.events, 600)
         print(f"fragrance-ops worker: {rate:,.0f} events/s")
         print(f"ratio worker / plain: {rate / plain:.3f}")
     return 0

@@ -19,22 +19,24 @@ This is a benchmark, not a test: figures depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer, Producer
-from normalizer_throughput import broker  # the sibling benchmark script
+from harness import (
+    broker,
+    fresh_settings,
+    latency_summary,
+    running_service,
+    running_worker,
+    subscribe_then_ready,
+)
 
-from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import KafkaSettings, Settings
-from fragrance_ops.worker_process import WorkerProcess, worker_env
+from fragrance_ops.settings import Settings
 from producers import KafkaTransport, TrainerClient
 from schemas import Command, Rollback, Topic, encode, topic_name
 
@@ -113,20 +115,22 @@ def drive(settings: Settings, runs: int, rate: float, samples_per_run: int) -> l
     return [latency for run in simulated for latency in run.latencies[:samples_per_run]]
 
 
-def plain_service(bootstrap: str, prefix: str, stop: threading.Event) -> None:
+def plain_service(
+    bootstrap: str, prefix: str, ready: threading.Event, stop: threading.Event
+) -> None:
     """The baseline: consume metrics, decode, loss >= 2x previous, produce a rollback."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"plain-{uuid.uuid4().hex}",
-            "auto.offset.reset": "latest",
+            "auto.offset.reset": "earliest",  # fresh topics; a slow group join loses nothing
             "fetch.wait.max.ms": 10,
         }
     )
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": "murmur2_random"}
     )
-    consumer.subscribe([topic_name(Topic.METRICS, prefix)])
+    subscribe_then_ready(consumer, topic_name(Topic.METRICS, prefix), ready)
     commands = topic_name(Topic.COMMANDS, prefix)
     previous: dict[str, float] = {}
     newest_checkpoint: dict[str, int] = {}
@@ -154,14 +158,6 @@ def plain_service(bootstrap: str, prefix: str, stop: threading.Event) -> None:
     consumer.close()
 
 
-def summary(name: str, latencies: list[float]) -> tuple[float, float]:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1e3
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3
-    print(f"{name}: {len(ordered)} rollbacks, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    return p50, p99
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--broker", choices=["tansu", "apache"], default="tansu")
@@ -176,63 +172,25 @@ def main() -> int:
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
-
-        def settings_for(prefix: str) -> Settings:
-            return Settings(
-                kafka=KafkaSettings(
-                    bootstrap_servers=bootstrap,
-                    topic_prefix=prefix,
-                    partitions=args.partitions,
-                    embedded_broker=embedded,
-                )
-            )
-
         print(
             f"broker: {args.bootstrap or args.broker} at {bootstrap}; {args.runs} runs, "
             f"{args.rate:.0f} metrics/s, {args.samples_per_run} rollbacks per run"
         )
-        plain_settings = settings_for(f"plain{uuid.uuid4().hex[:6]}.")
-        create_contract_topics(plain_settings.kafka)
-        stop = threading.Event()
-        service = threading.Thread(
-            target=plain_service,
-            args=(bootstrap, plain_settings.kafka.topic_prefix, stop),
-            daemon=True,
-        )
-        service.start()
-        time.sleep(2.0)  # the service's group join
-        plain = summary(
-            "plain confluent-kafka service",
-            drive(plain_settings, args.runs, args.rate, args.samples_per_run),
-        )
-        stop.set()
-        service.join()
-
-        settings = settings_for(f"lat{uuid.uuid4().hex[:6]}.")
-        create_contract_topics(settings.kafka)
-        with tempfile.TemporaryDirectory() as tmp:
-            env = worker_env(
-                KAFKA__BOOTSTRAP_SERVERS=bootstrap,
-                KAFKA__TOPIC_PREFIX=settings.kafka.topic_prefix,
-                KAFKA__PARTITIONS=str(args.partitions),
-                KAFKA__EMBEDDED_BROKER=str(embedded).lower(),
-                WORKER__APP_ID=f"bench-{settings.kafka.topic_prefix}",
-                WORKER__DATA_DIR=tmp,
-                **(
-                    {"WORKER__BATCH_WITHIN_S": str(args.batch_within_s)}
-                    if args.batch_within_s
-                    else {}
-                ),
+        plain_settings = fresh_settings(bootstrap, embedded, args.partitions, "plain")
+        with running_service(plain_service, bootstrap, plain_settings.kafka.topic_prefix):
+            plain = latency_summary(
+                "plain confluent-kafka service",
+                "rollbacks",
+                drive(plain_settings, args.runs, args.rate, args.samples_per_run),
             )
-            worker = WorkerProcess(env, Path(tmp) / "worker.log")
-            worker.start()
-            try:
-                ops = summary(
-                    "fragrance-ops worker",
-                    drive(settings, args.runs, args.rate, args.samples_per_run),
-                )
-            finally:
-                worker.stop()
+        settings = fresh_settings(bootstrap, embedded, args.partitions, "lat")
+        within = {"WORKER__BATCH_WITHIN_S": str(args.batch_within_s)} if args.batch_within_s else {}
+        with running_worker(settings, **within):
+            ops = latency_summary(
+                "fragrance-ops worker",
+                "rollbacks",
+                drive(settings, args.runs, args.rate, args.samples_per_run),
+            )
         print(f"ratio worker / plain: p50 {ops[0] / plain[0]:.2f}, p99 {ops[1] / plain[1]:.2f}")
     return 0
 

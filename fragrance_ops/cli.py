@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -110,20 +111,27 @@ def show_settings() -> None:
 
 @cli.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="training steps to simulate")] = 3000,
-    runs: Annotated[int, typer.Option(help="concurrent simulated runs")] = 2,
+    steps: Annotated[int, typer.Option(help="training steps of the reference PPO run")] = 2000,
     seed: Annotated[int, typer.Option(help="random seed")] = 7,
     broker: Annotated[
         str | None, typer.Option(help="bootstrap servers; default: embedded broker")
     ] = None,
+    png: Annotated[Path, typer.Option(help="where the timeline picture goes")] = Path(
+        "fragrance-ops-demo.png"
+    ),
 ) -> None:
-    """Embedded broker + worker + simulated trainers; prints normalized rewards as they flow."""
+    """The whole system: worker, PPO trainer, LLM service and rating app, through Kafka."""
+    from rich.console import Console
+
     from fragrance_ops.demo import run_demo
 
+    if steps < 1100:
+        raise typer.BadParameter("at least 1100 steps: checkpoints at 500 and 1000, then a fault")
     if broker:
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker
     with broker_for(Settings()) as settings:
-        raise typer.Exit(run_demo(settings, steps=steps, runs=runs, seed=seed))
+        console = Console(soft_wrap=True)
+        raise typer.Exit(run_demo(settings, steps=steps, seed=seed, png=png, console=console))
 
 
 def main() -> None:

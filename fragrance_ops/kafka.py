@@ -32,12 +32,12 @@ def confluent_config(kafka: KafkaSettings) -> dict[str, Any]:
         "bootstrap.servers": require_bootstrap(kafka),
         "security.protocol": kafka.security_protocol,
     }
-    if kafka.sasl_mechanism:
-        config["sasl.mechanism"] = kafka.sasl_mechanism
-    if kafka.sasl_username is not None:
+    if kafka.security_protocol.startswith("SASL_"):
+        # librdkafka's own default mechanism is GSSAPI; Faust's (aiokafka's) is PLAIN.
+        config["sasl.mechanism"] = sasl_mechanism(kafka)
         config["sasl.username"] = kafka.sasl_username
-    if kafka.sasl_password is not None:
-        config["sasl.password"] = kafka.sasl_password.get_secret_value()
+        if kafka.sasl_password is not None:
+            config["sasl.password"] = kafka.sasl_password.get_secret_value()
     if kafka.ssl_cafile is not None:
         config["ssl.ca.location"] = str(kafka.ssl_cafile)
     if kafka.ssl_certfile is not None:
@@ -49,19 +49,32 @@ def confluent_config(kafka: KafkaSettings) -> dict[str, Any]:
     return config
 
 
+def sasl_mechanism(kafka: KafkaSettings) -> str:
+    """The SASL mechanism both client libraries use: the setting, else PLAIN."""
+    return kafka.sasl_mechanism or "PLAIN"
+
+
+# Client properties whose values are secrets: passwords, OAuth secrets, inline keys, JAAS.
+_SECRET_MARKERS = ("password", "secret", "ssl.key.pem", "jaas", "oauthbearer.config")
+
+
 def redacted(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a client config safe to log."""
     return {
-        key: "***" if ("password" in key or "secret" in key) else value
+        key: "***" if any(marker in key for marker in _SECRET_MARKERS) else value
         for key, value in config.items()
     }
 
 
 def faust_credentials(kafka: KafkaSettings) -> Any:
-    """Faust ``broker_credentials`` for the security settings, or None for PLAINTEXT."""
+    """Faust ``broker_credentials`` for the security settings, or None for PLAINTEXT.
+
+    Faust hands them to every aiokafka client it makes: the group consumer, the producer
+    (and the topic creation that goes through it), table changelog readers.
+    """
     import faust  # the worker extra; kept out of the SDK's import path
 
-    protocol = kafka.security_protocol.upper()
+    protocol = kafka.security_protocol
     context: ssl.SSLContext | None = None
     if protocol in ("SSL", "SASL_SSL"):
         context = ssl.create_default_context(
@@ -74,17 +87,12 @@ def faust_credentials(kafka: KafkaSettings) -> Any:
                 kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None,
             )
     if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
-        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
-        mechanism = (kafka.sasl_mechanism or "PLAIN").upper()
-        if mechanism == "PLAIN":
-            return faust.SASLCredentials(
-                username=kafka.sasl_username, password=password, ssl_context=context
-            )
+        # An SSL context makes Faust's SASLCredentials SASL_SSL; without one, SASL_PLAINTEXT.
         return faust.SASLCredentials(
             username=kafka.sasl_username,
-            password=password,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
             ssl_context=context,
-            mechanism=mechanism,
+            mechanism=sasl_mechanism(kafka),
         )
     if context is not None:
         return faust.SSLCredentials(context)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,8 +33,17 @@ class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class KafkaSettings(_Group):
     """How every client and the worker reach Kafka. Env: FRAGRANCE_OPS_KAFKA__<NAME>."""
+
+    # Security settings reach every client through fragrance_ops/kafka.py (confluent_config,
+    # faust_credentials). Validation errors never echo an input: a bad value next to a
+    # password must not print it.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     bootstrap_servers: str | None = Field(
         default=None,
@@ -48,18 +57,50 @@ class KafkaSettings(_Group):
     topic_prefix: str = Field(default="", description="prepended to every contract topic name")
     partitions: int = Field(default=8, ge=1, description="partitions per topic at creation")
     replication_factor: int = Field(default=1, ge=1, description="replicas per topic at creation")
-    security_protocol: str = Field(
-        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)",
     )
-    sasl_mechanism: str | None = Field(
-        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    sasl_mechanism: SaslMechanism | None = Field(
+        default=None,
+        description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; None with a SASL protocol: PLAIN",
     )
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: SecretStr | None = None
+    sasl_username: str | None = Field(
+        default=None, description="SASL user (required with a SASL protocol)"
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (required with a SASL protocol; never printed)"
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA certificates (PEM) to verify the brokers; None: the system's"
+    )
+    ssl_certfile: Path | None = Field(
+        default=None, description="client certificate (PEM), for TLS client authentication"
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None, description="the client certificate's private key (PEM)"
+    )
+    ssl_key_password: SecretStr | None = Field(
+        default=None, description="password of ssl_keyfile, if encrypted (never printed)"
+    )
+
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Self:
+        if self.security_protocol.startswith("SASL_") and (
+            not self.sasl_username or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"kafka security_protocol {self.security_protocol} needs sasl_username and "
+                "sasl_password"
+            )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("kafka ssl_keyfile needs ssl_certfile")
+        return self
 
 
 class WorkerSettings(_Group):
@@ -532,6 +573,34 @@ class MetricsSettings(_Group):
     )
 
 
+class SecuritySettings(_Group):
+    """Command signing (HMAC-SHA256; schemas/signing.py). Env: FRAGRANCE_OPS_SECURITY__<NAME>.
+
+    The worker and the trainers share the key, nobody else has it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    command_signing_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="shared secret (at least 16 characters; 32 random bytes in hex are "
+        "right: `python -c 'import secrets; print(secrets.token_hex(32))'`). The worker signs "
+        "every command it emits when set; the trainer SDK verifies with it. Never printed",
+    )
+    require_signed_commands: bool = Field(
+        default=False,
+        description="trainer SDK: apply only commands signed with command_signing_key; "
+        "unsigned or tampered ones are acknowledged rejected with the reason",
+    )
+
+    @model_validator(mode="after")
+    def _key_when_required(self) -> Self:
+        if self.require_signed_commands and self.command_signing_key is None:
+            raise ValueError("security require_signed_commands needs command_signing_key")
+        return self
+
+
 class Settings(BaseSettings):
     """All settings. ``Settings()`` reads the environment and the optional config file."""
 
@@ -540,6 +609,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="ignore",
         frozen=True,
+        # Errors name the setting and the rule, never the value: it may sit next to a secret.
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()
@@ -552,6 +623,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     retune: RetuneSettings = RetuneSettings()
     metrics: MetricsSettings = MetricsSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -577,6 +649,10 @@ class Settings(BaseSettings):
             )
 
 
+# A trainer's announcement must not reach connections or signing.
+_NOT_PER_RUN = frozenset({"kafka", "security"})
+
+
 def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
     """Apply a run's dotted overrides (``{"reward.window_size": 500}``) to the defaults.
 
@@ -585,7 +661,7 @@ def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
     nested: dict[str, dict[str, Any]] = {}
     for dotted, value in overrides.items():
         group, _, name = dotted.partition(".")
-        if not name or group not in Settings.model_fields or group == "kafka":
+        if not name or group not in Settings.model_fields or group in _NOT_PER_RUN:
             raise ValueError(f"unknown per-run setting {dotted!r}")
         nested.setdefault(group, {})[name] = value
     updates = {

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
-from fragrance_ops.processes import spawn_supervised
+from fragrance_ops.processes import kill_supervised, spawn_supervised, stop_supervised
 
 
 def worker_env(**settings: str) -> dict[str, str]:
@@ -62,28 +61,14 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown hooks, no final commit."""
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait(timeout=10)
-        self._reap()
+        if self._process is not None:
+            kill_supervised(self._process)
+            self._process = None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait(timeout=10)
-        self._reap()
-
-    def _reap(self) -> None:
-        # Closing our end of the watchdog's pipe; the group is already gone.
-        if self._process is not None and self._process.stdin is not None:
-            self._process.stdin.close()
-        self._process = None
+        if self._process is not None:
+            stop_supervised(self._process, timeout_s)
+            self._process = None
 
     def __enter__(self) -> WorkerProcess:
         self.start()

@@ -115,17 +115,8 @@ class LlmClient:
                 continue
             if self._shared is not None and control.epoch < self._shared.epoch:
                 continue  # older than what we follow
-            self._shared = Transition(
-                model=control.model,
-                state=control.state,
-                mode=control.mode,
-                cache_ttl_s=control.cache_ttl_s,
-                until=control.until,
-                reason=control.reason,
-                epoch=control.epoch,
-                probe_mode=control.probe_mode,
-                probe_calls=control.probe_calls,
-            )
+            # The control event is a transition plus its timestamp.
+            self._shared = Transition(**control.model_dump(exclude={"ts"}))
             self._local.adopt(self._shared)
             self._local_override = False
             self.stats.control_events += 1

@@ -10,6 +10,8 @@ Commands are delivered at step boundaries: ``log_step`` (or ``poll_commands``) r
 handlers in the caller's thread, so a handler may touch the model and optimizer safely.
 Each command id is handled once and acknowledged on ``trainer.acks``; with ``applied_log``
 (``TorchRunOps`` sets one in the run's checkpoint directory) that holds across restarts.
+With ``security.require_signed_commands``, a command whose signature (``schemas/signing.py``)
+is missing or wrong is not applied: it is acknowledged ``rejected`` with the reason.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from schemas import (
     topic_name,
     validate,
 )
+from schemas.signing import SignatureError, verify
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,14 @@ class TrainerClient:
         self._key = run_id.encode()
         self._handlers: dict[str, CommandHandler] = {}
         self.applied = AppliedCommands(applied_log)
+        security = self.settings.security
+        signing_key = security.command_signing_key
+        # Set only when signatures are required (the settings refuse that without a key).
+        self._verify_key = (
+            signing_key.get_secret_value().encode()
+            if security.require_signed_commands and signing_key is not None
+            else None
+        )
         prefix = self.settings.kafka.topic_prefix
         self._topics = {topic: topic_name(topic, prefix) for topic in Topic}
         self._commands = (
@@ -165,6 +176,28 @@ class TrainerClient:
             if command.run_id != self.run_id:
                 self._commands.commit(record)
                 continue
+            if self._verify_key is not None:
+                try:
+                    verify(
+                        self._verify_key,
+                        Topic.COMMANDS.value,
+                        record.key,
+                        record.value,
+                        record.headers,
+                    )
+                except SignatureError as exc:
+                    # Not recorded in self.applied: a forged record reusing a genuine command's
+                    # id must not stop the genuine one from being applied when it arrives.
+                    log.warning(
+                        "rejected %s %s at offset %d: %s",
+                        command.type,
+                        command.command_id,
+                        record.offset,
+                        exc.reason,
+                    )
+                    self._ack(command, "rejected", exc.reason, None, None)
+                    self._commands.commit(record)
+                    continue
             previous = self.applied.status(command.command_id)
             if previous is not None:
                 # Delivered again (a duplicate, or a restart before the offset commit):

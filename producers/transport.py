@@ -27,12 +27,17 @@ log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("producers.librdkafka")
 
 
+RecordHeaders = tuple[tuple[str, bytes | None], ...]
+"""A record's headers as Kafka keeps them: ordered, names may repeat, values may be null."""
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     topic: str
     key: bytes
     value: bytes
     offset: int = -1
+    headers: RecordHeaders = ()
 
 
 @dataclass
@@ -217,10 +222,15 @@ class _KafkaKeyReader:
                 continue
             if message.key() != self._key:
                 continue
+            record = Record(
+                self._topic,
+                self._key,
+                message.value() or b"",
+                message.offset() or 0,
+                _headers(message),
+            )
             with self._lock:
-                self._buffer.append(
-                    Record(self._topic, self._key, message.value() or b"", message.offset() or 0)
-                )
+                self._buffer.append(record)
 
     def poll(self) -> list[Record]:
         with self._lock:
@@ -256,12 +266,20 @@ class _KafkaKeyReader:
             self._consumer.close()
 
 
+def _headers(message: Message) -> RecordHeaders:
+    headers = message.headers() or ()
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return tuple(
+        (name, value.encode() if isinstance(value, str) else value) for name, value in pairs
+    )
+
+
 @dataclass
 class InMemoryTransport:
     """An in-process stand-in for Kafka: records are kept per topic, in order.
 
     Tests and notebooks publish through it and read ``records(topic)``; a test plays the
-    worker by calling ``deliver(topic, key, value)`` to hand records to readers.
+    worker by calling ``deliver(topic, key, value, headers)`` to hand records to readers.
     """
 
     stats: DeliveryStats = field(default_factory=DeliveryStats)
@@ -278,10 +296,10 @@ class InMemoryTransport:
         if self.on_produce is not None:
             self.on_produce(record)
 
-    def deliver(self, topic: str, key: bytes, value: bytes) -> None:
+    def deliver(self, topic: str, key: bytes, value: bytes, headers: RecordHeaders = ()) -> None:
         """Append a record as if another party (the worker) had produced it."""
         records = self._topics[topic]
-        records.append(Record(topic, key, value, len(records)))
+        records.append(Record(topic, key, value, len(records), tuple(headers)))
 
     def records(self, topic: str) -> list[Record]:
         return list(self._topics[topic])

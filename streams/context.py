@@ -13,9 +13,10 @@ import orjson
 
 from fragrance_ops.settings import Settings, run_overrides
 from schemas import CommandBase, Event, Topic, encode, topic_name
+from schemas.signing import signature_header
 from streams.dead_letter import DeadLetterSink
 from streams.metrics import WorkerMetrics
-from streams.output import OutputProducer
+from streams.output import Headers, OutputProducer
 
 
 @dataclass
@@ -47,15 +48,26 @@ class ProcessorContext:
     # run id -> the hyperparameters its latest metric reported (the training agent writes,
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
+    # security.command_signing_key as bytes; None: commands go out unsigned.
+    _signing_key: bytes | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        key = self.settings.security.command_signing_key
+        self._signing_key = key.get_secret_value().encode() if key is not None else None
 
     def topic(self, topic: Topic) -> str:
         return topic_name(topic, self.settings.kafka.topic_prefix)
 
     async def forward(self, event: Event) -> None:
-        """Send an output event, keyed per contract."""
+        """Send an output event, keyed per contract; commands signed when a key is set."""
+        key, value = event.key().encode(), encode(event)
+        headers: Headers | None = None
         if isinstance(event, CommandBase):
             self.metrics.commands.labels(event.type).inc()  # type: ignore[attr-defined]
-        await self.output.send(self.topic(event.TOPIC), event.key().encode(), encode(event))
+            if self._signing_key is not None:
+                # Signed over the contract topic name, not the prefixed one (schemas/signing.py).
+                headers = [signature_header(self._signing_key, event.TOPIC.value, key, value)]
+        await self.output.send(self.topic(event.TOPIC), key, value, headers)
 
     async def delivered(self) -> None:
         """Wait until outputs are on the broker, before state that implies them is written."""

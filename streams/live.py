@@ -12,13 +12,16 @@ broker to acknowledge the outputs, then writes each touched key once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+import faust
 import orjson
-from faust.types import TP
+from faust.types import TP, Message
 
 from producers.partitioning import partition_for_key
+from streams.batching import batches, unfinished_batch_guard
 from streams.context import ProcessorContext
 from streams.state import PartitionedTable
 
@@ -85,3 +88,42 @@ class LiveStates(Generic[T]):
             value, partition = self._live[key]
             self.table.put(key, orjson.dumps(self._dump(value)), partition)
         self._touched.clear()
+
+
+def register_live_agent(
+    ctx: ProcessorContext,
+    live: LiveStates[Any],
+    channel: faust.TopicT,
+    *,
+    name: str,
+    on_message: Callable[[Message], Awaitable[None]],
+    tick: Callable[[], Awaitable[None]],
+    tick_interval_s: float,
+) -> None:
+    """A batch agent over ``channel`` and a timer, both under ``live``'s lock.
+
+    Per batch: each message through ``on_message`` (bad input is dead-lettered and the
+    batch goes on), then ``live.commit()``; a batch that fails otherwise is never
+    acknowledged (``unfinished_batch_guard``). The timer calls ``tick`` (which commits).
+    """
+    app, worker = ctx.app, ctx.settings.worker
+
+    async def agent(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
+        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
+            started = time.perf_counter()
+            async with unfinished_batch_guard(app, events), live.lock:
+                for event in events:
+                    try:
+                        await on_message(event.message)
+                    except Exception as exc:  # bad input, or a value no rule can express
+                        await ctx.dead_letters.send(event.message, exc)
+                await live.commit()
+            ctx.observe_batch(name, (event.message.topic for event in events), started)
+            yield len(events)
+
+    async def clock() -> None:
+        async with live.lock:
+            await tick()
+
+    app.agent(channel, name=name)(agent)
+    app.timer(tick_interval_s)(clock)

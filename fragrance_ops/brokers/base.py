@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import abc
 import atexit
-import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -33,7 +30,12 @@ from typing import ClassVar, Self
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from fragrance_ops.processes import spawn_supervised
+from fragrance_ops.processes import (
+    kill_supervised,
+    reap_supervised,
+    spawn_supervised,
+    stop_supervised,
+)
 
 LOCALHOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
@@ -79,30 +81,6 @@ def _port_accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a non-zombie process is still in group ``pgid`` (Linux /proc scan).
-
-    Signals are delivered asynchronously, so right after killpg() the watchdog
-    may still be listed; zombies do not count (init reaps them, maybe later).
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return False
-    for stat in proc.glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            # "pid (comm) state ppid pgrp ..."; comm may contain spaces and parens.
-            state, _ppid, pgrp = text[text.rindex(")") + 2 :].split()[:3]
-            if int(pgrp) == pgid and state != "Z":
-                return True
-    return False
 
 
 _instances: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
@@ -217,7 +195,8 @@ class LocalBroker(abc.ABC):
         if self._proc is not None:
             if self._proc.poll() is None:
                 raise BrokerError(f"{self!r} is already started")
-            self._reap()  # it crashed on its own; start afresh
+            reap_supervised(self._proc)  # it crashed on its own; start afresh
+            self._forget()
         deadline = time.monotonic() + timeout
         self._prepare()
         command = self._command()
@@ -276,25 +255,15 @@ class LocalBroker(abc.ABC):
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Graceful stop: SIGTERM the group, SIGKILL it if still up after ``grace``."""
-        proc = self._proc
-        if proc is None:
-            return
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-        self._reap()
+        if self._proc is not None:
+            stop_supervised(self._proc, grace)
+            self._forget()
 
     def kill(self) -> None:
         """Crash the broker (SIGKILL, no shutdown hooks), e.g. for fault tests."""
-        proc = self._proc
-        if proc is None:
-            return
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-        self._reap()
+        if self._proc is not None:
+            kill_supervised(self._proc)
+            self._forget()
 
     def restart(self, timeout: float = 60.0) -> None:
         """Stop and start again on the same port and work dir.
@@ -314,16 +283,7 @@ class LocalBroker(abc.ABC):
             self._dir_finalizer.detach()
             shutil.rmtree(self._work_dir, ignore_errors=True)
 
-    def _reap(self) -> None:
-        """The broker is gone: sweep the rest of its group and forget it."""
-        proc = self._proc
-        assert proc is not None
-        _signal_group(proc.pid, signal.SIGKILL)  # the watchdog, anything forked
-        deadline = time.monotonic() + 5.0
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc.stdin is not None:
-            proc.stdin.close()
+    def _forget(self) -> None:
         self._proc = None
         with _registry_lock:
             _running.discard(self)

@@ -19,16 +19,12 @@ window's state keeps the last values seen, so a restarted worker proposes from t
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator
 
-import faust
 from faust.types import Message
 
 from schemas import Rating, Topic, decode
-from streams.batching import batches, unfinished_batch_guard
 from streams.context import ProcessorContext
-from streams.live import LiveStates
+from streams.live import LiveStates, register_live_agent
 from streams.rules.retune import Retuner, WindowVerdict, retune_target
 from streams.state import partitioned_table
 
@@ -99,11 +95,9 @@ class Feedback:
 
 
 def register(ctx: ProcessorContext) -> Feedback:
-    app = ctx.app
-    worker = ctx.settings.worker
     feedback = Feedback(ctx)
     # internal: Faust creates the re-keying topic (the contract topic exists already).
-    topic = app.topic(
+    channel = ctx.app.topic(
         feedback.source,
         feedback.by_target,
         internal=True,
@@ -111,24 +105,13 @@ def register(ctx: ProcessorContext) -> Feedback:
         key_serializer="raw",
         value_serializer="raw",
     )
-
-    async def ratings(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            started = time.perf_counter()
-            async with unfinished_batch_guard(app, events), feedback.live.lock:
-                for event in events:
-                    try:
-                        await feedback.on_rating(event.message)
-                    except Exception as exc:  # bad input, or a value no rule can express
-                        await ctx.dead_letters.send(event.message, exc)
-                await feedback.live.commit()
-            ctx.observe_batch("feedback", (event.message.topic for event in events), started)
-            yield len(events)
-
-    async def window_clock() -> None:
-        async with feedback.live.lock:
-            await feedback.tick()
-
-    app.agent(topic, name="feedback")(ratings)
-    app.timer(ctx.settings.retune.tick_interval_s)(window_clock)
+    register_live_agent(
+        ctx,
+        feedback.live,
+        channel,
+        name="feedback",
+        on_message=feedback.on_rating,
+        tick=feedback.tick,
+        tick_interval_s=ctx.settings.retune.tick_interval_s,
+    )
     return feedback

@@ -11,17 +11,14 @@ batches and ticks (``streams.live``).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 
-import faust
+from faust.types import Message
 
 from schemas import LlmControl, LlmOutcome, Topic, decode
 from schemas.events import LlmMode
-from streams.batching import batches, unfinished_batch_guard
 from streams.context import ProcessorContext
-from streams.live import LiveStates
+from streams.live import LiveStates, register_live_agent
 from streams.metrics import MODE_VALUES, STATE_VALUES
 from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
 from streams.state import partitioned_table
@@ -97,31 +94,20 @@ class Breakers:
 
 
 def register(ctx: ProcessorContext) -> Breakers:
-    app = ctx.app
-    worker = ctx.settings.worker
     breakers = Breakers(ctx)
-    max_bytes = worker.max_event_bytes
-    topic = app.topic(breakers.source, key_serializer="raw", value_serializer="raw")
+    max_bytes = ctx.settings.worker.max_event_bytes
 
-    async def llm_breakers(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            started = time.perf_counter()
-            async with unfinished_batch_guard(app, events), breakers.live.lock:
-                for event in events:
-                    message = event.message
-                    try:
-                        outcome = decode(LlmOutcome, message.value, max_bytes=max_bytes)
-                        await breakers.on_outcome(outcome, message.partition)
-                    except Exception as exc:  # bad input, or a value no rule can express
-                        await ctx.dead_letters.send(message, exc)
-                await breakers.live.commit()
-            ctx.observe_batch("llm-breakers", (event.message.topic for event in events), started)
-            yield len(events)
+    async def on_message(message: Message) -> None:
+        outcome = decode(LlmOutcome, message.value, max_bytes=max_bytes)
+        await breakers.on_outcome(outcome, message.partition)
 
-    async def breaker_clock() -> None:
-        async with breakers.live.lock:
-            await breakers.tick()
-
-    app.agent(topic, name="llm-breakers")(llm_breakers)
-    app.timer(ctx.settings.breaker.tick_interval_s)(breaker_clock)
+    register_live_agent(
+        ctx,
+        breakers.live,
+        ctx.app.topic(breakers.source, key_serializer="raw", value_serializer="raw"),
+        name="llm-breakers",
+        on_message=on_message,
+        tick=breakers.tick,
+        tick_interval_s=ctx.settings.breaker.tick_interval_s,
+    )
     return breakers

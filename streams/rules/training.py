@@ -37,6 +37,7 @@ from schemas import (
     StepMetric,
 )
 from schemas.events import float_to_wire
+from schemas.signing import SIGNATURE_REJECTIONS
 from streams.rules.anomaly import AnomalyDetector, Verdict
 from streams.rules.checkpoints import CheckpointLedger, RollbackBudget
 from streams.rules.commands import (
@@ -190,6 +191,10 @@ class RunOperations:
             return self._on_retune_ack(ack, now)
         pending = self.pending_rollback
         if pending is None or ack.command_id != pending["command_id"]:
+            return []
+        if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
+            # A forged command reusing the pending id was refused; the genuine one is
+            # still on its way and its ack must still count.
             return []
         self.pending_rollback = None
         if ack.status == "applied":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from fragrance_ops.brokers import free_port
-from fragrance_ops.processes import spawn_supervised
+from fragrance_ops.processes import spawn_supervised, stop_supervised
 
 HOST = "127.0.0.1"
 
@@ -98,13 +97,7 @@ class PrometheusServer:
         return float(sample[1])
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait(timeout=5)
-        if self._proc is not None and self._proc.stdin is not None:
-            self._proc.stdin.close()  # the watchdog's pipe
+        if self._proc is not None:
+            stop_supervised(self._proc, 10.0)
+            self._proc = None
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +21,7 @@ from typing import Self
 import redis
 
 from fragrance_ops.brokers import free_port
-from fragrance_ops.processes import spawn_supervised
+from fragrance_ops.processes import spawn_supervised, stop_supervised
 
 HOST = "127.0.0.1"
 STOP_GRACE_SECONDS = 5.0
@@ -129,24 +128,9 @@ class RedisServer:
 
     def stop(self, grace_s: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM the process group, SIGKILL it after ``grace_s``; idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            proc.wait()
-        self._signal(signal.SIGKILL)  # the watchdog, which ignores SIGTERM
-        if proc.stdin is not None:
-            proc.stdin.close()
-        self._proc = None
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+        if self._proc is not None:
+            stop_supervised(self._proc, grace_s)
+            self._proc = None
 
     def close(self) -> None:
         """Stop the server and delete its directory."""

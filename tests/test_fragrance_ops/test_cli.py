@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -38,21 +42,82 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+MILESTONES = (
+    "checkpoint saved at step 500",
+    "checkpoint saved at step 1000",
+    "downshift activated: qwen-fragrance creative -> balanced, cache TTL 300s",
+    "retuning triggered after 100 ratings: {'entropy_coef': 0.02, 'learning_rate': 0.0005}",
+    "rollback to the checkpoint of step 1000",
+    "qwen-fragrance recovered: creative, cache TTL 3600s",
+)
+
+
 @pytest.mark.integration
-def test_demo_on_the_embedded_broker_normalizes_every_step() -> None:
-    result = run_cli("demo", "--steps", "400", "--runs", "2", env=clean_env())
+def test_the_demo_on_the_embedded_broker_prints_every_milestone_and_draws_the_timeline(
+    tmp_path: Path,
+) -> None:
+    png = tmp_path / "timeline.png"
+    result = run_cli("demo", "--png", str(png), env=clean_env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "embedded broker (Tansu)" in result.stderr
-    assert "800 of 800 metrics normalized by the worker" in result.stdout
-    assert "step    250" in result.stdout
+    for line in MILESTONES:
+        assert line in result.stdout, line
+    assert "summary: " in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.integration
-def test_demo_against_a_given_broker(kafka_bootstrap: str, topic_prefix: str) -> None:
+def test_the_demo_against_a_given_broker(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     env = clean_env(FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX=topic_prefix)
-    result = run_cli("demo", "--steps", "300", "--broker", kafka_bootstrap, env=env)
+    png = tmp_path / "timeline.png"
+    result = run_cli(
+        "demo", "--steps", "1200", "--broker", kafka_bootstrap, "--png", str(png), env=env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "600 of 600 metrics normalized" in result.stdout
+    assert "embedded broker" not in result.stderr
+    assert "checkpoint saved at step 1000" in result.stdout
+    assert png.exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_demo_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "fragrance_ops", "demo", "--png", str(tmp_path / "t.png")],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert demo.stdout is not None
+    for line in demo.stdout:  # wait until the broker, the worker and the parties run
+        if line.startswith("training "):
+            break
+    spawned = descendants(demo.pid)
+    assert len(spawned) >= 2  # the broker and the worker, under their watchdogs
+    demo.send_signal(signal.SIGINT)
+    demo.communicate(timeout=90)
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in spawned) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()]
 
 
 @pytest.mark.integration

@@ -43,22 +43,28 @@ def train_step(ops: TorchRunOps, data: tuple[torch.Tensor, torch.Tensor], spike:
     ops.end_step(loss=value, reward=1.0 / (1.0 + value))
 
 
+def short_checkpoints(settings: Settings) -> Settings:
+    """A checkpoint every 50 steps, healthy after 20 normal ones (the worker gets the
+    lookback through its environment, as CHECKPOINTS__HEALTH_LOOKBACK_STEPS)."""
+    checkpoints = settings.checkpoints.model_copy(
+        update={"interval_steps": 50, "health_lookback_steps": 20}
+    )
+    return settings.model_copy(update={"checkpoints": checkpoints})
+
+
+def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(256, 8, generator=generator)
+    return inputs, inputs @ torch.randn(8, 1, generator=generator)
+
+
 def test_a_loss_spike_is_rolled_back_to_the_last_healthy_checkpoint_once(
     make_worker: Callable[..., WorkerProcess],
     ops_settings: Settings,
     kafka_bootstrap: str,
     tmp_path: Path,
 ) -> None:
-    settings = ops_settings.model_copy(
-        update={
-            "checkpoints": ops_settings.checkpoints.model_copy(
-                update={"interval_steps": 50, "health_lookback_steps": 20}
-            )
-        }
-    )
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(256, 8, generator=generator)
-    data = (inputs, inputs @ torch.randn(8, 1, generator=generator))
+    settings, data = short_checkpoints(ops_settings), regression_data()
     with make_worker(CHECKPOINTS__HEALTH_LOOKBACK_STEPS="20"):
         ops = make_trainer(settings, tmp_path / "torch-run")
         spiked = False
@@ -174,16 +180,7 @@ def test_sigkill_of_the_worker_mid_run_misses_no_anomaly_and_duplicates_no_rollb
     kafka_bootstrap: str,
     tmp_path: Path,
 ) -> None:
-    settings = ops_settings.model_copy(
-        update={
-            "checkpoints": ops_settings.checkpoints.model_copy(
-                update={"interval_steps": 50, "health_lookback_steps": 20}
-            )
-        }
-    )
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(256, 8, generator=generator)
-    data = (inputs, inputs @ torch.randn(8, 1, generator=generator))
+    settings, data = short_checkpoints(ops_settings), regression_data()
     worker = make_worker(CHECKPOINTS__HEALTH_LOOKBACK_STEPS="20")
     worker.start()
     ops = make_trainer(settings, tmp_path / "torch-run")

@@ -234,3 +234,24 @@ def test_an_applied_retune_rescales_the_entropy_schedule_once() -> None:
     )
     rejected = ack.model_copy(update={"command_id": "rt-2", "status": "rejected"})
     assert ops.on_ack(rejected, now=1.0) == []
+
+
+def test_the_ack_of_a_forged_rollback_does_not_cancel_the_pending_one() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(1200))
+    rollback = next(
+        c for c in ops.on_metric(metric(1200, loss=5.0), now=1.0) if isinstance(c, Rollback)
+    )
+    forged = CommandAck(
+        command_id=rollback.command_id,
+        run_id=RUN,
+        status="rejected",
+        detail="invalid signature",
+        ts=2e3,
+        command_type="rollback",
+    )
+    ops.on_ack(forged, now=1.0)
+    assert ops.pending_rollback is not None
+    genuine = forged.model_copy(update={"status": "applied", "detail": "rollback applied"})
+    ops.on_ack(genuine, now=1.0)
+    assert ops.pending_rollback is None
