@@ -185,6 +185,13 @@ class SdkSettings(_Group):
         description="how long a new LLM client waits to read its model's state from "
         "llm.control before serving on its local breaker alone",
     )
+    control_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="an LLM client follows a downshift at most this long past its end "
+        "without a newer llm.control event, then its local breaker decides (the worker or "
+        "Kafka is down); covers clock skew between replica and worker",
+    )
     cache_max_entries: int = Field(
         default=10_000, ge=1, description="the LLM client's in-process response cache size"
     )
@@ -649,8 +656,9 @@ class Settings(BaseSettings):
             )
 
 
-# A trainer's announcement must not reach connections or signing.
-_NOT_PER_RUN = frozenset({"kafka", "security"})
+# What a trainer's announcement may change: its own run's rules. Connections, signing,
+# the worker, the breaker and retuning are the deployment's, not a run's.
+PER_RUN_GROUPS = frozenset({"reward", "entropy", "anomaly", "checkpoints"})
 
 
 def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
@@ -661,7 +669,7 @@ def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
     nested: dict[str, dict[str, Any]] = {}
     for dotted, value in overrides.items():
         group, _, name = dotted.partition(".")
-        if not name or group not in Settings.model_fields or group in _NOT_PER_RUN:
+        if not name or group not in PER_RUN_GROUPS:
             raise ValueError(f"unknown per-run setting {dotted!r}")
         nested.setdefault(group, {})[name] = value
     updates = {

@@ -55,6 +55,16 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The worker's pid (the shell watchdog execs it), while started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Started and not exited (a crashed worker is not running)."""
+        return self._process is not None and self._process.poll() is None
+
     def tail(self, lines: int = 60) -> str:
         text = self._log_path.read_bytes().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])

@@ -50,6 +50,9 @@ class AppliedCommands:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def items(self) -> list[tuple[str, Status]]:
+        return list(self._ids.items())
+
     def status(self, command_id: str) -> Status | None:
         return self._ids.get(command_id)
 

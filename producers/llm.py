@@ -15,7 +15,10 @@ Local fast path: the client runs the same breaker rule (``streams.rules.breaker`
 own calls. When it trips locally (3 failures by default) the client downshifts at once,
 before the stream's decision arrives, and converges to the shared state with the next
 ``llm.control`` event. If Kafka is unreachable the local breaker alone decides, on the
-replica's clock; a warning says so and ``status()["following_stream"]`` is False.
+replica's clock; a warning says so and ``status()["following_stream"]`` is False. The same
+happens when the stream's last decision is stale: its hold or probe round ended more than
+``sdk.control_grace_s`` ago (by the replica's clock) and nothing newer arrived, so a
+replica never stays degraded because the worker went away.
 
 Half-open: the client sends up to ``probe_calls`` calls per probe round in the probe mode,
 the rest in the current mode.
@@ -121,15 +124,28 @@ class LlmClient:
             self._local_override = False
             self.stats.control_events += 1
 
+    def _following(self) -> bool:
+        """Whether calls follow the stream's latest decision (caller holds the lock)."""
+        shared = self._shared
+        if shared is None or self._local_override:
+            return False
+        # A hold or probe round that ended long ago with no newer decision means the worker
+        # or Kafka is down: the local breaker (which adopted that state) takes over.
+        grace = self.settings.sdk.control_grace_s
+        return shared.until is None or self._clock() <= shared.until + grace
+
     def _current(self) -> Transition:
         """The state calls follow now (caller holds the lock)."""
         self._follow()
-        if self._shared is not None and not self._local_override:
+        if self._following():
+            assert self._shared is not None
             return self._shared
         self._local.on_tick(self._clock())  # no stream decision to wait for: local clock
-        if self._shared is not None and self._local.state == "closed":
-            self._local_override = False
-            return self._shared
+        if self._local_override and self._local.state == "closed":
+            self._local_override = False  # recovered locally: the stream's view applies again
+            if self._following():
+                assert self._shared is not None
+                return self._shared
         return self._local.control()
 
     @property
@@ -152,7 +168,7 @@ class LlmClient:
                 "cache_ttl_s": current.cache_ttl_s,
                 "until": current.until,
                 "reason": current.reason,
-                "following_stream": self._shared is not None and not self._local_override,
+                "following_stream": self._following(),
                 "outcomes_dropped": self._transport.stats.dropped,
             }
 
@@ -203,7 +219,8 @@ class LlmClient:
         except Exception:
             self.stats.sdk_errors += 1
             log.exception("choosing the mode failed; serving in the local breaker's mode")
-            return self._local.mode
+            with self._lock:
+                return self._local.mode
 
     def _recorded(
         self, ok: bool, mode: LlmMode, started: float, error: BaseException | None
@@ -262,6 +279,12 @@ class LlmClient:
         response older than its own TTL promised.
         """
         self.cache.set(key, value, self.cache_ttl_s)
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait for published outcomes to be delivered; returns how many are still pending."""
+        return self._transport.flush(
+            self.settings.sdk.close_timeout_s if timeout_s is None else timeout_s
+        )
 
     def close(self) -> None:
         self._control.close()

@@ -100,7 +100,7 @@ class FragranceOpsCallback(BaseCallback):
         ops = self.ops
         logged = model.logger.name_to_value
         episodes = [float(info["r"]) for info in model.ep_info_buffer or []]
-        ops.retuned = {}
+        retuned = dict(ops.retuned)
         ops.end_step(
             loss=float(logged.get("train/loss", math.nan)),
             reward=float(np.mean(episodes)) if episodes else 0.0,
@@ -111,7 +111,7 @@ class FragranceOpsCallback(BaseCallback):
         model.ent_coef = ops.entropy_coef
         # SB3 resets the optimizer's learning rate from its schedule before every update:
         # a retuned value must replace the schedule to stick.
-        if "learning_rate" in ops.retuned:
+        if ops.retuned.get("learning_rate") != retuned.get("learning_rate"):
             model.lr_schedule = ConstantSchedule(ops.retuned["learning_rate"])
-        if "clip_epsilon" in ops.retuned:
+        if ops.retuned.get("clip_epsilon") != retuned.get("clip_epsilon"):
             model.clip_range = ConstantSchedule(ops.retuned["clip_epsilon"])  # type: ignore[attr-defined]

@@ -18,7 +18,9 @@ to; ``halt`` sets ``halted``. Every command is acknowledged with what changed.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +99,8 @@ class TorchRunOps:
         self.entropy_coef = settings.entropy.start
         self.clip_epsilon = clip_epsilon  # None: the loop has no clip range (not PPO)
         self.approve_retune = approve_retune
-        self.retuned: dict[str, float] = {}  # the latest applied retune, for integrations
+        # Every retuned value, newest per parameter: kept across rollbacks.
+        self.retuned: dict[str, float] = {}
         self.step = start_step
         self.halted = False
         self.last_checkpoint_step: int | None = None
@@ -131,7 +134,9 @@ class TorchRunOps:
     def resume_latest(self) -> int | None:
         """After a trainer restart: load the newest checkpoint and continue from it.
 
-        Returns the restored step (None when there is no checkpoint). The run continues
+        Returns the restored step (None when there is no checkpoint). The newest checkpoint
+        may have been saved during an anomaly the stream had not yet judged; the stream
+        judges what follows and rolls back again if needed. The run continues
         under a new attempt, so the stream treats what follows as a resume and sends the
         entropy coefficient again. The caller should ``announce`` the run again first.
         """
@@ -154,20 +159,45 @@ class TorchRunOps:
         so the newest one is written down before any metric of it is published."""
         self.client.attempt = attempt
         temp = self._attempt_file.with_suffix(".tmp")
-        temp.write_text(str(attempt), encoding="ascii")
+        with temp.open("w", encoding="ascii") as file:
+            file.write(str(attempt))
+            file.flush()
+            os.fsync(file.fileno())
         temp.replace(self._attempt_file)
+        directory = os.open(self._attempt_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        self.entropy_coef = float(state["entropy_coef"])
-        if "clip_epsilon" in state:
-            self.clip_epsilon = float(state["clip_epsilon"])
+        """Load a checkpoint into the run, all or nothing: a checkpoint that does not fit
+        (another model's shapes, missing keys) leaves the run exactly as it was."""
+        snapshot = (
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.optimizer.state_dict()),
+            capture_rng(),
+        )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state["rng"])
+            entropy_coef, step = float(state["entropy_coef"]), int(state["step"])
+            clip_epsilon = float(state["clip_epsilon"]) if "clip_epsilon" in state else None
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            self.model.load_state_dict(snapshot[0])
+            self.optimizer.load_state_dict(snapshot[1])
+            restore_rng(snapshot[2])
+            raise CheckpointRejected(f"the checkpoint does not fit this run: {exc}") from None
+        self.entropy_coef = entropy_coef
+        if clip_epsilon is not None:
+            self.clip_epsilon = clip_epsilon
+        # Retunes reflect user feedback, not the abandoned trajectory: they survive.
+        self._set_hyperparameters({k: v for k, v in self.retuned.items() if k != "entropy_coef"})
         # Continue after the restored step: the stream tells replayed steps from the
         # abandoned trajectory by the new attempt.
-        self.step = int(state["step"]) + 1
-        self.last_checkpoint_step = int(state["step"])
+        self.step = step + 1
+        self.last_checkpoint_step = step
 
     def save_checkpoint(self) -> str:
         uri = self.store.save(
@@ -192,6 +222,16 @@ class TorchRunOps:
             values["clip_epsilon"] = self.clip_epsilon
         return values
 
+    def _set_hyperparameters(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            if name == "learning_rate":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = value
+            elif name == "clip_epsilon":
+                self.clip_epsilon = value
+            else:
+                self.entropy_coef = value
+
     def _set_entropy_coef(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, SetEntropyCoef)
         before, self.entropy_coef = self.entropy_coef, command.entropy_coef
@@ -199,12 +239,12 @@ class TorchRunOps:
 
     def _rollback(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, Rollback)
+        before = {"step": self.step, "attempt": self.client.attempt}
         try:
             state = self.store.load(command.checkpoint_uri)
+            self._restore(state)
         except CheckpointRejected as exc:
             raise CommandRejected(str(exc)) from None
-        before = {"step": self.step, "attempt": self.client.attempt}
-        self._restore(state)
         self._begin_attempt(self.client.attempt + 1)
         log.warning("rolled back to step %d: %s", state["step"], command.reason)
         return {
@@ -221,15 +261,9 @@ class TorchRunOps:
             raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
         if self.approve_retune is not None and not self.approve_retune(command):
             raise CommandRejected("retune not approved: " + command.rationale)
-        for name, value in command.changes.items():
-            if name == "learning_rate":
-                for group in self.optimizer.param_groups:
-                    group["lr"] = value
-            elif name == "clip_epsilon":
-                self.clip_epsilon = value
-            else:
-                self.entropy_coef = value
-        self.retuned = dict(command.changes)
+        changes = {str(name): value for name, value in command.changes.items()}
+        self._set_hyperparameters(changes)
+        self.retuned.update(changes)
         log.warning("retuned %s: %s", command.changes, command.rationale)
         return {
             "before": {name: before[name] for name in command.changes},

@@ -107,7 +107,10 @@ class TrainerClient:
     def record_applied_in(self, path: Path | str) -> None:
         """Keep the applied command ids in ``path`` too (kept if one is already set)."""
         if self.applied.path is None:
-            self.applied = AppliedCommands(path)
+            handled, self.applied = self.applied.items(), AppliedCommands(path)
+            for command_id, status in handled:  # handled before the log existed
+                if command_id not in self.applied:
+                    self.applied.add(command_id, status)
 
     @property
     def stats(self) -> DeliveryStats:

@@ -188,9 +188,15 @@ class Rollback(CommandBase):
     values: dict[str, MetricValue] = Field(default_factory=dict)
 
 
+RetunableName = Literal["entropy_coef", "learning_rate", "clip_epsilon"]
+CommandType = Literal["set_entropy_coef", "rollback", "retune", "halt", "prune_checkpoints"]
+
+
 class Retune(CommandBase):
     type: Literal["retune"] = "retune"
-    changes: dict[str, float]
+    changes: dict[RetunableName, Annotated[float, Field(gt=0)]] = Field(
+        description="new values of the run's hyperparameters (positive, finite)"
+    )
     rationale: str
     window: dict[str, Any]
 
@@ -234,7 +240,7 @@ class CommandAck(Event):
     ts: Timestamp
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
-    command_type: str | None = Field(
+    command_type: CommandType | None = Field(
         default=None,
         description="the acknowledged command's type; the stream composes an applied "
         "retune's entropy_coef with the schedule",

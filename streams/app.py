@@ -81,7 +81,8 @@ def create_app(settings: Settings) -> faust.App:
 def _input_topics(settings: Settings) -> list[str]:
     inputs = (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS, Topic.ACKS)
     others = (Topic.LLM_OUTCOMES, Topic.RATINGS)
-    return [topic_name(topic, settings.kafka.topic_prefix) for topic in (*inputs, *others)]
+    contract = [topic_name(topic, settings.kafka.topic_prefix) for topic in (*inputs, *others)]
+    return [*contract, feedback.by_target_topic(settings)]
 
 
 def serve_metrics(ctx: ProcessorContext) -> None:
@@ -91,10 +92,12 @@ def serve_metrics(ctx: ProcessorContext) -> None:
         return
     metrics = ctx.metrics
     lag = metrics.consumer_lag
+    inputs = set(_input_topics(ctx.settings))
     metrics.start_at_zero(_input_topics(ctx.settings), sorted(COMMAND_TYPES))
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         metrics.forget_partition_state()
+        ctx.hyperparameters.clear()  # runs may have moved; their next metrics refill it
 
     app.on_partitions_revoked.connect(on_rebalance)
 
@@ -115,7 +118,8 @@ def serve_metrics(ctx: ProcessorContext) -> None:
 
     async def measure_lag() -> None:
         consumer = app.consumer
-        assigned = app.assignor.assigned_actives()
+        # Input topics only: changelog partitions are read, never committed by the group.
+        assigned = {tp for tp in app.assignor.assigned_actives() if tp.topic in inputs}
         if app.rebalancing or not assigned:
             lag.clear()
             return

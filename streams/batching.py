@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import faust
-from faust.types import EventT
+from faust.types import EventT, Message
+
+if TYPE_CHECKING:
+    from streams.context import ProcessorContext
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +50,50 @@ async def unfinished_batch_guard(
             log.critical("batch failed; crashing so a restart reprocesses it", exc_info=exc)
             await app.crash(exc)
         raise
+
+
+class BatchHandler(Protocol):
+    """One agent's part of a batch: each message, then the state the batch changed."""
+
+    async def on_message(self, message: Message) -> None: ...
+
+    def write_state(self) -> None:
+        """Write the state the batch changed (called once its outputs are on the broker)."""
+        ...
+
+
+def register_batch_agent(
+    ctx: ProcessorContext,
+    channel: faust.TopicT,
+    *,
+    name: str,
+    new_batch: Callable[[], BatchHandler],
+    lock: asyncio.Lock | None = None,
+) -> None:
+    """The one batch loop every agent runs.
+
+    Per batch (under ``lock`` when given): each message through the handler, bad input
+    dead-lettered with the batch going on; then the outputs are awaited on the broker, and
+    only then the state that implies them is written, so a crash between the two replays
+    the batch against the old state instead of skipping lost outputs. A batch that fails
+    otherwise is never acknowledged (``unfinished_batch_guard``).
+    """
+    app, worker = ctx.app, ctx.settings.worker
+    held = lock if lock is not None else contextlib.nullcontext()
+
+    async def agent(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
+        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
+            started = time.perf_counter()
+            async with unfinished_batch_guard(app, events), held:
+                handler = new_batch()
+                for event in events:
+                    try:
+                        await handler.on_message(event.message)
+                    except Exception as exc:  # bad input, or a value no rule can express
+                        await ctx.dead_letters.send(event.message, exc)
+                await ctx.delivered()
+                handler.write_state()
+            ctx.observe_batch(name, (event.message.topic for event in events), started)
+            yield len(events)
+
+    app.agent(channel, name=name)(agent)

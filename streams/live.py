@@ -5,25 +5,32 @@ arrive (a downshift ends, a window times out). A timer needs the state in memory
 does every batch. ``LiveStates`` holds the objects of the keys this worker owns; batches
 and ticks take its one lock, so a tick never interleaves with a half-processed batch. A
 rebalance drops them all; they are reloaded from the table (Faust has recovered it from
-its changelog by then). Writes follow the outputs they imply: ``commit`` waits for the
-broker to acknowledge the outputs, then writes each touched key once.
+its changelog by then).
+
+Each stored value carries the partition it was written to (the source event's), so the
+timer acts exactly on the keys whose partitions this worker owns, whatever partitioner
+produced them. Writes follow the outputs they imply: batches go through
+``register_batch_agent``; a tick awaits its outputs on the broker, writes, and flushes the
+changelog at once (no input offset commit will do it for a tick).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import faust
 import orjson
 from faust.types import TP, Message
 
-from producers.partitioning import partition_for_key
-from streams.batching import batches, unfinished_batch_guard
+from streams.batching import register_batch_agent
 from streams.context import ProcessorContext
 from streams.state import PartitionedTable
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -37,12 +44,14 @@ class LiveStates(Generic[T]):
         table: PartitionedTable,
         source_topics: Iterable[str],
         *,
+        name: str,
         new: Callable[[str], T],
         load: Callable[[str, dict[str, Any]], T],
         dump: Callable[[T], dict[str, Any]],
     ) -> None:
         self.ctx = ctx
         self.table = table
+        self.name = name
         self.source_topics = tuple(source_topics)
         self._new, self._load, self._dump = new, load, dump
         self.lock = asyncio.Lock()
@@ -60,12 +69,16 @@ class LiveStates(Generic[T]):
         if live is None:
             stored = self.table.get(key)
             name = key.decode()
-            value = self._load(name, orjson.loads(stored)) if stored else self._new(name)
+            if stored:
+                record = orjson.loads(stored)
+                value, partition = self._load(name, record["state"]), record["partition"]
+            else:
+                value = self._new(name)
             live = self._live[key] = (value, partition)
         return live[0]
 
     def touch(self, key: bytes) -> None:
-        """The key's object changed: write it at the next ``commit``."""
+        """The key's object changed: write it with the batch (or tick)."""
         self._touched.add(key)
 
     def owned(self) -> Iterable[tuple[bytes, int]]:
@@ -73,57 +86,71 @@ class LiveStates(Generic[T]):
         if self.ctx.app.rebalancing:
             return  # the table may be mid-recovery; the next tick catches up
         assigned = self.ctx.app.assignor.assigned_actives()
-        partitions = self.ctx.settings.kafka.partitions
         for key in list(self.table.keys()):
-            partition = partition_for_key(key, partitions)
+            live = self._live.get(key)
+            if live is not None:
+                partition = live[1]
+            else:
+                stored = self.table.get(key)
+                if not stored:
+                    continue
+                partition = orjson.loads(stored)["partition"]
             if any(TP(topic, partition) in assigned for topic in self.source_topics):
                 yield key, partition
 
-    async def commit(self) -> None:
-        """Outputs on the broker first, then the state that implies them."""
-        if not self._touched:
-            return
-        await self.ctx.delivered()
+    def write(self) -> None:
+        """Write the touched keys (their outputs must be on the broker already)."""
         for key in self._touched:
             value, partition = self._live[key]
-            self.table.put(key, orjson.dumps(self._dump(value)), partition)
+            record = {"partition": partition, "state": self._dump(value)}
+            self.table.put(key, orjson.dumps(record), partition)
         self._touched.clear()
+
+    async def tick(self, on_tick: Callable[[bytes, T], Awaitable[None]]) -> None:
+        """``on_tick`` for every owned key; one key failing never stops the others."""
+        for key, partition in self.owned():
+            try:
+                await on_tick(key, self.get(key, partition))
+            except Exception:
+                log.exception("%s: the timer failed on %r; it retries next tick", self.name, key)
+                self.ctx.metrics.tick_errors.labels(self.name).inc()
+        await self.ctx.delivered()
+        self.write()
+        await self.ctx.app.producer.flush()
+
+
+@dataclass
+class _LiveBatch(Generic[T]):
+    live: LiveStates[T]
+    handle: Callable[[Message], Awaitable[None]]
+
+    async def on_message(self, message: Message) -> None:
+        await self.handle(message)
+
+    def write_state(self) -> None:
+        self.live.write()
 
 
 def register_live_agent(
     ctx: ProcessorContext,
-    live: LiveStates[Any],
+    live: LiveStates[T],
     channel: faust.TopicT,
     *,
-    name: str,
     on_message: Callable[[Message], Awaitable[None]],
-    tick: Callable[[], Awaitable[None]],
+    on_tick: Callable[[bytes, T], Awaitable[None]],
     tick_interval_s: float,
 ) -> None:
-    """A batch agent over ``channel`` and a timer, both under ``live``'s lock.
-
-    Per batch: each message through ``on_message`` (bad input is dead-lettered and the
-    batch goes on), then ``live.commit()``; a batch that fails otherwise is never
-    acknowledged (``unfinished_batch_guard``). The timer calls ``tick`` (which commits).
-    """
-    app, worker = ctx.app, ctx.settings.worker
-
-    async def agent(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            started = time.perf_counter()
-            async with unfinished_batch_guard(app, events), live.lock:
-                for event in events:
-                    try:
-                        await on_message(event.message)
-                    except Exception as exc:  # bad input, or a value no rule can express
-                        await ctx.dead_letters.send(event.message, exc)
-                await live.commit()
-            ctx.observe_batch(name, (event.message.topic for event in events), started)
-            yield len(events)
+    """A batch agent over ``channel`` and a timer, both under ``live``'s lock."""
+    register_batch_agent(
+        ctx,
+        channel,
+        name=live.name,
+        new_batch=lambda: _LiveBatch(live, on_message),
+        lock=live.lock,
+    )
 
     async def clock() -> None:
         async with live.lock:
-            await tick()
+            await live.tick(on_tick)
 
-    app.agent(channel, name=name)(agent)
-    app.timer(tick_interval_s)(clock)
+    ctx.app.timer(tick_interval_s)(clock)

@@ -51,6 +51,19 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry,
         )
+        self.tick_errors = Counter(
+            "fragrance_ops_tick_errors",
+            "timer ticks that failed on one key (logged; retried next tick), per agent",
+            ["agent"],
+            registry=registry,
+        )
+        self.signature_rejections = Counter(
+            "fragrance_ops_signature_rejections",
+            "acks of commands a trainer refused for their signature (unsigned or invalid): "
+            "a forgery, or a signing key out of step between worker and trainers",
+            ["run_id"],
+            registry=registry,
+        )
         self.consumer_lag = Gauge(
             "fragrance_ops_consumer_lag",
             "records not yet consumed (high watermark - position), per topic and partition",

@@ -22,6 +22,7 @@ import logging
 
 from faust.types import Message
 
+from fragrance_ops.settings import Settings
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, register_live_agent
@@ -31,14 +32,18 @@ from streams.state import partitioned_table
 log = logging.getLogger(__name__)
 
 
+def by_target_topic(settings: Settings) -> str:
+    """The internal topic ratings are re-keyed through, to their target run."""
+    return f"{settings.kafka.topic_prefix}{settings.worker.app_id}-ratings-by-target"
+
+
 class Feedback:
     def __init__(self, ctx: ProcessorContext) -> None:
         self.ctx = ctx
         settings = ctx.settings.retune
         self.settings = settings
         self.source = ctx.topic(Topic.RATINGS)
-        prefix, app_id = ctx.settings.kafka.topic_prefix, ctx.settings.worker.app_id
-        self.by_target = f"{prefix}{app_id}-ratings-by-target"
+        self.by_target = by_target_topic(ctx.settings)
         table = partitioned_table(
             ctx.app,
             "feedback-windows",
@@ -49,6 +54,7 @@ class Feedback:
             ctx,
             table,
             [self.source, self.by_target],
+            name="feedback",
             new=lambda target: Retuner(target, settings),
             load=lambda _target, state: Retuner.from_state(state, settings),
             dump=lambda retuner: retuner.to_state(),
@@ -57,11 +63,12 @@ class Feedback:
     async def on_rating(self, message: Message) -> None:
         rating = decode(Rating, message.value, max_bytes=self.ctx.settings.worker.max_event_bytes)
         target = retune_target(rating.run_id, self.settings)
-        if rating.run_id is None and message.topic == self.source:
-            # Re-key to the default target: its window must live on one partition.
-            await self.ctx.output.send(self.by_target, target.encode(), message.value or b"")
-            return
         key = target.encode()
+        if message.key != key and message.topic == self.source:
+            # Keyed by formula (no run named, or a producer's choice): re-key to the target,
+            # whose window must live on one partition.
+            await self.ctx.output.send(self.by_target, key, message.value or b"")
+            return
         retuner = self.live.get(key, message.partition)
         retuner.observe_current(**self.ctx.hyperparameters.get(target, {}))
         outcome = retuner.add_event(rating, now=self.ctx.now())
@@ -82,16 +89,13 @@ class Feedback:
             log.warning("no retune for %s: %s", verdict.target, verdict.rationale)
         self.ctx.metrics.feedback_windows.labels(result).inc()
 
-    async def tick(self) -> None:
-        now = self.ctx.now()
-        for key, partition in self.live.owned():
-            retuner = self.live.get(key, partition)
-            verdict = retuner.on_tick(now)
-            if verdict is not None:
-                self.live.touch(key)
-                await self.close(verdict)
-            self.ctx.metrics.feedback_window_size.labels(retuner.target).set(retuner.size)
-        await self.live.commit()
+    async def on_tick(self, key: bytes, retuner: Retuner) -> None:
+        verdict = retuner.on_tick(self.ctx.now())
+        if verdict is not None:
+            self.live.touch(key)
+            await self.close(verdict)
+        label = self.ctx.metrics.run_label(retuner.target)
+        self.ctx.metrics.feedback_window_size.labels(label).set(retuner.size)
 
 
 def register(ctx: ProcessorContext) -> Feedback:
@@ -109,9 +113,8 @@ def register(ctx: ProcessorContext) -> Feedback:
         ctx,
         feedback.live,
         channel,
-        name="feedback",
         on_message=feedback.on_rating,
-        tick=feedback.tick,
+        on_tick=feedback.on_tick,
         tick_interval_s=ctx.settings.retune.tick_interval_s,
     )
     return feedback

@@ -43,6 +43,7 @@ class Breakers:
             ctx,
             table,
             [self.source],
+            name="llm-breakers",
             new=lambda model: ModelBreaker(model, policy),
             load=lambda model, state: ModelBreaker.from_state(model, policy, state),
             dump=lambda breaker: breaker.to_state(),
@@ -81,16 +82,13 @@ class Breakers:
         transition = breaker.on_outcome(
             outcome.ok, outcome.mode, outcome.latency_ms, self.ctx.now(), call_id=outcome.call_id
         )
+        self.live.touch(model_key)  # counters and seen call ids change without a transition
         await self.emit(transition, model_key, previous_mode)
 
-    async def tick(self) -> None:
-        now = self.ctx.now()
-        for model_key, partition in self.live.owned():
-            breaker = self.live.get(model_key, partition)
-            previous_mode = breaker.mode
-            await self.emit(breaker.on_tick(now), model_key, previous_mode)
-            self.export(breaker.control())  # a new owner exports without waiting for a change
-        await self.live.commit()
+    async def on_tick(self, model_key: bytes, breaker: ModelBreaker) -> None:
+        previous_mode = breaker.mode
+        await self.emit(breaker.on_tick(self.ctx.now()), model_key, previous_mode)
+        self.export(breaker.control())  # a new owner exports without waiting for a change
 
 
 def register(ctx: ProcessorContext) -> Breakers:
@@ -105,9 +103,8 @@ def register(ctx: ProcessorContext) -> Breakers:
         ctx,
         breakers.live,
         ctx.app.topic(breakers.source, key_serializer="raw", value_serializer="raw"),
-        name="llm-breakers",
         on_message=on_message,
-        tick=breakers.tick,
+        on_tick=breakers.on_tick,
         tick_interval_s=ctx.settings.breaker.tick_interval_s,
     )
     return breakers

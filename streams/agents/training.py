@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
 import orjson
 from faust.types import Message
 from pydantic import ValidationError
@@ -32,13 +30,16 @@ from schemas import (
     Topic,
     decode,
 )
-from streams.batching import batches, unfinished_batch_guard
+from schemas.signing import SIGNATURE_REJECTIONS
+from streams.batching import register_batch_agent
 from streams.context import ProcessorContext
 from streams.rules.reward_window import RewardWindow
 from streams.rules.training import RunOperations
 from streams.state import REWARD_WINDOW_CODEC, PartitionedTable, partitioned_table
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, "_Batch"], Awaitable[None]]
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
 RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
@@ -57,6 +58,7 @@ class _Batch:
 
     ctx: ProcessorContext
     tables: TrainingTables
+    handlers: dict[str, Handler]
     partitions: dict[bytes, int] = field(default_factory=dict)
     windows: dict[bytes, RewardWindow] = field(default_factory=dict)
     operations: dict[bytes, RunOperations] = field(default_factory=dict)
@@ -101,6 +103,13 @@ class _Batch:
             self.operations[run_key] = RunOperations.from_state(
                 ops.run_id, ops.to_state(), settings
             )
+
+    async def on_message(self, message: Message) -> None:
+        await self.handlers[message.topic](message, self)
+
+    def write_state(self) -> None:
+        self.write()
+        self.export_metrics()
 
     def export_metrics(self) -> None:
         """The newest values of each run in this batch: the per-run training gauges, and
@@ -194,11 +203,14 @@ def register(ctx: ProcessorContext) -> TrainingTables:
 
     async def on_ack(message: Message, batch: _Batch) -> None:
         ack = decode(CommandAck, message.value, max_bytes=max_bytes)
+        if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
+            log.error("run %s refused command %s: %s", ack.run_id, ack.command_id, ack.detail)
+            ctx.metrics.signature_rejections.labels(ctx.metrics.run_label(ack.run_id)).inc()
         ops = batch.run_operations(ack.run_id.encode(), message.partition)
         for command in ops.on_ack(ack, ctx.now()):
             await ctx.forward(command)
 
-    handlers: dict[str, Callable[[Message, _Batch], Any]] = {
+    handlers: dict[str, Handler] = {
         ctx.topic(Topic.RUNS): on_run,
         ctx.topic(Topic.METRICS): on_metric,
         ctx.topic(Topic.CHECKPOINTS): on_checkpoint,
@@ -206,24 +218,7 @@ def register(ctx: ProcessorContext) -> TrainingTables:
     }
     topic = app.topic(*handlers, key_serializer="raw", value_serializer="raw")
 
-    async def training(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
-        async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
-            started = time.perf_counter()
-            async with unfinished_batch_guard(app, events):
-                batch = _Batch(ctx, tables)
-                for event in events:
-                    message = event.message
-                    try:
-                        await handlers[message.topic](message, batch)
-                    except Exception as exc:  # bad input, or a value no rule can express
-                        await ctx.dead_letters.send(message, exc)
-                # Outputs first, then the state that implies them: a crash between the two
-                # replays the batch against the old state instead of skipping lost outputs.
-                await ctx.delivered()
-                batch.write()
-            batch.export_metrics()
-            ctx.observe_batch("training", (event.message.topic for event in events), started)
-            yield len(events)
-
-    app.agent(topic, name="training")(training)
+    register_batch_agent(
+        ctx, topic, name="training", new_batch=lambda: _Batch(ctx, tables, handlers)
+    )
     return tables

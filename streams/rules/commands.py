@@ -10,9 +10,9 @@ Which parts each command type uses (the helpers below fix the order):
 
 - ``rollback``: attempt, first step of the anomalous streak. One rollback per streak per
   attempt, however many anomalous metrics the streak has or how often they are replayed.
-- ``set_entropy_coef``: attempt, step; plus ``"retune"`` when a retune caused it, so a
-  retuned value sent at the step where the schedule already sent one is not dropped by the
-  SDK as a duplicate.
+- ``set_entropy_coef``: attempt, step; or, when an applied retune caused it, ``"retune"``
+  and the retune's own command id (one value per retune, however its ack is replayed, and
+  never mistaken by the SDK for the schedule's value at the same step).
 - ``retune``: the ratings window's id.
 - ``halt``: attempt, step (the anomaly step that exhausted the rollback budget).
 - ``prune_checkpoints``: the step of the checkpoint whose arrival caused it.
@@ -45,10 +45,12 @@ def rollback_command_id(run_id: str, *, attempt: int, streak_start: int) -> str:
     return command_id(run_id, "rollback", attempt, streak_start)
 
 
-def entropy_command_id(run_id: str, *, attempt: int, step: int, retune: bool = False) -> str:
-    if retune:
-        return command_id(run_id, "set_entropy_coef", attempt, step, "retune")
+def entropy_command_id(run_id: str, *, attempt: int, step: int) -> str:
     return command_id(run_id, "set_entropy_coef", attempt, step)
+
+
+def retuned_entropy_command_id(run_id: str, *, retune_command_id: str) -> str:
+    return command_id(run_id, "set_entropy_coef", "retune", retune_command_id)
 
 
 def retune_command_id(run_id: str, *, window_id: str | int) -> str:

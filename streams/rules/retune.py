@@ -59,7 +59,7 @@ the last ``seen_ratings_max`` fingerprints of a target are remembered across win
 BLAKE2b digests), so the same ratings sent twice yield one window and one proposal.
 
 Proposals apply to the run's current values, which the agent reports with
-``observe_current`` (from the run's metrics' optional fields, or a retune ack's ``after``);
+``observe_current`` (from the run's metrics' optional fields);
 a value never reported falls back to ``default_*``. The retuner does not assume its own
 proposal was applied: until the run reports the new value, the next window starts from the
 old one. A fired rule's change is clamped to its bound (``entropy_coef_max``,
@@ -83,10 +83,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fragrance_ops.settings import RetuneSettings
-from schemas.events import Rating, Retune
+from schemas.events import Rating, RetunableName, Retune
 from streams.rules.commands import retune_command_id
 
 RATING_MIN = 1.0
@@ -355,7 +355,7 @@ class WindowVerdict:
             command_id=self.command_id,
             run_id=self.target,
             issued_at=issued_at,
-            changes=dict(self.changes),
+            changes={cast(RetunableName, name): value for name, value in self.changes.items()},
             rationale=self.rationale,
             window=self.window(),
         )

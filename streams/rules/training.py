@@ -44,11 +44,13 @@ from streams.rules.commands import (
     entropy_command_id,
     halt_command_id,
     prune_command_id,
+    retuned_entropy_command_id,
     rollback_command_id,
 )
 from streams.rules.entropy_schedule import EntropyEmitter
 
 _STATE_VERSION = 1
+APPLIED_RETUNES_KEPT = 32
 
 
 class RunOperations:
@@ -66,6 +68,7 @@ class RunOperations:
         # An anomaly that must act but has no checkpoint to roll back to yet.
         self.awaiting_target: dict[str, Any] | None = None
         self.halted = False
+        self.applied_retunes: list[str] = []  # the newest retune ids whose acks were applied
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         commands: list[CommandBase] = []
@@ -204,19 +207,25 @@ class RunOperations:
 
     def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
         """An applied retune's entropy_coef rescales the schedule instead of being
-        overwritten by its next value (``EntropyEmitter.apply_retune``)."""
+        overwritten by its next value (``EntropyEmitter.apply_retune``), once per retune:
+        replayed acks, in any order, are recognised by the retune's command id."""
         after = ack.after or {}
         value = after.get("entropy_coef")
         position = self.detector.last_position
         if ack.status != "applied" or not isinstance(value, float | int) or position is None:
             return []
+        if ack.command_id in self.applied_retunes:
+            return []
+        self.applied_retunes = [*self.applied_retunes, ack.command_id][-APPLIED_RETUNES_KEPT:]
         attempt, step = position
         coef = self.entropy.apply_retune(float(value), step, attempt)
         if coef is None:
-            return []  # a replayed ack
+            return []
         return [
             SetEntropyCoef(
-                command_id=entropy_command_id(self.run_id, attempt=attempt, step=step, retune=True),
+                command_id=retuned_entropy_command_id(
+                    self.run_id, retune_command_id=ack.command_id
+                ),
                 run_id=self.run_id,
                 issued_at=now,
                 entropy_coef=coef,
@@ -234,6 +243,7 @@ class RunOperations:
             "pending_rollback": self.pending_rollback,
             "awaiting_target": self.awaiting_target,
             "halted": self.halted,
+            "applied_retunes": self.applied_retunes,
         }
 
     @classmethod
@@ -248,6 +258,7 @@ class RunOperations:
         ops.pending_rollback = state["pending_rollback"]
         ops.awaiting_target = state["awaiting_target"]
         ops.halted = state["halted"]
+        ops.applied_retunes = list(state.get("applied_retunes", []))
         return ops
 
 

@@ -13,7 +13,14 @@ from tests.test_deploy.support import (
     run_promtool,
 )
 
-ALERTS = {"RollbackStorm", "RunHalted", "BreakerOpenTooLong", "ConsumerLagGrowing", "DeadLetters"}
+ALERTS = {
+    "RollbackStorm",
+    "RunHalted",
+    "BreakerOpenTooLong",
+    "ConsumerLagGrowing",
+    "DeadLetters",
+    "CommandsRefusedForSignature",
+}
 
 
 def alert_rules() -> list[dict[str, Any]]:

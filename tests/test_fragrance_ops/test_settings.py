@@ -70,7 +70,14 @@ def test_run_overrides_apply_per_run_only() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"reward.window_size": -1}, {"reward.nope": 1}, {"nope.x": 1}, {"kafka.topic_prefix": "x"}],
+    [
+        {"reward.window_size": -1},
+        {"reward.nope": 1},
+        {"nope.x": 1},
+        {"kafka.topic_prefix": "x"},
+        {"breaker.open_s": 1.0},  # the deployment's, not a run's
+        {"worker.batch_max_events": 1},
+    ],
 )
 def test_bad_run_overrides_are_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - pydantic's and ours, both ValueErrors

@@ -169,3 +169,17 @@ def test_kafka_unreachable_never_blocks_or_raises_into_the_call_path() -> None:
             llm.record(ok=False, mode="creative", latency_ms=1.0, error="down")
         assert generate("x") == "balanced"  # the local breaker serves alone
         assert llm.status()["following_stream"] is False
+
+
+def test_a_stale_stream_decision_gives_way_to_the_local_breaker() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    transport.deliver(Topic.LLM_CONTROL, MODEL.encode(), control("open", "balanced", epoch=1))
+    llm = LlmClient(MODEL, transport=transport, clock=clock)  # the hold ends at 2,000
+    assert (llm.mode, llm.status()["following_stream"]) == ("balanced", True)
+    clock.now = 2_000.0 + llm.settings.sdk.control_grace_s + 1  # no newer decision came
+    assert llm.status()["following_stream"] is False
+    assert llm.choose_mode() == "creative"  # the local breaker probes on its own clock
+    llm.record(ok=True, mode="creative", latency_ms=5.0)
+    llm.record(ok=True, mode="creative", latency_ms=5.0)
+    assert (llm.mode, llm.cache_ttl_s) == ("creative", 3600.0)

@@ -215,3 +215,33 @@ def test_a_restarted_trainer_resumes_from_its_newest_checkpoint_under_a_new_atte
         assert torch.equal(parameter, saved[name]), name
     restarted.client.poll_commands()  # the rollback is not applied again
     assert restarted.client.attempt == 2
+
+
+def test_a_checkpoint_that_does_not_fit_is_rejected_and_leaves_the_run_untouched(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    ops = make_ops(tmp_path, transport)
+    train(ops, 6)
+    other = torch.nn.Linear(7, 3)  # another model's shapes, in this run's directory
+    uri = ops.store.save(3, {"model": other.state_dict(), "optimizer": {}, "step": 3})
+    before = {name: p.detach().clone() for name, p in ops.model.named_parameters()}
+    transport.deliver(Topic.COMMANDS, b"run-1", rollback(uri))
+    ops.client.poll_commands()  # at a step boundary
+    (ack,) = acks(transport)
+    assert ack["status"] == "rejected"
+    assert "does not fit this run" in str(ack["detail"])
+    assert (ops.step, ops.client.attempt) == (6, 0)
+    for name, parameter in ops.model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_a_retuned_learning_rate_survives_a_rollback(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    ops = make_ops(tmp_path, transport)
+    train(ops, 11)
+    transport.deliver(Topic.COMMANDS, b"run-1", retune({"learning_rate": 0.002}))
+    transport.deliver(Topic.COMMANDS, b"run-1", rollback(ops.store.uri_for(10)))
+    train(ops, 1)
+    assert ops.client.attempt == 1
+    assert ops.learning_rate == 0.002  # the checkpoint had 0.01; user feedback still holds

@@ -159,3 +159,19 @@ def test_a_proposal_reaches_the_reference_trainer_and_changes_its_learning_rate(
     assert ack["status"] == "applied"
     assert ack["before"] == {"learning_rate": pytest.approx(1e-3)}
     assert ack["after"] == {"learning_rate": pytest.approx(5e-4)}
+
+
+def test_ratings_without_a_run_are_windowed_under_the_default_target(
+    make_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
+) -> None:
+    values = low_ratings(seed=5)
+    with make_worker(), RatingClient(settings=ops_settings) as ratings:
+        for index, value in enumerate(values):  # keyed by formula: spread over partitions
+            ratings.rate(value, user_id=f"user-{index}", formula_id=f"formula-{index}")
+        assert ratings.flush(30) == 0
+        (proposal,) = retunes(kafka_bootstrap, ops_settings, 1)
+    assert proposal["run_id"] == ops_settings.retune.default_target
+    window = proposal["window"]
+    assert isinstance(window, dict)
+    assert window["size"] == 100
+    assert window["mean"] == pytest.approx(sum(values) / 100)

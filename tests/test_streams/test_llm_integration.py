@@ -128,3 +128,25 @@ def test_a_downshift_survives_a_worker_sigkill_and_ends_on_time_once(
     assert isinstance(opened["until"], float)
     assert isinstance(probing["ts"], float)
     assert probing["ts"] >= opened["until"]  # not before the hold ended
+
+
+def test_failures_counted_before_a_worker_sigkill_still_count_after_it(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+) -> None:
+    worker = make_worker()
+    worker.start()
+    llm = LlmClient(MODEL, settings=ops_settings)
+    for _ in range(2):
+        llm.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+    assert llm.flush(10) == 0
+    time.sleep(3)  # processed, and the breaker's counters written with the batch
+    worker.kill()
+    worker.start()
+    llm.record(ok=False, mode="creative", latency_ms=10.0, error="boom")  # the third
+    (downshift,) = control_events(kafka_bootstrap, ops_settings, 1)
+    llm.close()
+    worker.stop()
+    assert (downshift["state"], downshift["mode"]) == ("open", "balanced")
+    assert "3 consecutive failures" in str(downshift["reason"])

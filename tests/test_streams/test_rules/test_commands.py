@@ -16,6 +16,7 @@ from streams.rules.commands import (
     entropy_command_id,
     halt_command_id,
     retune_command_id,
+    retuned_entropy_command_id,
     rollback_command_id,
 )
 
@@ -69,8 +70,8 @@ def test_helpers_use_the_documented_parts() -> None:
     assert entropy_command_id("r", attempt=2, step=500) == command_id(
         "r", "set_entropy_coef", 2, 500
     )
-    assert entropy_command_id("r", attempt=2, step=500, retune=True) == command_id(
-        "r", "set_entropy_coef", 2, 500, "retune"
+    assert retuned_entropy_command_id("r", retune_command_id="c-9") == command_id(
+        "r", "set_entropy_coef", "retune", "c-9"
     )
     assert retune_command_id("r", window_id="w-7") == command_id("r", "retune", "w-7")
     assert halt_command_id("r", attempt=3, step=900) == command_id("r", "halt", 3, 900)

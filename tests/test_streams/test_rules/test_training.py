@@ -226,8 +226,12 @@ def test_an_applied_retune_rescales_the_entropy_schedule_once() -> None:
     assert isinstance(command, SetEntropyCoef)
     assert command.entropy_coef == pytest.approx(2 * scheduled)
     assert ops.on_ack(ack, now=1.0) == []  # a replayed ack changes nothing
+    feed(ops, range(2000, 2100))
+    assert ops.on_ack(ack, now=1.0) == []  # nor later, at a newer position
+    restored = RunOperations.from_state(RUN, ops.to_state(), Settings())
+    assert restored.on_ack(ack, now=1.0) == []  # nor after a restart
     # Later values follow the schedule's decay from the retuned level, not the old curve.
-    later = [c for c in feed(ops, range(2000, 6000)) if isinstance(c, SetEntropyCoef)]
+    later = [c for c in feed(ops, range(2100, 6000)) if isinstance(c, SetEntropyCoef)]
     assert later
     assert later[-1].entropy_coef == pytest.approx(
         2 * ops.entropy.schedule.value(later[-1].step), rel=1e-9
