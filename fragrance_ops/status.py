@@ -24,7 +24,7 @@ from fragrance_ops.settings import Settings
 from schemas import Topic, topic_name
 
 
-def _read(consumer: Consumer, topic: str, tail: int | None, timeout_s: float) -> list[bytes]:
+def read_values(consumer: Consumer, topic: str, tail: int | None, timeout_s: float) -> list[bytes]:
     """Values of ``topic`` from ``tail`` records before the end (None: from the start)."""
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if metadata is None or metadata.error is not None:
@@ -81,9 +81,15 @@ def collect_status(
         }
     )
     try:
-        control = _decoded(_read(consumer, topic_name(Topic.LLM_CONTROL, prefix), None, timeout_s))
-        metrics = _decoded(_read(consumer, topic_name(Topic.METRICS, prefix), tail, timeout_s))
-        commands = _decoded(_read(consumer, topic_name(Topic.COMMANDS, prefix), tail, timeout_s))
+        control = _decoded(
+            read_values(consumer, topic_name(Topic.LLM_CONTROL, prefix), None, timeout_s)
+        )
+        metrics = _decoded(
+            read_values(consumer, topic_name(Topic.METRICS, prefix), tail, timeout_s)
+        )
+        commands = _decoded(
+            read_values(consumer, topic_name(Topic.COMMANDS, prefix), tail, timeout_s)
+        )
     finally:
         consumer.close()
     now = time.time()

@@ -9,8 +9,9 @@
 ``checkpoints.interval_steps`` (model, optimizer, step, entropy coefficient, RNG states;
 written atomically and announced on ``trainer.checkpoints``), applies the commands that
 arrived, and advances ``step``. A ``rollback`` restores everything from the named checkpoint
-(loaded confined to the run's directory, weights only), so ``step`` moves back and the run
-continues under a new ``attempt``. ``retune`` sets the learning rate (every optimizer
+(loaded confined to the run's directory, weights only), deletes the checkpoints saved after
+it (the abandoned trajectory), so ``step`` moves back and the run continues under a new
+``attempt``. ``retune`` sets the learning rate (every optimizer
 param group), the clip epsilon and the entropy coefficient, unless ``approve_retune``
 refuses it (then the ack says ``rejected``). ``prune_checkpoints`` deletes the files the stream says
 to; ``halt`` sets ``halted``. Every command is acknowledged with what changed.
@@ -245,6 +246,12 @@ class TorchRunOps:
             self._restore(state)
         except CheckpointRejected as exc:
             raise CommandRejected(str(exc)) from None
+        # Checkpoints after the restored one belong to the abandoned trajectory: gone, so
+        # that a trainer restarted at any point from here resumes from the restored one.
+        restored = int(state["step"])
+        for step in self.store.steps():
+            if step > restored:
+                self.store.path_for(step).unlink(missing_ok=True)
         self._begin_attempt(self.client.attempt + 1)
         log.warning("rolled back to step %d: %s", state["step"], command.reason)
         return {

@@ -66,8 +66,18 @@ MetricValue = Annotated[
 """A training metric: finite number, or NaN/Infinity/-Infinity as a string marker."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=256)]
-Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch, UTC")]
-Step = Annotated[int, Field(ge=0)]
+Timestamp = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=1e11,  # year 5138: a timestamp in milliseconds (a common producer bug) is refused
+        description="seconds since the Unix epoch, UTC",
+    ),
+]
+STEP_MAX = 2**63 - 1
+"""Steps and attempts are signed 64-bit integers (Kafka's and Java's long; the worker's
+state packs them so): a larger number is refused at decoding, never fails a batch later."""
+Step = Annotated[int, Field(ge=0, le=STEP_MAX)]
 NonNegative = Annotated[float, Field(ge=0)]
 LlmMode = Literal["creative", "balanced", "fast"]
 BreakerState = Literal["closed", "open", "half_open"]

@@ -73,7 +73,7 @@ def test_commands_set_entropy_roll_back_retune_and_halt(tmp_path: Path) -> None:
     for name, parameter in model.policy.state_dict().items():
         assert torch.equal(parameter, saved[name]), name
     assert (callback.ops.step, callback.ops.client.attempt) == (3, 1)
-    assert callback.ops.store.steps() == [2, 4]  # rolled back, and continues from step 3
+    assert callback.ops.store.steps() == [2]  # 4 was the abandoned trajectory
 
     transport.deliver(
         Topic.COMMANDS,

@@ -202,10 +202,11 @@ def test_a_restarted_trainer_resumes_from_its_newest_checkpoint_under_a_new_atte
 ) -> None:
     transport = InMemoryTransport()
     ops = make_ops(tmp_path, transport)
-    train(ops, 12)  # checkpoints at 5 and 10
-    transport.deliver(Topic.COMMANDS, b"run-1", rollback(ops.store.uri_for(5)))
-    train(ops, 3)  # rolled back to 5: attempt 1, steps 6 and 7 follow
-    assert (ops.client.attempt, ops.step) == (1, 8)
+    train(ops, 17)  # checkpoints at 5, 10, 15
+    transport.deliver(Topic.COMMANDS, b"run-1", rollback(ops.store.uri_for(10)))
+    train(ops, 3)  # rolled back to 10: attempt 1, steps 11 and 12 follow
+    assert (ops.client.attempt, ops.step) == (1, 13)
+    assert ops.store.steps() == [5, 10]  # 15 belonged to the abandoned trajectory
     saved = torch.load(ops.store.path_for(10), weights_only=True)["model"]
     restarted = make_ops(tmp_path, transport)  # a new process: same directory, same log
     assert restarted.resume_latest() == 10
