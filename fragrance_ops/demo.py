@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -326,6 +327,7 @@ def run_demo(settings: Settings, *, steps: int, seed: int, png: Path, console: C
         f"batch 64); {MODEL} serving; ratings arriving"
     )
     deadline = time.monotonic() + DEADLINE_S
+    completed = False
     try:
         with (
             _parties(llm_settings, timeline, workdir, seed) as trainer,
@@ -338,13 +340,21 @@ def run_demo(settings: Settings, *, steps: int, seed: int, png: Path, console: C
                 live.update(_view(timeline))
                 time.sleep(0.1)
             time.sleep(1.0)  # the last outputs of the run
+        completed = True
     finally:
         observer.stop()
         worker.stop()
+        if not completed:  # Ctrl-C or a failure: nothing of this demo stays behind
+            shutil.rmtree(workdir, ignore_errors=True)
     while not observer.lines.empty():
         console.print(observer.lines.get_nowait())
     console.print(_view(timeline))
-    return _summary(timeline, png, console)
+    result = _summary(timeline, png, console)
+    if result:
+        console.print(f"the worker's log and the checkpoints are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
 
 
 def _summary(timeline: Timeline, png: Path, console: Console) -> int:

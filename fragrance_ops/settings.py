@@ -132,6 +132,13 @@ class WorkerSettings(_Group):
         description="longest a batch waits for its outputs to be acknowledged before the "
         "worker gives up on it and crashes (a restart reprocesses the batch)",
     )
+    stall_timeout_s: float | None = Field(
+        default=60.0,
+        gt=0,
+        description="records waiting on an assigned input partition with no progress this "
+        "long crash the worker, for its supervisor to restart (a known Faust consumer hang "
+        "after a broker restart); None: no watchdog",
+    )
     faust_options: dict[str, Any] = Field(
         default_factory=dict,
         description='extra faust.App settings, e.g. {"broker_max_poll_records": 5000}; '

@@ -58,40 +58,39 @@ def plot_timeline(timeline: Timeline, path: Path) -> None:
     breaker.set_ylim(-0.5, 2.5)
     breaker.set_ylabel("LLM mode")
     breaker.set_xlabel("seconds since start")
-    for axis in (rewards, coefficient, breaker):
-        for at, step in checkpoints:
-            axis.axvline(at, color="green", ls=":", lw=1)
-            if axis is rewards:
-                axis.annotate(
-                    f"ckpt {step}",
-                    (at, 1.0),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=7,
-                    color="green",
-                    rotation=90,
-                    va="top",
-                )
-        for at, anomaly, restored, _reason in rollbacks:
-            axis.axvline(at, color="red", lw=1.2)
-            if axis is rewards:
-                axis.annotate(
-                    f"rollback {anomaly}->{restored}",
-                    (at, 0.02),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=7,
-                    color="red",
-                    rotation=90,
-                )
-        for at, changes, _size in retunes:
-            axis.axvline(at, color="purple", ls="--", lw=1)
-            if axis is coefficient:
-                axis.annotate(
-                    "retune " + ", ".join(f"{k}={v:.3g}" for k, v in changes.items()),
-                    (at, 0.9),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=7,
-                    color="purple",
-                )
+    axes = (rewards, coefficient, breaker)
+    # Events as vertical lines on every axis, each labelled once, on the axis named.
+    marks = [
+        *[(at, f"ckpt {step}", rewards, "green", ":", 1.0, 1.0) for at, step in checkpoints],
+        *[
+            (at, f"rollback {anomaly}->{restored}", rewards, "red", "-", 1.2, 0.02)
+            for at, anomaly, restored, _reason in rollbacks
+        ],
+        *[
+            (
+                at,
+                "retune " + ", ".join(f"{k}={v:.3g}" for k, v in changes.items()),
+                coefficient,
+                "purple",
+                "--",
+                1.0,
+                0.9,
+            )
+            for at, changes, _size in retunes
+        ],
+    ]
+    for at, label, labelled, color, style, width, height in marks:
+        for axis in axes:
+            axis.axvline(at, color=color, ls=style, lw=width)
+        labelled.annotate(
+            label,
+            (at, height),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color=color,
+            rotation=90 if labelled is rewards else 0,
+            va="top" if height > 0.95 else "bottom",
+        )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,11 +1,19 @@
-"""A worker in a child process: the demo runs one, tests start, kill and restart them."""
+"""A worker in a child process: the demo runs one, tests start, kill and restart them.
+
+``supervise()`` restarts it whenever it exits on its own, as a deployment's supervisor
+does (Kubernetes' restart policy, Compose's ``restart: unless-stopped``): the worker
+crashes by design when it cannot go on (a failed batch, outputs not acknowledged in time,
+input stalled), and a restart resumes from the committed offsets.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -19,6 +27,14 @@ def worker_env(**settings: str) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Exit:
+    """A worker exit its supervisor restarted from."""
+
+    returncode: int
+    log: str  # what that run of the worker logged
+
+
 class WorkerProcess:
     """Runs the worker CLI in its own process group; ``ready`` waits for Faust's readiness."""
 
@@ -28,8 +44,37 @@ class WorkerProcess:
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.exits: list[Exit] = []  # the exits a supervisor restarted from
+        self._lock = threading.RLock()  # start/kill/stop against the supervisor's restarts
+        self._supervisor: threading.Thread | None = None
+        self._unsupervised = threading.Event()
+
+    def supervise(self, poll_s: float = 0.5) -> None:
+        """From now until ``stop()``: restart the worker whenever it exits on its own."""
+        if self._supervisor is None:
+            self._unsupervised.clear()
+            self._supervisor = threading.Thread(
+                target=self._restart_exited, args=(poll_s,), name="worker-supervisor", daemon=True
+            )
+            self._supervisor.start()
+
+    def _restart_exited(self, poll_s: float) -> None:
+        while not self._unsupervised.wait(poll_s):
+            with self._lock:
+                process = self._process
+                if self._unsupervised.is_set() or process is None or process.poll() is None:
+                    continue
+                self.exits.append(Exit(process.returncode, self.log_since_start()))
+                try:
+                    self._start(timeout_s=90.0)
+                except (RuntimeError, TimeoutError):  # tried again at the next poll
+                    continue
 
     def start(self, timeout_s: float = 90.0) -> None:
+        with self._lock:
+            self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> None:
         self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
         with self._log_path.open("ab") as log:  # the child keeps its own descriptor
             self._process = spawn_supervised(
@@ -48,10 +93,8 @@ class WorkerProcess:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self._process.returncode}:\n{self.tail()}")
-            with self._log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                if b"Worker ready" in log.read():
-                    return
+            if "Worker ready" in self.log_since_start():
+                return
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.tail()}")
 
@@ -65,20 +108,32 @@ class WorkerProcess:
         """Started and not exited (a crashed worker is not running)."""
         return self._process is not None and self._process.poll() is None
 
+    def log_since_start(self) -> str:
+        with self._log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode("utf-8", "replace")
+
     def tail(self, lines: int = 60) -> str:
         text = self._log_path.read_bytes().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown hooks, no final commit."""
-        if self._process is not None:
-            kill_supervised(self._process)
-            self._process = None
+        with self._lock:
+            if self._process is not None:
+                kill_supervised(self._process)
+                self._process = None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self._process is not None:
-            stop_supervised(self._process, timeout_s)
-            self._process = None
+        """Stop the worker (and its supervision)."""
+        self._unsupervised.set()
+        with self._lock:
+            if self._process is not None:
+                stop_supervised(self._process, timeout_s)
+                self._process = None
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
 
     def __enter__(self) -> WorkerProcess:
         self.start()

@@ -158,7 +158,11 @@ class TrainerClient:
         self.poll_commands()
 
     def checkpoint_saved(self, step: int, uri: str) -> None:
-        self._publish(CheckpointSaved(run_id=self.run_id, step=step, uri=uri, ts=time.time()))
+        self._publish(
+            CheckpointSaved(
+                run_id=self.run_id, step=step, uri=uri, ts=time.time(), attempt=self.attempt
+            )
+        )
 
     def on_command(self, command_type: str, handler: CommandHandler) -> None:
         """Register the handler for one command type (set_entropy_coef, rollback, ...)."""

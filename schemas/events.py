@@ -144,11 +144,18 @@ class StepMetric(Event):
 
 
 class CheckpointSaved(Event):
+    """A checkpoint the trainer saved; ``(attempt, step)`` orders announcements, not ``ts``."""
+
     TOPIC: ClassVar[Topic] = Topic.CHECKPOINTS
     run_id: Identifier
     step: Step
     uri: Annotated[str, Field(min_length=1, max_length=4096)]
     ts: Timestamp
+    attempt: Step = Field(
+        default=0,
+        description="the attempt that saved it (as in trainer.metrics): a checkpoint of an "
+        "older attempt past a rollback's or resume's branch point is never a target",
+    )
 
     def key(self) -> str:
         return self.run_id

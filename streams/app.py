@@ -23,6 +23,8 @@ from streams.metrics import WorkerMetrics
 from streams.monitor import LeanMonitor
 from streams.output import OutputProducer
 from streams.rules.commands import COMMAND_TYPES
+from streams.transport import WorkerApp
+from streams.watchdog import input_topics, watch_partitions
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def create_app(settings: Settings) -> faust.App:
     if kafka.embedded_broker:
         extra["producer_max_batch_size"] = worker.embedded_producer_max_batch_size
     servers = require_bootstrap(kafka).split(",")
-    app = faust.App(
+    app = WorkerApp(
         worker.app_id,
         broker=[f"kafka://{server}" for server in servers],
         broker_credentials=faust_credentials(kafka),
@@ -74,30 +76,26 @@ def create_app(settings: Settings) -> faust.App:
     training.register(context)
     llm.register(context)
     feedback.register(context)
+
+    async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
+        context.forget_partitions()
+
+    app.on_partitions_revoked.connect(on_rebalance)
     serve_metrics(context)
+    watch_partitions(context)
     return app
 
 
-def _input_topics(settings: Settings) -> list[str]:
-    inputs = (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS, Topic.ACKS)
-    others = (Topic.LLM_OUTCOMES, Topic.RATINGS)
-    contract = [topic_name(topic, settings.kafka.topic_prefix) for topic in (*inputs, *others)]
-    return [*contract, feedback.by_target_topic(settings)]
-
-
 def serve_metrics(ctx: ProcessorContext) -> None:
-    """``/metrics`` over HTTP, and a timer measuring consumer lag."""
+    """``/metrics`` over HTTP."""
     app, settings = ctx.app, ctx.settings.metrics
     if settings.port is None:
         return
     metrics = ctx.metrics
-    lag = metrics.consumer_lag
-    inputs = set(_input_topics(ctx.settings))
-    metrics.start_at_zero(_input_topics(ctx.settings), sorted(COMMAND_TYPES))
+    metrics.start_at_zero(input_topics(ctx), sorted(COMMAND_TYPES))
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         metrics.forget_partition_state()
-        ctx.hyperparameters.clear()  # runs may have moved; their next metrics refill it
 
     app.on_partitions_revoked.connect(on_rebalance)
 
@@ -115,23 +113,3 @@ def serve_metrics(ctx: ProcessorContext) -> None:
         log.warning("metrics on http://%s:%s/metrics", host, port)
 
     app.task(start_metrics_server)
-
-    async def measure_lag() -> None:
-        consumer = app.consumer
-        # Input topics only: changelog partitions are read, never committed by the group.
-        assigned = {tp for tp in app.assignor.assigned_actives() if tp.topic in inputs}
-        if app.rebalancing or not assigned:
-            lag.clear()
-            return
-        highwaters = await consumer.highwaters(*assigned)
-        # Faust keeps the committed offsets it knows in this mapping (0.15); lag is what
-        # the group has not committed yet, as Kafka's own tools report it.
-        committed = getattr(consumer, "_committed_offset", {})
-        lag.clear()
-        for tp, highwater in highwaters.items():
-            position = committed.get(tp)
-            lag.labels(tp.topic, str(tp.partition)).set(
-                max(0, highwater - (position if position is not None else 0))
-            )
-
-    app.timer(settings.lag_interval_s)(measure_lag)

@@ -82,8 +82,11 @@ def register_batch_agent(
     held = lock if lock is not None else contextlib.nullcontext()
 
     async def agent(stream: faust.StreamT[bytes]) -> AsyncIterator[int]:
+        serial = 0
         async for events in batches(stream, worker.batch_max_events, worker.batch_within_s):
             started = time.perf_counter()
+            serial += 1
+            ctx.running_batches[name] = serial
             async with unfinished_batch_guard(app, events), held:
                 handler = new_batch()
                 for event in events:
@@ -93,6 +96,7 @@ def register_batch_agent(
                         await ctx.dead_letters.send(event.message, exc)
                 await ctx.delivered()
                 handler.write_state()
+            del ctx.running_batches[name]
             ctx.observe_batch(name, (event.message.topic for event in events), started)
             yield len(events)
 

@@ -48,6 +48,9 @@ class ProcessorContext:
     # run id -> the hyperparameters its latest metric reported (the training agent writes,
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
+    # agent name -> serial of its batch in progress (absent between batches): the stall
+    # watchdog's view of a hung agent.
+    running_batches: dict[str, int] = field(default_factory=dict)
     # security.command_signing_key as bytes; None: commands go out unsigned.
     _signing_key: bytes | None = field(init=False, repr=False, default=None)
 
@@ -78,6 +81,10 @@ class ProcessorContext:
         for topic, count in Counter(topics).items():
             self.metrics.events.labels(topic).inc(count)
         self.metrics.batch_seconds.labels(agent).observe(time.perf_counter() - started)
+
+    def forget_partitions(self) -> None:
+        """On a rebalance: what was learnt from partitions this worker may no longer own."""
+        self.hyperparameters.clear()  # the runs' next metrics refill it
 
     @staticmethod
     def now() -> float:

@@ -12,14 +12,24 @@ timer acts exactly on the keys whose partitions this worker owns, whatever parti
 produced them. Writes follow the outputs they imply: batches go through
 ``register_batch_agent``; a tick awaits its outputs on the broker, writes, and flushes the
 changelog at once (no input offset commit will do it for a tick).
+
+Replays: Faust writes a table's changelog as batches finish but commits input offsets only
+every few seconds, so after a crash the restored state can be ahead of the committed offset
+by any number of events (a worker killed again and again before its first commit replays
+everything since the last one). Each stored value therefore also carries, per origin
+partition, the offset of the newest input applied to it; ``is_replay`` recognises an input
+at or below it exactly, however long the replay (bounded id windows, like the breakers'
+call ids, cannot). An event re-keyed through an internal topic names its origin in the
+``ORIGIN_HEADER`` (``origin_header``), so its copies from a replayed re-keying are
+recognised too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import faust
@@ -33,6 +43,31 @@ from streams.state import PartitionedTable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ORIGIN_HEADER = "fragrance-ops-origin"
+
+
+def origin_header(message: Message) -> tuple[str, bytes]:
+    """The header that names ``message``'s position, for a copy re-keyed to another topic."""
+    return ORIGIN_HEADER, f"{message.partition}:{message.offset}:{message.topic}".encode()
+
+
+def input_origin(message: Message) -> tuple[str, int]:
+    """``("<partition>:<topic>", offset)``: where the event entered the system."""
+    headers = message.headers or ()
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in pairs:
+        if name == ORIGIN_HEADER:
+            partition, offset, topic = value.decode().split(":", 2)
+            return f"{partition}:{topic}", int(offset)
+    return f"{message.partition}:{message.topic}", message.offset
+
+
+@dataclass
+class _Entry(Generic[T]):
+    value: T
+    partition: int
+    applied: dict[str, int] = field(default_factory=dict)  # origin -> newest offset applied
 
 
 class LiveStates(Generic[T]):
@@ -55,7 +90,7 @@ class LiveStates(Generic[T]):
         self.source_topics = tuple(source_topics)
         self._new, self._load, self._dump = new, load, dump
         self.lock = asyncio.Lock()
-        self._live: dict[bytes, tuple[T, int]] = {}
+        self._live: dict[bytes, _Entry[T]] = {}
         self._touched: set[bytes] = set()
         ctx.app.on_partitions_revoked.connect(self._on_rebalance)
         ctx.app.on_partitions_assigned.connect(self._on_rebalance)
@@ -64,21 +99,43 @@ class LiveStates(Generic[T]):
         async with self.lock:
             self._live.clear()
 
-    def get(self, key: bytes, partition: int) -> T:
-        live = self._live.get(key)
-        if live is None:
+    def _entry(self, key: bytes, partition: int) -> _Entry[T]:
+        entry = self._live.get(key)
+        if entry is None:
             stored = self.table.get(key)
             name = key.decode()
             if stored:
                 record = orjson.loads(stored)
-                value, partition = self._load(name, record["state"]), record["partition"]
+                entry = _Entry(
+                    self._load(name, record["state"]),
+                    record["partition"],
+                    record.get("applied", {}),
+                )
             else:
-                value = self._new(name)
-            live = self._live[key] = (value, partition)
-        return live[0]
+                entry = _Entry(self._new(name), partition)
+            self._live[key] = entry
+        return entry
+
+    def get(self, key: bytes, partition: int) -> T:
+        return self._entry(key, partition).value
+
+    def is_replay(self, key: bytes, message: Message) -> bool:
+        """Whether ``message`` was applied to the key's state already (then it is counted)."""
+        origin, offset = input_origin(message)
+        applied = self._entry(key, message.partition).applied.get(origin)
+        if applied is None or offset > applied:
+            return False
+        self.ctx.metrics.replayed_events.labels(self.name).inc()
+        return True
+
+    def applied(self, key: bytes, message: Message) -> None:
+        """``message`` changed the key's object: remember its position, write it."""
+        origin, offset = input_origin(message)
+        self._entry(key, message.partition).applied[origin] = offset
+        self._touched.add(key)
 
     def touch(self, key: bytes) -> None:
-        """The key's object changed: write it with the batch (or tick)."""
+        """The key's object changed (not by an input): write it with the batch (or tick)."""
         self._touched.add(key)
 
     def owned(self) -> Iterable[tuple[bytes, int]]:
@@ -87,9 +144,9 @@ class LiveStates(Generic[T]):
             return  # the table may be mid-recovery; the next tick catches up
         assigned = self.ctx.app.assignor.assigned_actives()
         for key in list(self.table.keys()):
-            live = self._live.get(key)
-            if live is not None:
-                partition = live[1]
+            entry = self._live.get(key)
+            if entry is not None:
+                partition = entry.partition
             else:
                 stored = self.table.get(key)
                 if not stored:
@@ -101,9 +158,13 @@ class LiveStates(Generic[T]):
     def write(self) -> None:
         """Write the touched keys (their outputs must be on the broker already)."""
         for key in self._touched:
-            value, partition = self._live[key]
-            record = {"partition": partition, "state": self._dump(value)}
-            self.table.put(key, orjson.dumps(record), partition)
+            entry = self._live[key]
+            record = {
+                "partition": entry.partition,
+                "state": self._dump(entry.value),
+                "applied": entry.applied,
+            }
+            self.table.put(key, orjson.dumps(record), entry.partition)
         self._touched.clear()
 
     async def tick(self, on_tick: Callable[[bytes, T], Awaitable[None]]) -> None:

@@ -57,6 +57,13 @@ class WorkerMetrics:
             ["agent"],
             registry=registry,
         )
+        self.replayed_events = Counter(
+            "fragrance_ops_replayed_events",
+            "input events skipped because the state restored after a restart had applied "
+            "them already (their offset is at or below the state's), per agent",
+            ["agent"],
+            registry=registry,
+        )
         self.signature_rejections = Counter(
             "fragrance_ops_signature_rejections",
             "acks of commands a trainer refused for their signature (unsigned or invalid): "

@@ -25,7 +25,7 @@ from faust.types import Message
 from fragrance_ops.settings import Settings
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
-from streams.live import LiveStates, register_live_agent
+from streams.live import LiveStates, origin_header, register_live_agent
 from streams.rules.retune import Retuner, WindowVerdict, retune_target
 from streams.state import partitioned_table
 
@@ -67,12 +67,16 @@ class Feedback:
         if message.key != key and message.topic == self.source:
             # Keyed by formula (no run named, or a producer's choice): re-key to the target,
             # whose window must live on one partition.
-            await self.ctx.output.send(self.by_target, key, message.value or b"")
+            await self.ctx.output.send(
+                self.by_target, key, message.value or b"", [origin_header(message)]
+            )
+            return
+        if self.live.is_replay(key, message):
             return
         retuner = self.live.get(key, message.partition)
         retuner.observe_current(**self.ctx.hyperparameters.get(target, {}))
         outcome = retuner.add_event(rating, now=self.ctx.now())
-        self.live.touch(key)
+        self.live.applied(key, message)
         self.ctx.metrics.ratings.labels(outcome.status).inc()
         await self.close(outcome.verdict)
 

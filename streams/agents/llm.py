@@ -75,14 +75,16 @@ class Breakers:
         metrics.breaker_mode.labels(model).set(MODE_VALUES[control.mode])
         metrics.cache_ttl.labels(model).set(control.cache_ttl_s)
 
-    async def on_outcome(self, outcome: LlmOutcome, partition: int) -> None:
+    async def on_outcome(self, outcome: LlmOutcome, message: Message) -> None:
         model_key = outcome.model.encode()
-        breaker = self.live.get(model_key, partition)
+        if self.live.is_replay(model_key, message):
+            return
+        breaker = self.live.get(model_key, message.partition)
         previous_mode = breaker.mode
         transition = breaker.on_outcome(
             outcome.ok, outcome.mode, outcome.latency_ms, self.ctx.now(), call_id=outcome.call_id
         )
-        self.live.touch(model_key)  # counters and seen call ids change without a transition
+        self.live.applied(model_key, message)  # counters change without a transition too
         await self.emit(transition, model_key, previous_mode)
 
     async def on_tick(self, model_key: bytes, breaker: ModelBreaker) -> None:
@@ -97,7 +99,7 @@ def register(ctx: ProcessorContext) -> Breakers:
 
     async def on_message(message: Message) -> None:
         outcome = decode(LlmOutcome, message.value, max_bytes=max_bytes)
-        await breakers.on_outcome(outcome, message.partition)
+        await breakers.on_outcome(outcome, message)
 
     register_live_agent(
         ctx,

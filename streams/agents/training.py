@@ -173,27 +173,28 @@ def register(ctx: ProcessorContext) -> TrainingTables:
         batch.latest[metric.run_id] = metric
         ctx.metrics.rl_updates.labels("ppo").inc()
         now = ctx.now()
-        if math.isfinite(metric.reward):
-            # A non-finite reward stays out of the window (it would poison 1,000 others);
-            # the anomaly detector below acts on it.
-            stats = batch.window(run_key, message.partition).add(
-                metric.reward, step=metric.step, attempt=metric.attempt
-            )
-            if stats is not None:
-                await ctx.forward(
-                    RewardStats(
-                        run_id=metric.run_id,
-                        step=metric.step,
-                        reward=stats.reward,
-                        normalized_reward=stats.normalized_reward,
-                        mean=stats.mean,
-                        std=stats.std,
-                        count=stats.count,
-                        ts=now,
-                    )
-                )
+        # The rules first: statistics the contract cannot carry (a dead-lettered metric)
+        # must not hide an anomaly from them.
         for command in batch.run_operations(run_key, message.partition).on_metric(metric, now):
             await ctx.forward(command)
+        if not math.isfinite(metric.reward):
+            return  # kept out of the window (it would poison 1,000 others); the rules acted
+        stats = batch.window(run_key, message.partition).add(
+            metric.reward, step=metric.step, attempt=metric.attempt
+        )
+        if stats is not None:
+            await ctx.forward(
+                RewardStats(
+                    run_id=metric.run_id,
+                    step=metric.step,
+                    reward=stats.reward,
+                    normalized_reward=stats.normalized_reward,
+                    mean=stats.mean,
+                    std=stats.std,
+                    count=stats.count,
+                    ts=now,
+                )
+            )
 
     async def on_checkpoint(message: Message, batch: _Batch) -> None:
         checkpoint = decode(CheckpointSaved, message.value, max_bytes=max_bytes)

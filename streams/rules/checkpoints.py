@@ -10,8 +10,8 @@
   (windows are clipped at step 0);
 - ``unknown`` otherwise (typically: metrics up to ``s`` not seen yet, as the two topics are
   consumed independently);
-- ``stale`` when it was saved (by its ``ts``) before a rollback or resume branched the run at
-  a step below it: it belongs to the abandoned trajectory until a save at the same step
+- ``stale`` when an older attempt saved it than the rollback or resume that branched the run
+  at a step below it: it belongs to the abandoned trajectory until a save at the same step
   replaces it. It is never a rollback target.
 
 The rollback target for an anomalous streak is ``newest_healthy_before(streak_start)``.
@@ -19,14 +19,15 @@ Retention keeps the newest ``keep`` checkpoints by step plus the newest healthy 
 anomaly lasting many checkpoints cannot push the last good state out.
 
 Branching: a verdict with a higher ``attempt`` than before branches the run's timeline at
-the step before it; ``restore(step, attempt, ts=...)`` (after a rollback ack) branches it at
-the restored step, refining an earlier branch of the same attempt. Metric knowledge past the
+the step before it; ``restore(step, attempt)`` (after a rollback ack) branches it at the
+restored step, refining an earlier branch of the same attempt. Metric knowledge past the
 branch point from older attempts is forgotten (it will be observed again), and verdicts of
 older attempts are ignored from then on.
 
-Replays change nothing: a verdict whose ``(attempt, step)`` is not newer than the last one,
-and a checkpoint whose ``ts`` (the trainer's clock) is not newer than the last recorded one,
-are ignored. Memory: the checkpoints not yet deleted by ``retention`` and anomalous steps as
+Replays change nothing: a verdict or a checkpoint whose ``(attempt, step)`` is not newer than
+the last one of its kind is ignored. Order comes from the run's own logical clock, never from
+``ts``: a run resumed on a host whose clock is behind still has its checkpoints counted.
+Memory: the checkpoints not yet deleted by ``retention`` and anomalous steps as
 merged ``[first, last]`` intervals, pruned below the oldest retained checkpoint's window and
 capped at ``_MAX_INTERVALS``.
 
@@ -44,7 +45,7 @@ from typing import Any, Literal
 from fragrance_ops.settings import CheckpointSettings
 from streams.rules import Position
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: checkpoints ordered by (attempt, step) instead of the trainer's ts
 _MAX_INTERVALS = 1024
 _HISTORY_LIMIT = 64
 Health = Literal["healthy", "unhealthy", "unknown", "stale"]
@@ -54,7 +55,7 @@ Health = Literal["healthy", "unhealthy", "unknown", "stale"]
 class Checkpoint:
     step: int
     uri: str
-    ts: float  # when the trainer announced it (its clock)
+    attempt: int  # the attempt that saved it
     stale: bool = False  # saved on a trajectory a rollback or resume abandoned
 
 
@@ -70,7 +71,7 @@ class CheckpointLedger:
         "_in_streak",
         "_intervals",
         "_last",
-        "_last_record_ts",
+        "_last_record",
         "_observed_through",
         "_settings",
         "_superseded",
@@ -80,7 +81,7 @@ class CheckpointLedger:
         self._settings = settings
         self._checkpoints: dict[int, Checkpoint] = {}
         self._superseded: list[Checkpoint] = []  # replaced by a save at the same step
-        self._last_record_ts: float | None = None
+        self._last_record: Position | None = None
         self._intervals: list[list[int]] = []  # anomalous steps, [first, last], ascending
         self._in_streak = False
         self._first_step: int | None = None
@@ -88,7 +89,8 @@ class CheckpointLedger:
         self._last: Position | None = None
         self._attempt: int | None = None
         self._branch_point: int | None = None  # where the current attempt branched off
-        self._branches: list[tuple[int, float]] = []  # (step, ts) newer than the last record
+        # (step, attempt) of branches whose attempt is newer than the last record's
+        self._branches: list[Position] = []
 
     @classmethod
     def from_settings(cls, settings: CheckpointSettings) -> CheckpointLedger:
@@ -103,20 +105,24 @@ class CheckpointLedger:
     def anomalous_intervals(self) -> list[tuple[int, int]]:
         return [(first, last) for first, last in self._intervals]
 
-    def record(self, step: int, uri: str, *, ts: float) -> bool:
-        """A checkpoint was saved; False for a replay (``ts`` not newer than the last)."""
-        if self._last_record_ts is not None and ts <= self._last_record_ts:
+    def record(self, step: int, uri: str, *, attempt: int = 0) -> bool:
+        """A checkpoint was saved; False for a replay (``(attempt, step)`` not newer than the
+        last recorded one's)."""
+        position = (attempt, step)
+        if self._last_record is not None and position <= self._last_record:
             return False
-        self._last_record_ts = ts
-        stale = any(point < step and ts < branched for point, branched in self._branches)
-        self._branches = [(point, branched) for point, branched in self._branches if branched > ts]
+        self._last_record = position
+        stale = any(point < step and attempt < branched for point, branched in self._branches)
+        self._branches = [
+            (point, branched) for point, branched in self._branches if branched > attempt
+        ]
         previous = self._checkpoints.get(step)
         if previous is not None and previous.uri != uri:
             self._superseded.append(previous)
-        self._checkpoints[step] = Checkpoint(step=step, uri=uri, ts=ts, stale=stale)
+        self._checkpoints[step] = Checkpoint(step=step, uri=uri, attempt=attempt, stale=stale)
         return True
 
-    def observe_verdict(self, step: int, anomalous: bool, *, attempt: int = 0, ts: float) -> bool:
+    def observe_verdict(self, step: int, anomalous: bool, *, attempt: int = 0) -> bool:
         """The detector judged the metric at ``step``; False for a replay."""
         position = (attempt, step)
         if (self._last is not None and position <= self._last) or (
@@ -124,7 +130,7 @@ class CheckpointLedger:
         ):
             return False
         if self._attempt is not None and attempt > self._attempt:
-            self._branch(step - 1, ts, upto=None)
+            self._branch(step - 1, attempt, upto=None)
             self._branch_point = step - 1
         self._attempt = attempt
         self._last = position
@@ -140,7 +146,7 @@ class CheckpointLedger:
         self._in_streak = anomalous
         return True
 
-    def restore(self, step: int, attempt: int, *, ts: float) -> bool:
+    def restore(self, step: int, attempt: int) -> bool:
         """The trainer restored the checkpoint at ``step`` and continues under ``attempt``.
 
         False (nothing changes) for a replayed or stale ack.
@@ -150,15 +156,16 @@ class CheckpointLedger:
         if attempt == self._attempt and self._branch_point is not None:
             if step >= self._branch_point:
                 return False
-            self._branch(step, ts, upto=self._branch_point)  # refine: the ack came late
+            self._branch(step, attempt, upto=self._branch_point)  # refine: the ack came late
         else:
-            self._branch(step, ts, upto=None)
+            self._branch(step, attempt, upto=None)
         self._attempt = attempt
         self._branch_point = step
         return True
 
-    def _branch(self, point: int, ts: float, *, upto: int | None) -> None:
-        """Forget what older attempts observed in ``(point, upto]`` (``upto`` None: beyond)."""
+    def _branch(self, point: int, attempt: int, *, upto: int | None) -> None:
+        """``attempt`` continues from ``point``: forget what older attempts observed in
+        ``(point, upto]`` (``upto`` None: beyond), and their checkpoints past it are stale."""
 
         def older(step: int) -> bool:
             return step > point and (upto is None or step <= upto)
@@ -176,10 +183,10 @@ class CheckpointLedger:
         if self._first_step is not None and older(self._first_step):
             self._first_step = None
         for step, checkpoint in self._checkpoints.items():
-            if step > point and checkpoint.ts < ts and not checkpoint.stale:
-                self._checkpoints[step] = Checkpoint(step, checkpoint.uri, checkpoint.ts, True)
-        if self._last_record_ts is None or ts > self._last_record_ts:
-            self._branches.append((point, ts))
+            if step > point and checkpoint.attempt < attempt and not checkpoint.stale:
+                self._checkpoints[step] = Checkpoint(step, checkpoint.uri, checkpoint.attempt, True)
+        if self._last_record is None or attempt > self._last_record[0]:
+            self._branches.append((point, attempt))
 
     def health(self, checkpoint: Checkpoint) -> Health:
         if checkpoint.stale:
@@ -230,7 +237,7 @@ class CheckpointLedger:
             "version": _STATE_VERSION,
             "checkpoints": [_checkpoint_state(c) for c in self.checkpoints],
             "superseded": [_checkpoint_state(c) for c in self._superseded],
-            "last_record_ts": self._last_record_ts,
+            "last_record": list(self._last_record) if self._last_record is not None else None,
             "intervals": [list(interval) for interval in self._intervals],
             "in_streak": self._in_streak,
             "first_step": self._first_step,
@@ -238,7 +245,7 @@ class CheckpointLedger:
             "last": list(self._last) if self._last is not None else None,
             "attempt": self._attempt,
             "branch_point": self._branch_point,
-            "branches": [[point, ts] for point, ts in self._branches],
+            "branches": [list(branch) for branch in self._branches],
         }
 
     @classmethod
@@ -250,27 +257,29 @@ class CheckpointLedger:
             checkpoint = _checkpoint(item)
             ledger._checkpoints[checkpoint.step] = checkpoint
         ledger._superseded = [_checkpoint(item) for item in state["superseded"]]
-        last_record_ts = state["last_record_ts"]
-        ledger._last_record_ts = None if last_record_ts is None else float(last_record_ts)
+        ledger._last_record = _position(state["last_record"])
         ledger._intervals = [[int(first), int(last)] for first, last in state["intervals"]]
         ledger._in_streak = bool(state["in_streak"])
         ledger._first_step = state["first_step"]
         ledger._observed_through = state["observed_through"]
-        last = state["last"]
-        ledger._last = None if last is None else (int(last[0]), int(last[1]))
+        ledger._last = _position(state["last"])
         ledger._attempt = state["attempt"]
         ledger._branch_point = state["branch_point"]
-        ledger._branches = [(int(point), float(ts)) for point, ts in state["branches"]]
+        ledger._branches = [(int(point), int(attempt)) for point, attempt in state["branches"]]
         return ledger
 
 
+def _position(item: list[Any] | None) -> Position | None:
+    return None if item is None else (int(item[0]), int(item[1]))
+
+
 def _checkpoint_state(checkpoint: Checkpoint) -> list[Any]:
-    return [checkpoint.step, checkpoint.uri, checkpoint.ts, checkpoint.stale]
+    return [checkpoint.step, checkpoint.uri, checkpoint.attempt, checkpoint.stale]
 
 
 def _checkpoint(item: list[Any]) -> Checkpoint:
-    step, uri, ts, stale = item
-    return Checkpoint(step=int(step), uri=str(uri), ts=float(ts), stale=bool(stale))
+    step, uri, attempt, stale = item
+    return Checkpoint(step=int(step), uri=str(uri), attempt=int(attempt), stale=bool(stale))
 
 
 class RollbackBudget:

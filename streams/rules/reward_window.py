@@ -19,6 +19,7 @@ from struct import Struct
 _HEADER = Struct("<I I I q q")  # version, capacity, count, last attempt, last step
 _FORMAT_VERSION = 1
 _NO_POSITION = (-1, -1)
+_ROOT_BITS = 64  # bits of the integer square root, beyond a double's 53
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,16 @@ class WindowStats:
     mean: float
     std: float
     count: int
+
+
+def _z_score(reward: float, mean: float, std: float) -> float:
+    """(reward - mean) / std, or 0 for a constant window; finite, as |z| <= sqrt(n - 1)."""
+    if std == 0.0:
+        return 0.0
+    difference = reward - mean
+    if math.isinf(difference):  # rewards near ±1.8e308: only the difference overflows
+        return (reward / 2 - mean / 2) / (std / 2)
+    return difference / std
 
 
 class RewardWindow:
@@ -103,14 +114,26 @@ class RewardWindow:
 
     def _stats(self, reward: float) -> WindowStats:
         n = self._count
-        mean = self._sum / (n << self._scale)
-        try:
-            variance = (n * self._sum_sq - self._sum * self._sum) / ((n * n) << (2 * self._scale))
-            std = math.sqrt(variance)
-        except OverflowError:  # rewards near 1e300: the spread is beyond float range
-            std = math.inf
-        normalized = (reward - mean) / std if std > 0.0 else 0.0
-        return WindowStats(reward=reward, normalized_reward=normalized, mean=mean, std=std, count=n)
+        mean = self._sum / (n << self._scale)  # int / int: correctly rounded, never overflows
+        # std = sqrt(spread) / n, spread = n * sum_sq - sum**2 (held in units of 4**-scale).
+        # The root is taken of the exact spread, not of a float variance, so a window holding
+        # rewards above ~1e154 (whose variance is beyond float range) still has its std; and
+        # std <= (max - min) / 2 (Popoviciu's inequality), so it is always a finite float.
+        # The root is floor(sqrt(spread) * 2**k) with k set by the spread's magnitude, never
+        # by the scale it is held in: a window restored from a snapshot (whose scale may be
+        # smaller) gives bit-identical statistics.
+        spread = n * self._sum_sq - self._sum * self._sum
+        k = _ROOT_BITS - (spread.bit_length() - 2 * self._scale) // 2
+        shift = 2 * (k - self._scale)
+        root = math.isqrt(spread << shift if shift >= 0 else spread >> -shift)
+        std = root / (n << k) if k >= 0 else (root << -k) / n
+        return WindowStats(
+            reward=reward,
+            normalized_reward=_z_score(reward, mean, std),
+            mean=mean,
+            std=std,
+            count=n,
+        )
 
     def resize(self, capacity: int) -> None:
         """Change the capacity, keeping the newest rewards that fit."""

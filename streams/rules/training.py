@@ -90,9 +90,7 @@ class RunOperations:
         verdict = self.detector.observe(metric.step, metric.loss, metric.reward, metric.attempt)
         if verdict is None:
             return commands  # a duplicate or an older attempt's metric
-        self.ledger.observe_verdict(
-            metric.step, verdict.anomalous, attempt=metric.attempt, ts=metric.ts
-        )
+        self.ledger.observe_verdict(metric.step, verdict.anomalous, attempt=metric.attempt)
         if verdict.act and self.settings.checkpoints.auto_rollback:
             self.awaiting_target = _trigger(verdict, metric.checkpoint_step)
         waiting = self.awaiting_target
@@ -166,7 +164,7 @@ class RunOperations:
         )
 
     def on_checkpoint(self, checkpoint: CheckpointSaved, now: float) -> list[CommandBase]:
-        if not self.ledger.record(checkpoint.step, checkpoint.uri, ts=checkpoint.ts):
+        if not self.ledger.record(checkpoint.step, checkpoint.uri, attempt=checkpoint.attempt):
             return []
         commands: list[CommandBase] = []
         if self.awaiting_target is not None and not self.halted:
@@ -202,7 +200,7 @@ class RunOperations:
         self.pending_rollback = None
         if ack.status == "applied":
             self.detector.reset_to(pending["step"], pending["attempt"])
-            self.ledger.restore(pending["step"], pending["attempt"], ts=ack.ts)
+            self.ledger.restore(pending["step"], pending["attempt"])
         return []
 
     def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:

@@ -22,8 +22,9 @@ from tests.test_streams.conftest import make_worker, ops_settings
 __all__ = ["make_worker", "ops_settings"]  # the stream tests' fixtures, reused here
 
 #: Every fault test's worker: a dead member's partitions move after 6 s (the broker's
-#: minimum) instead of 10 s, so a SIGKILL-and-restart cycle takes about 7 s, not 11 s.
-FAULT_WORKER_DEFAULTS = {"WORKER__SESSION_TIMEOUT_S": "6"}
+#: minimum) instead of 10 s, so a SIGKILL-and-restart cycle takes about 7 s, not 11 s; the
+#: stall watchdog acts after 15 s instead of 60 s, within the scenarios' waits.
+FAULT_WORKER_DEFAULTS = {"WORKER__SESSION_TIMEOUT_S": "6", "WORKER__STALL_TIMEOUT_S": "15"}
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -24,6 +24,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from fragrance_ops.settings import Settings, run_overrides
+from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.partitioning import partition_for_key
 from producers.transport import CommandReader, DeliveryStats, KafkaTransport
@@ -180,6 +181,18 @@ def wait_for(
 
 
 # --- settings ---------------------------------------------------------------------------------
+
+
+#: The training settings of the scenarios with simulated trainers: a checkpoint every 50
+#: steps and an entropy schedule of 2,000 steps, so a short run holds many decisions.
+TRAINING_OVERRIDES: dict[str, Any] = {
+    "checkpoints.interval_steps": 50,
+    "checkpoints.health_lookback_steps": 20,
+    # 20 kept: the newest healthy checkpoint is always among them, however far the worker's
+    # reading of metrics lags its reading of checkpoints after a restart (see decision_view).
+    "checkpoints.keep": 20,
+    "entropy.steps": 2000,
+}
 
 
 def configured(base: Settings, dotted: dict[str, Any]) -> Settings:
@@ -821,6 +834,15 @@ def rating_values(seed: int, kind: str) -> Iterator[float]:
 
 
 # --- the worker process -----------------------------------------------------------------------
+
+
+def stall_restarts(worker: WorkerProcess) -> int:
+    """How often the supervisor restarted ``worker`` after its stall watchdog crashed it;
+    fails on any other exit."""
+    for ended in worker.exits:
+        tail = ended.log[-5000:]
+        assert "input stalled" in ended.log, f"the worker exited ({ended.returncode}):\n{tail}"
+    return len(worker.exits)
 
 
 def vm_rss_kib(pid: int) -> int:

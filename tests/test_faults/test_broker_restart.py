@@ -1,8 +1,14 @@
 """Scenario 4: the broker (Apache Kafka) hard-stopped and started again under load.
 
 The SDKs' producers buffer while it is down and deliver when it is back, without blocking
-their callers; the same worker process resumes on its own; nothing acknowledged is lost:
+their callers; the worker resumes with no manual restart; nothing acknowledged is lost:
 every input delivered is processed and every decision comes out once and is applied once.
+
+The worker runs supervised, as in a deployment. After the broker is back, Faust's consumer
+sometimes never fetches again with the process up and silent (robinhood/faust#596,
+faust-streaming/faust#523; about half the runs here): the stall watchdog
+(``worker.stall_timeout_s``, 15 s in this suite) must then crash it, and the supervisor's
+restart carries on. Any other exit fails the test.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from streams.rules.breaker import BreakerPolicy
 from tests.test_faults.support import (
     FIGURES,
     PROFILE,
+    TRAINING_OVERRIDES,
     Background,
     BreakerOracle,
     CommandSink,
@@ -42,6 +49,7 @@ from tests.test_faults.support import (
     missing_training_outputs,
     rating_values,
     runs_on_every_partition,
+    stall_restarts,
     stop_trainers,
     training_oracle,
     wait_until_applied,
@@ -52,25 +60,14 @@ from tests.test_streams.conftest import TEST_PARTITIONS
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 SCENARIO = "4 broker restart"
-OVERRIDES: dict[str, Any] = {
-    "checkpoints.interval_steps": 50,
-    "checkpoints.health_lookback_steps": 20,
-    "checkpoints.keep": 20,  # see decision_view
-    "entropy.steps": 2000,
+OVERRIDES: dict[str, Any] = TRAINING_OVERRIDES | {
     "breaker.open_s": 3600.0,
-    # A batch waits for its outputs this long before the worker gives up and crashes (to
-    # be restarted by its supervisor). Longer than any outage here: the point is that the
-    # same process carries on.
+    # A batch waits for its outputs this long before the worker gives up and crashes.
+    # Longer than any outage here: only the stall watchdog may restart the worker.
     "worker.output_flush_timeout_s": 120.0,
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open in issue 7: after the broker comes back, the worker's Faust "
-    "fetcher sometimes waits forever for records (about half the runs); the process stays "
-    "up with no error. Nothing acknowledged is lost when it recovers.",
-)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_broker_restart_under_load_loses_nothing_acknowledged(
     fault_worker: Callable[..., WorkerProcess],
@@ -84,6 +81,7 @@ def test_a_broker_restart_under_load_loses_nothing_acknowledged(
     create_contract_topics(settings.kafka)
     worker = fault_worker(KAFKA__BOOTSTRAP_SERVERS=bootstrap, **worker_settings_env(OVERRIDES))
     worker.start()
+    worker.supervise()
     recorder = TopicRecorder(
         bootstrap,
         [topic_name(t, prefix) for t in (Topic.REWARD_STATS, Topic.COMMANDS, Topic.LLM_CONTROL)],
@@ -161,7 +159,7 @@ def test_a_broker_restart_under_load_loses_nothing_acknowledged(
             return (
                 f"missing stats {len(stats)} {sorted(stats)[:5]}, commands {sorted(ids)[:5]}, "
                 f"epochs {epochs}; a fresh consumer misses {[len(x) for x in again]} "
-                f"(worker running: {worker.running})"
+                f"(worker running: {worker.running}, exits: {len(worker.exits)})"
             )
 
         records = recorder.wait(
@@ -174,11 +172,9 @@ def test_a_broker_restart_under_load_loses_nothing_acknowledged(
         replica.close()
         ratings.close()
         recorder.close()
-        alive = worker.running
         worker.stop()
 
-    assert alive, "the worker exited during the outage"
-    assert worker.starts == 1, "the worker was restarted by hand"
+    assert worker.starts == 1 + stall_restarts(worker), "the worker was restarted by hand"
     for trainer in trainers:
         assert trainer.unanswered == [], f"{trainer.run_id}: spikes never answered"
     figures = check_training(training, records, prefix, [*trainers, sink], expected)
@@ -190,6 +186,7 @@ def test_a_broker_restart_under_load_loses_nothing_acknowledged(
         SCENARIO,
         outages=len(outages),
         outage_seconds=outages,
+        stall_watchdog_restarts=stall_restarts(worker),
         slowest_log_step_call_s=max(t.slowest_step_call_s for t in trainers),
         slowest_llm_record_call_ms=slowest["llm"] / 1000,
         slowest_rate_call_ms=slowest["rating"] / 1000,

@@ -149,20 +149,15 @@ def test_skewed_producer_clocks_change_no_downshift_duration_and_no_window(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (reported): the checkpoint ledger drops an announcement whose ts is not newer "
-    "than the last one's (streams/rules/checkpoints.py CheckpointLedger.record), so a run "
-    "resumed on a host whose clock is behind has its new checkpoints ignored",
-)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_run_resumed_on_a_host_with_a_slower_clock_keeps_its_checkpoints(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
     """Steps 0-160 on a host 10 minutes ahead (checkpoints 50-150), then the run resumes
     (attempt 1) from step 151 on a host 10 minutes behind (checkpoints 200, 250) and its
-    loss spikes at 280: the rollback goes to 250, the newest healthy checkpoint (with the
-    bug, the decision waits two intervals for 250, then rolls back to 150)."""
+    loss spikes at 280: the rollback goes to 250, the newest healthy checkpoint. (When the
+    ledger ordered announcements by ``ts``, 200 and 250 were dropped as replays: the decision
+    waited two intervals for 250, then rolled back to 150.)"""
     overrides = {"checkpoints.interval_steps": 50, "checkpoints.health_lookback_steps": 20}
     prefix = ops_settings.kafka.topic_prefix
     worker = fault_worker(**worker_settings_env(overrides))
@@ -178,10 +173,11 @@ def test_a_run_resumed_on_a_host_with_a_slower_clock_keeps_its_checkpoints(
             value["checkpoint_step"] = checkpoint
         return orjson.dumps(value)
 
-    def checkpoint(step: int, skew: float) -> bytes:
+    def checkpoint(step: int, attempt: int, skew: float) -> bytes:
         uri = f"file:///skewed/step-{step}.pt"
         ts = now + skew + step * 0.01
-        return orjson.dumps({"run_id": "skewed-resume", "step": step, "uri": uri, "ts": ts})
+        value = {"run_id": "skewed-resume", "step": step, "uri": uri, "ts": ts}
+        return orjson.dumps(value | {"attempt": attempt})
 
     commands_topic = topic_name(Topic.COMMANDS, prefix)
     with TopicRecorder(kafka_bootstrap, [commands_topic]) as recorder:
@@ -190,7 +186,7 @@ def test_a_run_resumed_on_a_host_with_a_slower_clock_keeps_its_checkpoints(
             checkpoints, metrics = [], []
             for step in steps:
                 if step and step % 50 == 0 and (attempt == 0 or step > 150):
-                    checkpoints.append((key, checkpoint(step, skew)))
+                    checkpoints.append((key, checkpoint(step, attempt, skew)))
                     last = step
                 metrics.append((key, metric(step, attempt, skew, last)))
             produce_records(kafka_bootstrap, topic_name(Topic.CHECKPOINTS, prefix), checkpoints)

@@ -11,6 +11,7 @@ worker's memory stays bounded.
 from __future__ import annotations
 
 import base64
+import math
 import random
 import time
 from collections import Counter
@@ -454,46 +455,56 @@ def test_a_step_beyond_64_bits_is_refused_not_a_crash_loop(
     FIGURES.add(SCENARIO, "refused_64_bit_overflows", len(letters))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (reported): a finite reward whose square overflows (|r| > ~1e154) makes the "
-    "window's std inf; RewardStats refuses inf, so the metric and every later one of the run "
-    "while it stays in the window are dead-lettered before the anomaly rules see them",
-)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_an_exploded_reward_does_not_blind_the_anomaly_rules(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
-    """A diverging run reports a finite but enormous reward (1e160), then its loss spikes:
-    its metrics are still valid events, so none is dead-lettered, and the spike is rolled
-    back."""
+    """A diverging run reports a finite but enormous reward (1e160: its square overflows a
+    float), then 1.0 again: every metric is a valid event, so none is dead-lettered, each
+    gets its reward statistics (finite, exact), and the anomaly rules see the collapse
+    (a reward drop to 0% of its baseline) and roll back to the checkpoint before it."""
     prefix = ops_settings.kafka.topic_prefix
     commands_topic = topic_name(Topic.COMMANDS, prefix)
     dead_topic = topic_name(Topic.DEAD_LETTER, prefix)
-    spread = [_metric("exploded", s, 1.0, 1e160 if s == 20 else 1.0) for s in range(150)]
-    spread[120] = _metric("exploded", 120, 50.0, 1.0)
-    checkpoint = {"run_id": "exploded", "step": 100, "uri": "file:///c/100.pt", "ts": time.time()}
-    worker = fault_worker(CHECKPOINTS__HEALTH_LOOKBACK_STEPS="20")
+    stats_topic = topic_name(Topic.REWARD_STATS, prefix)
+    steps = range(40)
+    metrics = [_metric("exploded", s, 1.0, 1e160 if s == 20 else 1.0) for s in steps]
+    checkpoint = {"run_id": "exploded", "step": 10, "uri": "file:///c/10.pt", "ts": time.time()}
+    worker = fault_worker(CHECKPOINTS__HEALTH_LOOKBACK_STEPS="5")
     worker.start()
-    with TopicRecorder(kafka_bootstrap, [commands_topic, dead_topic]) as recorder:
-        produce_records(kafka_bootstrap, topic_name(Topic.METRICS, prefix), spread[:101])
-        time.sleep(2.0)  # the checkpoint's health needs the metrics before it
+    with TopicRecorder(kafka_bootstrap, [commands_topic, dead_topic, stats_topic]) as recorder:
+        produce_records(kafka_bootstrap, topic_name(Topic.METRICS, prefix), metrics[:12])
+        recorder.wait(
+            lambda records: _steps_out(records, stats_topic, "exploded") >= set(range(12)),
+            30,
+            "the metrics before the checkpoint processed (its health needs them)",
+        )
         produce_records(
             kafka_bootstrap,
             topic_name(Topic.CHECKPOINTS, prefix),
             [(b"exploded", orjson.dumps(checkpoint))],
         )
-        produce_records(kafka_bootstrap, topic_name(Topic.METRICS, prefix), spread[101:])
+        produce_records(kafka_bootstrap, topic_name(Topic.METRICS, prefix), metrics[12:])
         try:
             records = recorder.wait(
-                lambda records: any(
-                    r.topic == commands_topic and r.json()["type"] == "rollback" for r in records
+                lambda records: (
+                    _steps_out(records, stats_topic, "exploded") >= set(steps)
+                    and any(
+                        r.topic == commands_topic and r.json()["type"] == "rollback"
+                        for r in records
+                    )
                 ),
-                15,
-                "the loss spike rolled back",
+                30,
+                "every metric's statistics and the rollback",
             )
         finally:
             letters = [r for r in recorder.records() if r.topic == dead_topic]
             worker.stop()
     assert letters == [], f"{len(letters)} valid metrics dead-lettered"
-    assert records
+    [rollback] = [
+        r.json() for r in records if r.topic == commands_topic and r.json()["type"] == "rollback"
+    ]
+    assert (rollback["checkpoint_step"], rollback["anomaly_step"]) == (10, 21)
+    assert rollback["reason"].startswith("reward drop")
+    [exploded] = [r.json() for r in records if r.topic == stats_topic and r.json()["step"] == 20]
+    assert exploded["std"] == pytest.approx(1e160 * math.sqrt(20) / 21, rel=1e-12)

@@ -12,7 +12,6 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -23,6 +22,7 @@ from schemas import Topic, topic_name
 from tests.test_faults.support import (
     FIGURES,
     PROFILE,
+    TRAINING_OVERRIDES,
     Seen,
     SimTrainer,
     TopicRecorder,
@@ -41,12 +41,6 @@ from tests.test_streams.conftest import TEST_PARTITIONS
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 SCENARIO = "3 rebalances"
-OVERRIDES: dict[str, Any] = {
-    "checkpoints.interval_steps": 50,
-    "checkpoints.health_lookback_steps": 20,
-    "checkpoints.keep": 20,  # see decision_view
-    "entropy.steps": 2000,
-}
 #: Not an expectation: a rebalance slower than this means the group is stuck (faust#133).
 SANITY_BOUND_S = 60.0
 
@@ -88,11 +82,11 @@ def test_workers_joining_and_leaving_keep_every_partition_flowing(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
     rng = random.Random(PROFILE.seed)
-    settings = configured(ops_settings, OVERRIDES)
+    settings = configured(ops_settings, TRAINING_OVERRIDES)
     prefix = settings.kafka.topic_prefix
     stats_topic = topic_name(Topic.REWARD_STATS, prefix)
     metrics_topic = topic_name(Topic.METRICS, prefix)
-    env = worker_settings_env(OVERRIDES)
+    env = worker_settings_env(TRAINING_OVERRIDES)
     steady, joining = fault_worker(**env), fault_worker(**env)
     steady.start()
     plans = [

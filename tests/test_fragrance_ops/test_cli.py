@@ -57,13 +57,16 @@ def test_the_demo_on_the_embedded_broker_prints_every_milestone_and_draws_the_ti
     tmp_path: Path,
 ) -> None:
     png = tmp_path / "timeline.png"
-    result = run_cli("demo", "--png", str(png), env=clean_env())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = run_cli("demo", "--png", str(png), env=clean_env(TMPDIR=str(scratch)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "embedded broker (Tansu)" in result.stderr
     for line in MILESTONES:
         assert line in result.stdout, line
     assert "summary: " in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(scratch.iterdir()) == []  # the broker's and the worker's files are gone
 
 
 @pytest.mark.integration
@@ -99,9 +102,11 @@ def descendants(pid: int) -> set[int]:
 
 @pytest.mark.integration
 def test_ctrl_c_stops_the_demo_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     demo = subprocess.Popen(
         [sys.executable, "-m", "fragrance_ops", "demo", "--png", str(tmp_path / "t.png")],
-        env=clean_env(),
+        env=clean_env(TMPDIR=str(scratch)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -118,6 +123,7 @@ def test_ctrl_c_stops_the_demo_and_leaves_no_process_behind(tmp_path: Path) -> N
     while any(Path(f"/proc/{pid}").exists() for pid in spawned) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()]
+    assert list(scratch.iterdir()) == []  # nor any file
 
 
 @pytest.mark.integration

@@ -33,16 +33,15 @@ def observe(
     steps: Iterable[int],
     anomalous: Iterable[int] = (),
     attempt: int = 0,
-    ts_offset: float = 0.0,
 ) -> None:
-    """Verdicts for ``steps`` (ts = step + ts_offset), anomalous at ``anomalous``."""
+    """Verdicts for ``steps``, anomalous at ``anomalous``."""
     bad = set(anomalous)
     for step in steps:
-        assert ledger.observe_verdict(step, step in bad, attempt=attempt, ts=step + ts_offset)
+        assert ledger.observe_verdict(step, step in bad, attempt=attempt)
 
 
-def record(ledger: CheckpointLedger, step: int, attempt: int = 0, ts_offset: float = 0.0) -> None:
-    assert ledger.record(step, uri(step, attempt), ts=step + ts_offset + 0.5)
+def record(ledger: CheckpointLedger, step: int, attempt: int = 0) -> None:
+    assert ledger.record(step, uri(step, attempt), attempt=attempt)
 
 
 def steps_of(checkpoints: Iterable[Checkpoint]) -> list[int]:
@@ -187,7 +186,7 @@ def rolled_back_run() -> CheckpointLedger:
     target = ledger.newest_healthy_before(2700)
     assert target is not None
     assert target.step == 2500
-    assert ledger.restore(2500, attempt=1, ts=10_000.0)
+    assert ledger.restore(2500, attempt=1)
     return ledger
 
 
@@ -204,10 +203,10 @@ def test_a_restore_makes_the_abandoned_checkpoints_stale() -> None:
         3500: "stale",
     }
     assert ledger.anomalous_intervals == []  # steps past 2500 will be observed again
-    # The new attempt replays 2501..3000 normally and saves 3000 again (a newer ts).
-    observe(ledger, range(2501, 3001), attempt=1, ts_offset=10_000.0)
+    # The new attempt replays 2501..3000 normally and saves 3000 again.
+    observe(ledger, range(2501, 3001), attempt=1)
     assert ledger.health(ledger.checkpoints[-1]) == "stale"
-    assert ledger.record(3000, uri(3000, 1), ts=20_000.0)
+    assert ledger.record(3000, uri(3000, 1), attempt=1)
     health = {c.step: ledger.health(c) for c in ledger.checkpoints}
     assert (health[3000], health[3500]) == ("healthy", "stale")
     target = ledger.newest_healthy_before(3200)
@@ -219,13 +218,13 @@ def test_a_restore_makes_the_abandoned_checkpoints_stale() -> None:
 
 def test_a_save_to_the_same_uri_replaces_the_stale_entry_without_deleting_it() -> None:
     ledger = rolled_back_run()
-    observe(ledger, range(2501, 3001), attempt=1, ts_offset=10_000.0)
-    assert ledger.record(3000, uri(3000), ts=20_000.0)  # the trainer overwrote its file
+    observe(ledger, range(2501, 3001), attempt=1)
+    assert ledger.record(3000, uri(3000), attempt=1)  # the trainer overwrote its file
     assert ledger.health(ledger.checkpoints[-2]) == "healthy"
     # Only the two oldest of seven go: the overwritten file is the live one, not garbage.
     assert [c.uri for c in ledger.retention()] == [uri(500), uri(1000)]
     assert steps_of(ledger.checkpoints) == [1500, 2000, 2500, 3000, 3500]
-    assert ledger.checkpoints[-2] == Checkpoint(3000, uri(3000), 20_000.0, stale=False)
+    assert ledger.checkpoints[-2] == Checkpoint(3000, uri(3000), attempt=1, stale=False)
 
 
 def test_a_late_checkpoint_from_the_abandoned_trajectory_is_stale() -> None:
@@ -234,10 +233,10 @@ def test_a_late_checkpoint_from_the_abandoned_trajectory_is_stale() -> None:
     record(ledger, 2500)
     # The trainer rolled back to 2500; its attempt-1 metrics are seen before the checkpoint
     # event of 3000, which attempt 0 had saved just before the rollback.
-    observe(ledger, range(2501, 2600), attempt=1, ts_offset=10_000.0)
-    assert ledger.record(3000, uri(3000), ts=3000.5)
+    observe(ledger, range(2501, 2600), attempt=1)
+    assert ledger.record(3000, uri(3000), attempt=0)
     assert ledger.health(ledger.checkpoints[-1]) == "stale"
-    observe(ledger, range(2600, 3100), attempt=1, ts_offset=10_000.0)
+    observe(ledger, range(2600, 3100), attempt=1)
     assert ledger.newest_healthy_before(3100) == ledger.checkpoints[0]
 
 
@@ -246,17 +245,17 @@ def test_a_new_attempt_branches_even_before_the_ack_and_a_late_ack_refines_it() 
     observe(ledger, range(0, 700), anomalous=range(520, 700))
     record(ledger, 500)
     # Sparse metrics: attempt 1 first reports step 510; the ack (restored 500) comes later.
-    observe(ledger, range(510, 560, 10), attempt=1, ts_offset=1000.0)
+    observe(ledger, range(510, 560, 10), attempt=1)
     assert ledger.anomalous_intervals == []  # 520.. were forgotten at the branch (509)
-    assert not ledger.restore(600, attempt=1, ts=999.0)  # above the branch: nothing to refine
-    assert ledger.restore(500, attempt=1, ts=999.0)
+    assert not ledger.restore(600, attempt=1)  # above the branch: nothing to refine
+    assert ledger.restore(500, attempt=1)
     state = ledger.to_state()
-    assert not ledger.restore(500, attempt=1, ts=999.0)
-    assert not ledger.restore(400, attempt=0, ts=999.0)
+    assert not ledger.restore(500, attempt=1)
+    assert not ledger.restore(400, attempt=0)
     assert ledger.to_state() == state
     # Verdicts of the abandoned attempt are ignored.
-    assert not ledger.observe_verdict(700, True, attempt=0, ts=700.0)
-    observe(ledger, [560], anomalous=[560], attempt=1, ts_offset=1000.0)
+    assert not ledger.observe_verdict(700, True, attempt=0)
+    observe(ledger, [560], anomalous=[560], attempt=1)
     assert ledger.anomalous_intervals == [(560, 560)]
 
 
@@ -264,9 +263,9 @@ def test_a_late_ack_keeps_what_the_new_attempt_observed() -> None:
     ledger = CheckpointLedger(CheckpointSettings(health_lookback_steps=10))
     observe(ledger, range(0, 700), anomalous=range(505, 700))
     record(ledger, 500)
-    observe(ledger, range(510, 620), anomalous=[530], attempt=1, ts_offset=1000.0)
-    assert ledger.record(600, uri(600, 1), ts=1600.5)
-    assert ledger.restore(500, attempt=1, ts=999.0)  # ack processed late
+    observe(ledger, range(510, 620), anomalous=[530], attempt=1)
+    assert ledger.record(600, uri(600, 1), attempt=1)
+    assert ledger.restore(500, attempt=1)  # ack processed late
     assert ledger.anomalous_intervals == [(530, 530)]
     assert [ledger.health(c) for c in ledger.checkpoints] == ["healthy", "healthy"]
 
@@ -285,23 +284,14 @@ ledger_operations = st.lists(
 small = CheckpointSettings(health_lookback_steps=4, keep=2)
 
 
-def run_ops(ledger: CheckpointLedger, ops: list[tuple[Any, ...]], clock: list[float]) -> list[Any]:
-    """Apply operations; ts comes from a clock that only moves forward, as a trainer's does."""
-    results: list[Any] = []
-    for operation in ops:
-        clock[0] += 1.0
-        results.append(apply(ledger, operation, clock[0]))
-    return results
-
-
-def apply(ledger: CheckpointLedger, operation: tuple[Any, ...], ts: float) -> Any:
+def apply(ledger: CheckpointLedger, operation: tuple[Any, ...]) -> Any:
     kind = operation[0]
     if kind == "verdict":
-        return ledger.observe_verdict(operation[2], operation[3], attempt=operation[1], ts=ts)
+        return ledger.observe_verdict(operation[2], operation[3], attempt=operation[1])
     if kind == "record":
-        return ledger.record(operation[2], uri(operation[2], operation[1]), ts=ts)
+        return ledger.record(operation[2], uri(operation[2], operation[1]), attempt=operation[1])
     if kind == "restore":
-        return ledger.restore(operation[2], operation[1], ts=ts)
+        return ledger.restore(operation[2], operation[1])
     return ledger.retention(operation[1])
 
 
@@ -314,7 +304,7 @@ def test_ledger_state_round_trips_exactly(ops: list[tuple[Any, ...]], cut: int) 
             state = orjson.loads(orjson.dumps(crashed.to_state()))
             crashed = CheckpointLedger.from_state(state, small)
             assert crashed.to_state() == uncrashed.to_state()
-        assert apply(crashed, operation, float(index)) == apply(uncrashed, operation, float(index))
+        assert apply(crashed, operation) == apply(uncrashed, operation)
         assert [crashed.health(c) for c in crashed.checkpoints] == [
             uncrashed.health(c) for c in uncrashed.checkpoints
         ]
@@ -327,21 +317,20 @@ def test_replaying_any_prefix_of_events_changes_nothing(
     ops: list[tuple[Any, ...]], bounds: tuple[int, int]
 ) -> None:
     ledger = CheckpointLedger(small)
-    stamped = [(operation, float(index)) for index, operation in enumerate(ops)]
-    for operation, ts in stamped:
-        apply(ledger, operation, ts)
+    for operation in ops:
+        apply(ledger, operation)
     ledger.retention()
     state = ledger.to_state()
     low, high = sorted(bounds)
-    for operation, ts in stamped[low:high]:
-        if operation[0] != "retention":  # a replay is of input events, with their own ts
-            assert apply(ledger, operation, ts) is False
+    for operation in ops[low:high]:
+        if operation[0] != "retention":  # a replay is of input events
+            assert apply(ledger, operation) is False
     assert ledger.retention() == []
     assert ledger.to_state() == state
 
 
 def test_unknown_state_versions_are_refused() -> None:
-    state = CheckpointLedger(DEFAULTS).to_state() | {"version": 2}
+    state = CheckpointLedger(DEFAULTS).to_state() | {"version": 1}
     with pytest.raises(ValueError, match="version"):
         CheckpointLedger.from_state(state, DEFAULTS)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -52,12 +54,34 @@ def test_tiny_and_huge_magnitudes_mix_exactly() -> None:
     assert stats.mean == 1e-300
 
 
-def test_a_spread_beyond_float_range_gives_infinite_std() -> None:
+def test_a_variance_beyond_float_range_still_gives_the_exact_std() -> None:
+    """An exploded reward (1e160: its square overflows a float) keeps every statistic
+    finite and exact, so the metrics of a diverging run stay expressible."""
     window = RewardWindow(2)
     window.add(1e300, step=0)
     stats = window.add(-1e300, step=1)
     assert stats is not None
-    assert (stats.mean, stats.std, stats.normalized_reward) == (0.0, math.inf, -0.0)
+    assert (stats.mean, stats.std, stats.normalized_reward) == (0.0, 1e300, -1.0)
+    window = RewardWindow(300)
+    for step in range(150):
+        stats = window.add(1e160 if step == 20 else 1.0, step=step)
+    assert stats is not None
+    exact = [Fraction(r) for r in window.rewards()]
+    mean = sum(exact) / len(exact)
+    variance = sum((r - mean) ** 2 for r in exact) / len(exact)
+    assert stats.mean == float(mean)
+    assert stats.std == pytest.approx(math.sqrt(float(variance / 10**300)) * 1e150, rel=1e-15)
+
+
+def test_rewards_at_the_edge_of_float_range_give_finite_z_scores() -> None:
+    window = RewardWindow(3)
+    for step, reward in enumerate([1.7e308, -1.7e308]):
+        window.add(reward, step=step)
+    stats = window.add(1.7e308, step=2)  # reward - mean overflows; the z-score does not
+    assert stats is not None
+    assert math.isfinite(stats.normalized_reward)
+    assert math.isfinite(stats.std)
+    assert stats.normalized_reward == pytest.approx(1 / math.sqrt(2), rel=1e-12)
 
 
 def test_duplicate_and_older_steps_are_ignored() -> None:
@@ -115,3 +139,21 @@ def test_corrupt_snapshots_are_refused() -> None:
     data = RewardWindow(10).to_bytes()
     with pytest.raises(ValueError, match="format"):
         RewardWindow.from_bytes(b"\x09" + data[1:])
+
+
+def test_statistics_do_not_depend_on_the_scale_the_sums_are_held_in() -> None:
+    """A live window's scale only grows; a restored one's is the smallest its rewards need.
+    Rewards with very fine bits pass through a small window, so the two scales differ,
+    and every statistic after each restore must still be bit-identical."""
+    rng = random.Random(5)
+    live = RewardWindow(20)
+    for step in range(3000):
+        fine = rng.gauss(0.0, 1.0) * 2.0 ** -rng.randint(0, 60)
+        reward = rng.choice([fine, rng.gauss(0.5, 0.2), float(rng.randint(-5, 5))])
+        assert live.add(reward, step=2 * step) is not None
+        restored = RewardWindow.from_bytes(live.to_bytes())
+        reward = rng.gauss(0.5, 0.2)
+        stats = live.add(reward, step=2 * step + 1)
+        assert stats is not None
+        assert stats == restored.add(reward, step=2 * step + 1)
+        live = restored

@@ -208,6 +208,28 @@ def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen
     assert rollback.checkpoint_step == 1000
 
 
+def test_a_run_resumed_on_a_host_whose_clock_is_behind_keeps_its_checkpoints() -> None:
+    """Checkpoints are ordered by (attempt, step), never by the trainer's clock: after a
+    resume from 1000 on a host 10 minutes behind, its checkpoint at 1500 is the target."""
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(1001))  # checkpoints 500 and 1000, stamped 500.5 and 1000.5
+    for step in range(1001, 1601):  # attempt 1, stamped 600 s behind the first host
+        resumed = metric(step, attempt=1).model_copy(update={"ts": step - 600.0})
+        ops.on_metric(resumed, now=1.0)
+        if step == 1500:
+            saved = checkpoint(1500).model_copy(update={"ts": 900.0, "attempt": 1})
+            assert ops.on_checkpoint(saved, now=1.0) == []
+    assert [cp.step for cp in ops.ledger.checkpoints] == [500, 1000, 1500]
+    # A replay of the resumed attempt's announcement is still recognised as one.
+    assert not ops.ledger.record(1500, "ckpt/1500.pt", attempt=1)
+    [rollback] = [
+        c
+        for c in ops.on_metric(metric(1601, loss=9.0, attempt=1), now=1.0)
+        if isinstance(c, Rollback)
+    ]
+    assert rollback.checkpoint_step == 1500
+
+
 def test_an_applied_retune_rescales_the_entropy_schedule_once() -> None:
     ops = RunOperations(RUN, Settings())
     feed(ops, range(2000))

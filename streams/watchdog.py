@@ -1,0 +1,106 @@
+"""Per assigned input partition: consumer lag for the metrics, and the stall watchdog.
+
+One timer reads the high watermarks of the worker's input partitions. The lag gauge is
+what the group has not committed yet (as Kafka's own tools report it); the watchdog
+compares them with the consumer's fetch positions, and watches every agent's batch in
+progress, and crashes the worker when ``StallDetector`` says either has made no progress
+for too long
+(``streams/rules/progress.py`` says why: a known Faust consumer hang after a broker
+restart). A supervisor (Kubernetes, Compose's restart policy, systemd) restarts it; a
+restart resumes at the committed offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable, Mapping
+
+from faust.types import TP
+
+from schemas import Topic
+from streams.agents import feedback
+from streams.context import ProcessorContext
+from streams.rules.progress import StallDetector
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStalled(RuntimeError):
+    """Input has waited on a partition with no progress for longer than the timeout."""
+
+
+def input_topics(ctx: ProcessorContext) -> list[str]:
+    inputs = (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS, Topic.ACKS)
+    others = (Topic.LLM_OUTCOMES, Topic.RATINGS)
+    contract = [ctx.topic(topic) for topic in (*inputs, *others)]
+    return [*contract, feedback.by_target_topic(ctx.settings)]
+
+
+def watch_partitions(ctx: ProcessorContext) -> None:
+    """Register the timer (when lag is exported or the watchdog is on)."""
+    app, settings = ctx.app, ctx.settings
+    timeout_s = settings.worker.stall_timeout_s
+    export_lag = settings.metrics.port is not None
+    if timeout_s is None and not export_lag:
+        return
+    detector = StallDetector(timeout_s) if timeout_s is not None else None
+    lag = ctx.metrics.consumer_lag
+    inputs = set(input_topics(ctx))
+    interval_s = settings.metrics.lag_interval_s
+    if timeout_s is not None:
+        interval_s = min(interval_s, timeout_s / 4)
+    # Longer than a tick may be: a slow answer is an answer, not an outage.
+    request_timeout_s = max(interval_s, 5.0)
+
+    async def measure() -> None:
+        # Input topics only: changelog partitions are read, never committed by the group.
+        assigned = {tp for tp in app.assignor.assigned_actives() if tp.topic in inputs}
+        if app.rebalancing or not assigned:
+            lag.clear()
+            return
+        # Faust keeps the committed offsets it knows in this mapping (0.15), None when
+        # there is none yet.
+        known: Mapping[TP, int | None] = getattr(app.consumer, "_committed_offset", {})
+        committed = {tp: offset for tp, offset in known.items() if offset is not None}
+        ordered = sorted(assigned)
+        try:
+            highwaters: Mapping[TP, int] = await asyncio.wait_for(
+                app.consumer.highwaters(*ordered), timeout=request_timeout_s
+            )
+            # The next offset the consumer will fetch: past transaction markers (which no
+            # stream ever sees), and stuck below the high watermark when fetching stopped.
+            positions = await asyncio.wait_for(
+                asyncio.gather(*(app.consumer.position(tp) for tp in ordered)),
+                timeout=request_timeout_s,
+            )
+        except Exception as exc:  # the broker is away: nothing can be said about progress
+            log.info("offsets unavailable: %s", exc)
+            if detector is not None:
+                detector.unknown(time.monotonic())
+            return
+        if export_lag:
+            lag.clear()
+            for tp, highwater in highwaters.items():
+                lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - committed.get(tp, 0))
+                )
+        if detector is None:
+            return
+        progress: dict[Hashable, tuple[int, int]] = {
+            tp: (position, highwaters[tp])
+            for tp, position in zip(ordered, positions, strict=True)
+            if position is not None and tp in highwaters  # None: a position being reset
+        }
+        # A batch in progress "waits" until the next one starts: a hung agent (outputs never
+        # acknowledged, a lock never released) stalls while Faust keeps fetching ahead for it.
+        for agent, serial in ctx.running_batches.items():
+            progress[f"agent {agent}'s batch"] = (serial, serial + 1)
+        stalls = detector.observe(time.monotonic(), progress)
+        if stalls:
+            described = "; ".join(stall.describe() for stall in stalls)
+            log.critical("input stalled, crashing so the supervisor restarts me: %s", described)
+            await app.crash(WorkerStalled(described))
+
+    app.timer(interval_s)(measure)

@@ -1,0 +1,205 @@
+"""Scenario 1, made deterministic: a replay longer than any bounded memory of ids.
+
+Faust writes a table's changelog as batches finish but commits input offsets only every
+few seconds, so a worker killed before its commit restarts with state that has applied
+events it will read again; killed again and again (the SIGKILL loop), the replay grows
+without bound (this is how the SIGKILL loop failed: breakers re-applied outcomes older
+than their 1,024 remembered call ids). Here the worker's commit timer is an hour: it
+applies 1,500 outcomes of one model and 3,200 ratings re-keyed to the default target
+(whose windows remember 3,000 fingerprints), then is SIGKILLed. The restarted worker
+reads again everything after the committed offsets (all of it, but for a commit Faust
+makes when the group rebalances), and again every re-keyed copy the replayed re-keying
+produces. Nothing may change: the stored state of the breaker and of the windows stays
+byte for byte what it was, and no transition or proposal comes out.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from fragrance_ops.brokers.base import free_port
+from fragrance_ops.settings import Settings
+from fragrance_ops.worker_process import WorkerProcess
+from schemas import Topic, topic_name
+from tests.helpers.kafka import produce_records
+from tests.test_faults.support import (
+    FIGURES,
+    PROFILE,
+    RetuneOracle,
+    TopicRecorder,
+    rating_values,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+SCENARIO = "1 replay beyond id memories"
+MODEL = "replayed-model"
+OUTCOMES = 1500  # > breaker.dedupe_window (1,024)
+RATINGS = 3200  # > retune.seen_ratings_max (3,000)
+NEVER_COMMIT = '{"broker_commit_interval": 3600, "broker_commit_every": 1000000}'
+
+
+def scrape(port: int, name: str, label: str) -> dict[str, float]:
+    """The counter ``name`` by ``label``, scraped from the worker."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}  # not serving yet
+    return {
+        sample.labels[label]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def replayed(port: int) -> dict[str, float]:
+    return scrape(port, "fragrance_ops_replayed_events", "agent")
+
+
+def uncommitted(bootstrap: str, group: str, topic: str, end: int) -> int:
+    """Records of ``topic`` (all on one partition, ``end`` of them) past ``group``'s commit."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        reader.close()
+    return end - sum(max(tp.offset, 0) for tp in committed)
+
+
+def latest_by_key(recorder: TopicRecorder, topic: str) -> dict[bytes, bytes]:
+    return {r.key or b"": r.value for r in recorder.records(topic)}
+
+
+@pytest.mark.timeout(PROFILE.test_timeout_s)
+def test_a_replay_longer_than_any_id_memory_changes_nothing(
+    fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
+) -> None:
+    prefix = ops_settings.kafka.topic_prefix
+    app_id = f"app-{prefix.rstrip('.')}"  # make_worker's
+    port = free_port()
+    worker = fault_worker(
+        WORKER__FAUST_OPTIONS=NEVER_COMMIT, BREAKER__OPEN_S="3600", METRICS__PORT=str(port)
+    )
+    worker.start()
+    breaker_log = f"{app_id}-llm-breakers-changelog"
+    windows_log = f"{app_id}-feedback-windows-changelog"
+    outputs = [topic_name(Topic.LLM_CONTROL, prefix), topic_name(Topic.COMMANDS, prefix)]
+    dead_letters = topic_name(Topic.DEAD_LETTER, prefix)
+    target = ops_settings.retune.default_target.encode()
+    now = time.time()
+    # Failures never three in a row: the breaker stays closed, and only its state records
+    # how many outcomes (and which call ids) it has applied.
+    outcomes = [
+        orjson.dumps(
+            {"model": MODEL, "ok": n % 3 == 2, "mode": "creative", "latency_ms": 50.0}
+            | {"ts": now, "call_id": f"call-{n}"}
+            | ({} if n % 3 == 2 else {"error": "timeout"})
+        )
+        for n in range(OUTCOMES)
+    ]
+    # One formula: its ratings are re-keyed to the default target in their order.
+    values = rating_values(PROFILE.seed, "low")
+    ratings = [
+        orjson.dumps(
+            {"rating": next(values), "user_id": f"user-{n}", "formula_id": "f-replayed"}
+            | {"ts": now, "rating_id": f"rating-{n}"}
+        )
+        for n in range(RATINGS)
+    ]
+    proposals = RetuneOracle(ops_settings)
+    for rating in ratings:
+        proposals.feed(rating)
+    assert len(proposals.proposals) > 10
+
+    with TopicRecorder(
+        kafka_bootstrap, [*outputs, dead_letters, breaker_log, windows_log]
+    ) as recorder:
+        sent = produce_records(
+            kafka_bootstrap,
+            topic_name(Topic.LLM_OUTCOMES, prefix),
+            [(MODEL.encode(), value) for value in outcomes],
+        )
+        rated = produce_records(
+            kafka_bootstrap,
+            topic_name(Topic.RATINGS, prefix),
+            [(b"f-replayed", value) for value in ratings],
+        )
+        last_applied = {
+            (breaker_log, MODEL.encode()): sent[-1],
+            (windows_log, target): rated[-1],  # its origin, through the re-keying
+        }
+
+        def applied(_records: Any) -> bool:
+            for (changelog, key), message in last_applied.items():
+                state = latest_by_key(recorder, changelog).get(key)
+                origin = f"{message.partition()}:{message.topic()}"
+                if state is None or orjson.loads(state)["applied"].get(origin) != message.offset():
+                    return False
+            return proposed() >= set(proposals.proposals)
+
+        def proposed() -> set[str]:
+            return {r.json()["command_id"] for r in recorder.records(outputs[1])}
+
+        recorder.wait(applied, 120, "every outcome and rating applied, every proposal out")
+        assert not recorder.records(dead_letters)
+        assert proposed() == set(proposals.proposals)
+        before = {
+            "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
+            "windows": latest_by_key(recorder, windows_log)[target],
+            "outputs": len([r for r in recorder.records() if r.topic in outputs]),
+        }
+        assert replayed(port) == {}  # nothing replayed in the first life
+
+        worker.kill()
+        # Every input past the committed offsets is read again; each rating twice at the
+        # windows (the copy re-keyed before the kill, and the one the replayed re-keying
+        # makes now). Each must be recognised and skipped.
+        by_target = f"{prefix}{app_id}-ratings-by-target"  # every copy on one partition
+        replays = {
+            "llm-breakers": uncommitted(kafka_bootstrap, app_id, sent[-1].topic(), OUTCOMES),
+            "feedback": uncommitted(kafka_bootstrap, app_id, rated[-1].topic(), RATINGS)
+            + uncommitted(kafka_bootstrap, app_id, by_target, RATINGS),
+        }
+        assert replays["llm-breakers"] > 1024  # beyond the breaker's call-id memory
+        assert replays["feedback"] > 2 * 3000  # beyond the windows' fingerprint memory
+        worker.start()
+        # At least: a rebalance in the restarted worker's first seconds can make it read
+        # a partition again from the beginning (see streams/transport.py).
+        wait_for(
+            lambda: all(replayed(port).get(agent, 0) >= count for agent, count in replays.items()),
+            60,
+            f"every replayed input recognised: {replays}",
+            lambda: (
+                f"skipped: {replayed(port)}, read: "
+                f"{scrape(port, 'fragrance_ops_events', 'topic')}, dead letters: "
+                f"{scrape(port, 'fragrance_ops_dead_letters', 'topic')}"
+            ),
+        )
+        time.sleep(2.0)  # any state write or output a replay caused would be here by now
+        after = {
+            "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
+            "windows": latest_by_key(recorder, windows_log)[target],
+            "outputs": len([r for r in recorder.records() if r.topic in outputs]),
+        }
+    worker.stop()
+    assert after == before, "a replay changed the state or emitted outputs"
+    FIGURES.record(
+        SCENARIO,
+        outcomes_replayed=replays["llm-breakers"],
+        rating_copies_replayed=replays["feedback"],
+        proposals=len(proposals.proposals),
+        state_changed_by_replay=0,
+    )
