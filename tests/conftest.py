@@ -25,6 +25,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"kafka test broker: {chosen_broker()}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_logs_in_the_test_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Stable-Baselines3 makes a log folder per learn() in the system's temp directory
+    unless ``SB3_LOGDIR`` names one; the tests' go with their other files."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """bootstrap.servers of the session's broker, started on first use."""
