@@ -288,14 +288,15 @@ def _parties(
             target=_rating_app, args=(settings, timeline.run_id, seed, stop), daemon=True
         ),
     ]
-    for thread in (trainer, *others):
-        thread.start()
     try:
+        for thread in (trainer, *others):  # inside: a Ctrl-C among the starts stops them too
+            thread.start()
         yield trainer
     finally:
         stop.set()
         for thread in (trainer, *others):
-            thread.join(timeout=30)
+            if thread.is_alive():
+                thread.join(timeout=30)
 
 
 def run_demo(settings: Settings, *, steps: int, seed: int, png: Path, console: Console) -> int:

@@ -135,9 +135,10 @@ class WorkerSettings(_Group):
     stall_timeout_s: float | None = Field(
         default=60.0,
         gt=0,
-        description="records waiting on an assigned input partition with no progress this "
-        "long crash the worker, for its supervisor to restart (a known Faust consumer hang "
-        "after a broker restart); None: no watchdog",
+        description="an input partition that fetches no further, or commits no further past "
+        "records it fetched, or an agent batch that does not finish, for this long crashes "
+        "the worker for its supervisor to restart (known Faust hangs and dropped records); "
+        "keep it well above Faust's commit interval (2.8 s); None: no watchdog",
     )
     faust_options: dict[str, Any] = Field(
         default_factory=dict,

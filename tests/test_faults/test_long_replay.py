@@ -91,7 +91,10 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     app_id = f"app-{prefix.rstrip('.')}"  # make_worker's
     port = free_port()
     worker = fault_worker(
-        WORKER__FAUST_OPTIONS=NEVER_COMMIT, BREAKER__OPEN_S="3600", METRICS__PORT=str(port)
+        WORKER__FAUST_OPTIONS=NEVER_COMMIT,
+        WORKER__STALL_TIMEOUT_S="3600",  # no commit for an hour is this test's point
+        BREAKER__OPEN_S="3600",
+        METRICS__PORT=str(port),
     )
     worker.start()
     breaker_log = f"{app_id}-llm-breakers-changelog"
