@@ -138,7 +138,8 @@ class WorkerSettings(_Group):
         description="an input partition that fetches no further, or commits no further past "
         "records it fetched, or an agent batch that does not finish, for this long crashes "
         "the worker for its supervisor to restart (known Faust hangs and dropped records); "
-        "keep it well above Faust's commit interval (2.8 s); None: no watchdog",
+        "keep it well above Faust's commit interval (2.8 s); None: no watchdog (needed when "
+        "input topics are written with transactions: a final marker looks like a stall)",
     )
     faust_options: dict[str, Any] = Field(
         default_factory=dict,

@@ -930,7 +930,10 @@ def check_training(
         assert previous == view, "a replay changed a decision"
     assert set(observed) == set(expected)
     for command_id, view in expected.items():
-        assert observed[command_id] == decision_view(view)
+        assert observed[command_id] == decision_view(view), (
+            f"{command_id}: the worker decided {observed[command_id]}, "
+            f"the rules {decision_view(view)}"
+        )
 
     applied: Counter[str] = Counter()
     first_acks: Counter[str] = Counter()
