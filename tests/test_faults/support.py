@@ -585,6 +585,14 @@ class RetuneOracle:
 # --- simulated clients ------------------------------------------------------------------------
 
 
+def answer_commands_until(client: TrainerClient, done: threading.Event) -> None:
+    """Handle and ack commands as they arrive, until ``done``, then once more."""
+    while not done.is_set():
+        client.poll_commands()
+        time.sleep(0.02)
+    client.poll_commands()
+
+
 def smooth_loss(step: int, phase: float) -> float:
     """A loss that never moves by 2x between steps (range 0.7..1.3)."""
     return 1.0 + 0.3 * math.sin(step * 0.11 + phase)
@@ -685,10 +693,7 @@ class SimTrainer:
                 if self.pause_s:
                     time.sleep(self.pause_s)
             self.stepped.set()
-            while not self.done.is_set():
-                self.client.poll_commands()
-                time.sleep(0.02)
-            self.client.poll_commands()
+            answer_commands_until(self.client, self.done)
         except BaseException as exc:
             self.error = exc
 
@@ -764,10 +769,7 @@ class CommandSink:
 
     def _main(self) -> None:
         try:
-            while not self.done.is_set():
-                self.client.poll_commands()
-                time.sleep(0.02)
-            self.client.poll_commands()
+            answer_commands_until(self.client, self.done)
         except BaseException as exc:
             self.error = exc
 
