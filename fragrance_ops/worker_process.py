@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from fragrance_ops.processes import kill_supervised, spawn_supervised, stop_supervised
+from fragrance_ops.processes import (
+    kill_supervised,
+    reap_supervised,
+    spawn_supervised,
+    stop_supervised,
+)
 
 
 def worker_env(**settings: str) -> dict[str, str]:
@@ -65,6 +70,7 @@ class WorkerProcess:
                 if self._unsupervised.is_set() or process is None or process.poll() is None:
                     continue
                 self.exits.append(Exit(process.returncode, self.log_since_start()))
+                reap_supervised(process)  # what its group left, and our end of its pipe
                 try:
                     self._start(timeout_s=90.0)
                 except (RuntimeError, TimeoutError):  # tried again at the next poll

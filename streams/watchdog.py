@@ -93,12 +93,11 @@ def watch_partitions(ctx: ProcessorContext) -> None:
             for tp, position in zip(ordered, positions, strict=True)
             if position is not None and tp in highwaters  # None: a position being reset
         }
-        # Fetched but never processed: Faust can drop records it fetched when a rebalance
-        # interrupts it, after its seek back to the committed offsets (the SIGKILL-loop and
-        # broker-restart fault tests, a single record at times); the commit then stays at
-        # the first of them. A transaction marker at a partition's end looks the same, so
-        # inputs written with transactions need the watchdog off (none of our producers
-        # uses transactions).
+        # Fetched but never processed: the commit stays at the first such record. The
+        # transport reads again what Faust drops in a rebalance (streams/transport.py);
+        # this is the backstop for any drop it does not know. A transaction marker at a
+        # partition's end looks the same, so inputs written with transactions need the
+        # watchdog off (none of our producers uses transactions).
         for tp, position in zip(ordered, positions, strict=True):
             done = committed.get(tp)
             if position is not None and done is not None and position > done:

@@ -33,6 +33,7 @@ from schemas import (
 from schemas.signing import SIGNATURE_REJECTIONS
 from streams.batching import register_batch_agent
 from streams.context import ProcessorContext
+from streams.live import input_origin
 from streams.rules.reward_window import RewardWindow
 from streams.rules.training import RunOperations
 from streams.state import REWARD_WINDOW_CODEC, PartitionedTable, partitioned_table
@@ -204,10 +205,13 @@ def register(ctx: ProcessorContext) -> TrainingTables:
 
     async def on_ack(message: Message, batch: _Batch) -> None:
         ack = decode(CommandAck, message.value, max_bytes=max_bytes)
+        ops = batch.run_operations(ack.run_id.encode(), message.partition)
+        if ops.is_replayed_ack(*input_origin(message)):
+            ctx.metrics.replayed_events.labels("training").inc()
+            return
         if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
             log.error("run %s refused command %s: %s", ack.run_id, ack.command_id, ack.detail)
             ctx.metrics.signature_rejections.labels(ctx.metrics.run_label(ack.run_id)).inc()
-        ops = batch.run_operations(ack.run_id.encode(), message.partition)
         for command in ops.on_ack(ack, ctx.now()):
             await ctx.forward(command)
 

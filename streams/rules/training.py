@@ -69,6 +69,9 @@ class RunOperations:
         self.awaiting_target: dict[str, Any] | None = None
         self.halted = False
         self.applied_retunes: list[str] = []  # the newest retune ids whose acks were applied
+        # Per origin partition of the acks, the offset of the newest ack applied: a replay
+        # after a crash (any length) is recognised by position, a duplicate by retune id.
+        self.acks_applied: dict[str, int] = {}
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         commands: list[CommandBase] = []
@@ -187,6 +190,15 @@ class RunOperations:
             ),
         ]
 
+    def is_replayed_ack(self, origin: str, offset: int) -> bool:
+        """Whether the ack at this input position was applied already; if not, it is now
+        (the caller goes on with ``on_ack``)."""
+        applied = self.acks_applied.get(origin)
+        if applied is not None and offset <= applied:
+            return True
+        self.acks_applied[origin] = offset
+        return False
+
     def on_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
         if ack.command_type == "retune":
             return self._on_retune_ack(ack, now)
@@ -242,6 +254,7 @@ class RunOperations:
             "awaiting_target": self.awaiting_target,
             "halted": self.halted,
             "applied_retunes": self.applied_retunes,
+            "acks_applied": self.acks_applied,
         }
 
     @classmethod
@@ -257,6 +270,7 @@ class RunOperations:
         ops.awaiting_target = state["awaiting_target"]
         ops.halted = state["halted"]
         ops.applied_retunes = list(state.get("applied_retunes", []))
+        ops.acks_applied = dict(state.get("acks_applied", {}))
         return ops
 
 

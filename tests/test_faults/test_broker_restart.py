@@ -4,11 +4,13 @@ The SDKs' producers buffer while it is down and deliver when it is back, without
 their callers; the worker resumes with no manual restart; nothing acknowledged is lost:
 every input delivered is processed and every decision comes out once and is applied once.
 
-The worker runs supervised, as in a deployment. After the broker is back, Faust's consumer
-sometimes never fetches again with the process up and silent (robinhood/faust#596,
-faust-streaming/faust#523; about half the runs here): the stall watchdog
-(``worker.stall_timeout_s``, 15 s in this suite) must then crash it, and the supervisor's
-restart carries on. Any other exit fails the test.
+The worker runs supervised, as in a deployment. After the broker came back, Faust's
+consumer used to stop delivering some partitions with the process up and silent (as in
+robinhood/faust#596 and faust-streaming/faust#523), and to lose records outright: both
+were records Faust dropped in the rebalance, which the worker's transport now reads again
+in order (``streams/transport.py``). Should the worker stall anyway, the stall watchdog
+(``worker.stall_timeout_s``, 15 s in this suite) must crash it, and the supervisor's
+restart carries on; any other exit fails the test.
 """
 
 from __future__ import annotations
@@ -68,13 +70,6 @@ OVERRIDES: dict[str, Any] = TRAINING_OVERRIDES | {
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open in issue 7: once in 5 runs, Faust dropped records it had fetched before the "
-    "broker restart after its seek back to the committed offsets, and this worker never "
-    "processed them (Kafka still holds them: a restart reads them); the watchdog's commit "
-    "check is meant to catch it and is not yet proven to",
-)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_broker_restart_under_load_loses_nothing_acknowledged(
     fault_worker: Callable[..., WorkerProcess],

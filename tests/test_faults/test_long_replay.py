@@ -9,8 +9,9 @@ applies 1,500 outcomes of one model and 3,200 ratings re-keyed to the default ta
 (whose windows remember 3,000 fingerprints), then is SIGKILLed. The restarted worker
 reads again everything after the committed offsets (all of it, but for a commit Faust
 makes when the group rebalances), and again every re-keyed copy the replayed re-keying
-produces. Nothing may change: the stored state of the breaker and of the windows stays
-byte for byte what it was, and no transition or proposal comes out.
+produces. Nothing may change: the stored state of the breaker, the windows and the run's
+operations stays byte for byte what it was, and no transition, proposal or command comes
+out.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fragrance_ops.brokers.base import free_port
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
-from schemas import Topic, topic_name
+from schemas import CommandAck, StepMetric, Topic, encode, topic_name
+from streams.rules.training import APPLIED_RETUNES_KEPT
 from tests.helpers.kafka import produce_records
 from tests.test_faults.support import (
     FIGURES,
@@ -45,6 +47,9 @@ SCENARIO = "1 replay beyond id memories"
 MODEL = "replayed-model"
 OUTCOMES = 1500  # > breaker.dedupe_window (1,024)
 RATINGS = 3200  # > retune.seen_ratings_max (3,000)
+RUN = "replayed-run"
+RETUNE_ACKS = 40  # > APPLIED_RETUNES_KEPT (32)
+STEPS = 100  # metrics before the acks, and as many after them
 NEVER_COMMIT = '{"broker_commit_interval": 3600, "broker_commit_every": 1000000}'
 
 
@@ -83,6 +88,35 @@ def latest_by_key(recorder: TopicRecorder, topic: str) -> dict[bytes, bytes]:
     return {r.key or b"": r.value for r in recorder.records(topic)}
 
 
+def metrics(steps: range, now: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (RUN.encode(), encode(StepMetric(run_id=RUN, step=step, loss=1.0, reward=1.0, ts=now)))
+        for step in steps
+    ]
+
+
+def retune_acks(now: float) -> list[tuple[bytes, bytes]]:
+    """Acks of applied retunes, each a new entropy_coef (the run's operations rescale the
+    entropy schedule to it, once per retune)."""
+    return [
+        (
+            RUN.encode(),
+            encode(
+                CommandAck(
+                    command_id=f"retune-{n}",
+                    run_id=RUN,
+                    status="applied",
+                    detail="retune applied",
+                    ts=now,
+                    after={"entropy_coef": 0.001 + n * 1e-4},
+                    command_type="retune",
+                )
+            ),
+        )
+        for n in range(RETUNE_ACKS)
+    ]
+
+
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_replay_longer_than_any_id_memory_changes_nothing(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
@@ -99,8 +133,13 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     worker.start()
     breaker_log = f"{app_id}-llm-breakers-changelog"
     windows_log = f"{app_id}-feedback-windows-changelog"
+    operations_log = f"{app_id}-run-operations-changelog"
     outputs = [topic_name(Topic.LLM_CONTROL, prefix), topic_name(Topic.COMMANDS, prefix)]
     dead_letters = topic_name(Topic.DEAD_LETTER, prefix)
+    outcomes_topic, ratings_topic = (
+        topic_name(t, prefix) for t in (Topic.LLM_OUTCOMES, Topic.RATINGS)
+    )
+    metrics_topic, acks_topic = (topic_name(t, prefix) for t in (Topic.METRICS, Topic.ACKS))
     target = ops_settings.retune.default_target.encode()
     now = time.time()
     # Failures never three in a row: the breaker stays closed, and only its state records
@@ -126,24 +165,48 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     for rating in ratings:
         proposals.feed(rating)
     assert len(proposals.proposals) > 10
+    assert RETUNE_ACKS > APPLIED_RETUNES_KEPT
 
     with TopicRecorder(
-        kafka_bootstrap, [*outputs, dead_letters, breaker_log, windows_log]
+        kafka_bootstrap, [*outputs, dead_letters, breaker_log, windows_log, operations_log]
     ) as recorder:
         sent = produce_records(
-            kafka_bootstrap,
-            topic_name(Topic.LLM_OUTCOMES, prefix),
-            [(MODEL.encode(), value) for value in outcomes],
+            kafka_bootstrap, outcomes_topic, [(MODEL.encode(), value) for value in outcomes]
         )
         rated = produce_records(
-            kafka_bootstrap,
-            topic_name(Topic.RATINGS, prefix),
-            [(b"f-replayed", value) for value in ratings],
+            kafka_bootstrap, ratings_topic, [(b"f-replayed", value) for value in ratings]
         )
         last_applied = {
             (breaker_log, MODEL.encode()): sent[-1],
             (windows_log, target): rated[-1],  # its origin, through the re-keying
         }
+
+        def operations() -> dict[str, Any]:
+            state = latest_by_key(recorder, operations_log).get(RUN.encode())
+            return orjson.loads(state) if state is not None else {}
+
+        # The acks between the run's metrics, in this order (three topics): each ack
+        # rescales the schedule at the newest step seen, and a replayed ack would be applied
+        # at the last one.
+        produce_records(kafka_bootstrap, metrics_topic, metrics(range(STEPS), now))
+        recorder.wait(
+            lambda _: operations().get("detector", {}).get("last") == [0, STEPS - 1],
+            60,
+            "the first metrics applied",
+        )
+        acked = produce_records(kafka_bootstrap, acks_topic, retune_acks(now))
+        ack_origin = f"{acked[-1].partition()}:{acked[-1].topic()}"
+        recorder.wait(
+            lambda _: operations().get("acks_applied", {}).get(ack_origin) == acked[-1].offset(),
+            60,
+            "every retune ack applied",
+        )
+        produce_records(kafka_bootstrap, metrics_topic, metrics(range(STEPS, 2 * STEPS), now))
+        recorder.wait(
+            lambda _: operations().get("detector", {}).get("last") == [0, 2 * STEPS - 1],
+            60,
+            "the last metrics applied",
+        )
 
         def applied(_records: Any) -> bool:
             for (changelog, key), message in last_applied.items():
@@ -154,16 +217,22 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
             return proposed() >= set(proposals.proposals)
 
         def proposed() -> set[str]:
-            return {r.json()["command_id"] for r in recorder.records(outputs[1])}
+            commands = (r.json() for r in recorder.records(outputs[1]))
+            return {c["command_id"] for c in commands if c["type"] == "retune"}
 
         recorder.wait(applied, 120, "every outcome and rating applied, every proposal out")
         assert not recorder.records(dead_letters)
         assert proposed() == set(proposals.proposals)
-        before = {
-            "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
-            "windows": latest_by_key(recorder, windows_log)[target],
-            "outputs": len([r for r in recorder.records() if r.topic in outputs]),
-        }
+
+        def stored() -> dict[str, object]:
+            return {
+                "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
+                "windows": latest_by_key(recorder, windows_log)[target],
+                "operations": latest_by_key(recorder, operations_log)[RUN.encode()],
+                "outputs": len([r for r in recorder.records() if r.topic in outputs]),
+            }
+
+        before = stored()
         assert replayed(port) == {}  # nothing replayed in the first life
 
         worker.kill()
@@ -172,12 +241,14 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
         # makes now). Each must be recognised and skipped.
         by_target = f"{prefix}{app_id}-ratings-by-target"  # every copy on one partition
         replays = {
-            "llm-breakers": uncommitted(kafka_bootstrap, app_id, sent[-1].topic(), OUTCOMES),
-            "feedback": uncommitted(kafka_bootstrap, app_id, rated[-1].topic(), RATINGS)
+            "llm-breakers": uncommitted(kafka_bootstrap, app_id, outcomes_topic, OUTCOMES),
+            "feedback": uncommitted(kafka_bootstrap, app_id, ratings_topic, RATINGS)
             + uncommitted(kafka_bootstrap, app_id, by_target, RATINGS),
+            "training": uncommitted(kafka_bootstrap, app_id, acks_topic, RETUNE_ACKS),
         }
         assert replays["llm-breakers"] > 1024  # beyond the breaker's call-id memory
         assert replays["feedback"] > 2 * 3000  # beyond the windows' fingerprint memory
+        assert replays["training"] > APPLIED_RETUNES_KEPT  # beyond the retune-id memory
         worker.start()
         # At least: a rebalance in the restarted worker's first seconds can make it read
         # a partition again from the beginning (see streams/transport.py).
@@ -192,17 +263,14 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
             ),
         )
         time.sleep(2.0)  # any state write or output a replay caused would be here by now
-        after = {
-            "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
-            "windows": latest_by_key(recorder, windows_log)[target],
-            "outputs": len([r for r in recorder.records() if r.topic in outputs]),
-        }
+        after = stored()
     worker.stop()
     assert after == before, "a replay changed the state or emitted outputs"
     FIGURES.record(
         SCENARIO,
         outcomes_replayed=replays["llm-breakers"],
         rating_copies_replayed=replays["feedback"],
+        retune_acks_replayed=replays["training"],
         proposals=len(proposals.proposals),
         state_changed_by_replay=0,
     )

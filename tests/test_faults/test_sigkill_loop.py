@@ -68,13 +68,6 @@ def trainer_plans(rng: random.Random, runs: int) -> list[TrainerPlan]:
     return plans
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open in issue 7: after the replay fixes it passed 8 runs in a row here, then "
-    "failed twice: once one breaker transition of the run's last outcomes never came (the "
-    "record drop of the broker-restart scenario, it seems), once one command's content "
-    "differed from the rules'; intermittent, so it must not block a landing",
-)
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_sigkilled_worker_loses_nothing_and_applies_nothing_twice(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
