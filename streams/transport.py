@@ -74,7 +74,11 @@ class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
         is_input = self.consumer.app.topics.acks_enabled_for
         uncommitted = [tp for tp, offset in committed.items() if not offset and is_input(tp.topic)]
         if uncommitted:
-            await consumer.seek_to_beginning(*uncommitted)
+            # Not seek_to_beginning: its reset leaves no position for a moment, and Faust's
+            # livelock check (verify_event_path) crashes the worker on that.
+            beginnings = await consumer.beginning_offsets(uncommitted)
+            for tp, offset in beginnings.items():
+                consumer.seek(tp, offset)
         self.seeks_back += 1
         return committed
 

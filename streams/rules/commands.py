@@ -61,5 +61,8 @@ def halt_command_id(run_id: str, *, attempt: int, step: int) -> str:
     return command_id(run_id, "halt", attempt, step)
 
 
-def prune_command_id(run_id: str, *, checkpoint_step: int) -> str:
-    return command_id(run_id, "prune_checkpoints", checkpoint_step)
+def prune_command_id(run_id: str, *, attempt: int, checkpoint_step: int) -> str:
+    # With the attempt: after a rollback the run saves the same steps again, and each
+    # save's prune is a decision of its own (without it, the trainer took the second for
+    # a duplicate of the first and never pruned it: the long SIGKILL profile found this).
+    return command_id(run_id, "prune_checkpoints", attempt, checkpoint_step)

@@ -181,7 +181,9 @@ class RunOperations:
         return [
             *commands,
             PruneCheckpoints(
-                command_id=prune_command_id(self.run_id, checkpoint_step=checkpoint.step),
+                command_id=prune_command_id(
+                    self.run_id, attempt=checkpoint.attempt, checkpoint_step=checkpoint.step
+                ),
                 run_id=self.run_id,
                 issued_at=now,
                 steps=[cp.step for cp in pruned],

@@ -183,6 +183,18 @@ def test_retention_keeps_the_newest_healthy_checkpoint_through_a_long_anomaly() 
     assert sorted(pruned) == [500, 1500, 2000, 2500]
 
 
+def test_a_step_saved_again_after_a_rollback_prunes_under_a_new_command_id() -> None:
+    settings = run_overrides(Settings(), {"checkpoints.auto_rollback": False})
+    ops = RunOperations(RUN, settings)
+    first = [c for c in feed(ops, range(3001)) if isinstance(c, PruneCheckpoints)]
+    resaved = CheckpointSaved(run_id=RUN, step=3000, uri="ckpt/3000-again.pt", ts=3e3, attempt=1)
+    again = [c for c in ops.on_checkpoint(resaved, now=1.0) if isinstance(c, PruneCheckpoints)]
+    assert first
+    assert again
+    assert first[-1].steps != again[0].steps  # another decision ...
+    assert first[-1].command_id != again[0].command_id  # ... so another id
+
+
 def test_state_round_trips_and_continues_identically() -> None:
     uncrashed, crashed = RunOperations(RUN, Settings()), RunOperations(RUN, Settings())
     feed(uncrashed, range(1100))
