@@ -59,6 +59,10 @@ def watch_partitions(ctx: ProcessorContext) -> None:
         assigned = {tp for tp in app.assignor.assigned_actives() if tp.topic in inputs}
         if app.rebalancing or not assigned:
             lag.clear()
+            if detector is not None:
+                # No progress is due while partitions move and tables recover (that took
+                # 12 s in the long rebalance profile): the clocks start again after it.
+                detector.unknown(time.monotonic())
             return
         # Faust keeps the committed offsets it knows in this mapping (0.15), None when
         # there is none yet.

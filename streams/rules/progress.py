@@ -10,9 +10,10 @@ that its supervisor restarts it (a restart resumes at the committed offset, so n
 lost). A hung agent is watched the same way: its batch in progress is "waiting" until a
 batch with a new serial starts.
 
-Time counts only while the broker answers: a round in which the high watermarks could not
-be read (``unknown``) restarts every clock, so an outage longer than the timeout is not
-mistaken for a stall once the broker is back.
+Time counts only while the broker answers and no rebalance is under way: a round in which
+the high watermarks could not be read, or partitions were moving (``unknown``), restarts
+every clock, so an outage or a table recovery longer than the timeout is not mistaken for
+a stall once it is over.
 
 Plain Python: no Kafka, no Faust.
 """
@@ -70,5 +71,5 @@ class StallDetector:
         return stalls
 
     def unknown(self, now: float) -> None:
-        """The high watermarks could not be read: restart every clock (see the module doc)."""
+        """Nothing can be said about progress now: restart every clock (the module doc)."""
         self._since = {partition: (offset, now) for partition, (offset, _) in self._since.items()}
