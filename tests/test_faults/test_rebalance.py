@@ -151,6 +151,10 @@ def test_workers_joining_and_leaving_keep_every_partition_flowing(
                 lambda records: not any(missing_training_outputs(oracle, records, prefix)),
                 120,
                 "every expected output",
+                lambda records: (
+                    "missing (stats, command ids): "
+                    + str(missing_training_outputs(oracle, records, prefix))[:2000]
+                ),
             )
             wait_until_applied(trainers, oracle.commands)
         finally:
