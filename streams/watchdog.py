@@ -92,19 +92,19 @@ def watch_partitions(ctx: ProcessorContext) -> None:
                 )
         if detector is None:
             return
-        progress: dict[Hashable, tuple[int, int]] = {
-            tp: (position, highwaters[tp])
-            for tp, position in zip(ordered, positions, strict=True)
-            if position is not None and tp in highwaters  # None: a position being reset
-        }
-        # Fetched but never processed: the commit stays at the first such record. The
-        # transport reads again what Faust drops in a rebalance (streams/transport.py);
-        # this is the backstop for any drop it does not know. A transaction marker at a
-        # partition's end looks the same, so inputs written with transactions need the
-        # watchdog off (none of our producers uses transactions).
+        progress: dict[Hashable, tuple[int, int]] = {}
         for tp, position in zip(ordered, positions, strict=True):
+            if position is None:
+                continue  # a position being reset
+            if tp in highwaters:
+                progress[tp] = (position, highwaters[tp])
+            # Fetched but never processed: the commit stays at the first such record. The
+            # transport reads again what Faust drops in a rebalance (streams/transport.py);
+            # this is the backstop for any drop it does not know. A transaction marker at
+            # a partition's end looks the same, so inputs written with transactions need
+            # the watchdog off (none of our producers uses transactions).
             done = committed.get(tp)
-            if position is not None and done is not None and position > done:
+            if done is not None and position > done:
                 progress[f"{tp} commit"] = (done, position)
         # A batch in progress "waits" until the next one starts: a hung agent (outputs never
         # acknowledged, a lock never released) stalls while Faust keeps fetching ahead for it.

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from fragrance_ops.brokers.base import free_port
@@ -82,6 +82,11 @@ def uncommitted(bootstrap: str, group: str, topic: str, end: int) -> int:
     finally:
         reader.close()
     return end - sum(max(tp.offset, 0) for tp in committed)
+
+
+def origin(message: Message) -> str:
+    """How the stored state names a delivered record's partition (``streams.live``)."""
+    return f"{message.partition()}:{message.topic()}"
 
 
 def latest_by_key(recorder: TopicRecorder, topic: str) -> dict[bytes, bytes]:
@@ -188,31 +193,31 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
         # The acks between the run's metrics, in this order (three topics): each ack
         # rescales the schedule at the newest step seen, and a replayed ack would be applied
         # at the last one.
-        produce_records(kafka_bootstrap, metrics_topic, metrics(range(STEPS), now))
-        recorder.wait(
-            lambda _: operations().get("detector", {}).get("last") == [0, STEPS - 1],
-            60,
-            "the first metrics applied",
-        )
+        def apply_metrics(steps: range) -> None:
+            produce_records(kafka_bootstrap, metrics_topic, metrics(steps, now))
+            recorder.wait(
+                lambda _: operations().get("detector", {}).get("last") == [0, steps[-1]],
+                60,
+                f"metrics up to step {steps[-1]} applied",
+            )
+
+        apply_metrics(range(STEPS))
         acked = produce_records(kafka_bootstrap, acks_topic, retune_acks(now))
-        ack_origin = f"{acked[-1].partition()}:{acked[-1].topic()}"
         recorder.wait(
-            lambda _: operations().get("acks_applied", {}).get(ack_origin) == acked[-1].offset(),
+            lambda _: (
+                operations().get("acks_applied", {}).get(origin(acked[-1])) == acked[-1].offset()
+            ),
             60,
             "every retune ack applied",
         )
-        produce_records(kafka_bootstrap, metrics_topic, metrics(range(STEPS, 2 * STEPS), now))
-        recorder.wait(
-            lambda _: operations().get("detector", {}).get("last") == [0, 2 * STEPS - 1],
-            60,
-            "the last metrics applied",
-        )
+        apply_metrics(range(STEPS, 2 * STEPS))
 
         def applied(_records: Any) -> bool:
             for (changelog, key), message in last_applied.items():
                 state = latest_by_key(recorder, changelog).get(key)
-                origin = f"{message.partition()}:{message.topic()}"
-                if state is None or orjson.loads(state)["applied"].get(origin) != message.offset():
+                if state is None or orjson.loads(state)["applied"].get(origin(message)) != (
+                    message.offset()
+                ):
                     return False
             return proposed() >= set(proposals.proposals)
 
