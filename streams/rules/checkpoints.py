@@ -122,6 +122,18 @@ class CheckpointLedger:
         self._checkpoints[step] = Checkpoint(step=step, uri=uri, attempt=attempt, stale=stale)
         return True
 
+    @property
+    def last_record(self) -> Position | None:
+        """The ``(attempt, step)`` of the newest checkpoint recorded."""
+        return self._last_record
+
+    def metrics_reached(self, position: Position) -> bool:
+        """Whether the run's metrics were judged up to ``position``, or a newer attempt
+        began (an older attempt's metrics are ignored from then on)."""
+        return (self._last is not None and self._last >= position) or (
+            self._attempt is not None and self._attempt > position[0]
+        )
+
     def observe_verdict(self, step: int, anomalous: bool, *, attempt: int = 0) -> bool:
         """The detector judged the metric at ``step``; False for a replay."""
         position = (attempt, step)

@@ -15,7 +15,7 @@ Which parts each command type uses (the helpers below fix the order):
   never mistaken by the SDK for the schedule's value at the same step).
 - ``retune``: the ratings window's id.
 - ``halt``: attempt, step (the anomaly step that exhausted the rollback budget).
-- ``prune_checkpoints``: the step of the checkpoint whose arrival caused it.
+- ``prune_checkpoints``: attempt, the step of the checkpoint whose arrival caused it.
 
 Changing ``COMMAND_NAMESPACE`` or the encoding changes every id: never do it while runs are
 live (a replay after an upgrade would then yield a second, distinct command).

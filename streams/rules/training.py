@@ -11,7 +11,14 @@ contract commands with deterministic ids:
   Checkpoints and metrics travel on different topics, so a checkpoint may arrive after the
   anomaly that needs it: without a target the decision waits, and is taken when a healthy
   checkpoint arrives, or becomes a ``halt`` when none has after ``2 * interval_steps``;
-- every checkpoint: ``prune_checkpoints`` when retention drops some;
+- every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
+  the newest healthy checkpoint, and health is known from the metrics, so a checkpoint
+  read before the run's metrics reached its step is held back and recorded when they do
+  (or a newer attempt begins): what is pruned then depends on the run's own order, as the
+  trainer produced it, never on how far the worker's reading of one topic ran ahead of
+  the other (it ran 2,000 steps ahead after rebalances in the long fault profile, and the
+  prunes came out different). At most ``EARLY_CHECKPOINTS_HELD`` wait; beyond that the
+  oldest is recorded at once (a run whose metrics never come);
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
   restored step;
 - an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
@@ -38,6 +45,7 @@ from schemas import (
 )
 from schemas.events import float_to_wire
 from schemas.signing import SIGNATURE_REJECTIONS
+from streams.rules import Position
 from streams.rules.anomaly import AnomalyDetector, Verdict
 from streams.rules.checkpoints import CheckpointLedger, RollbackBudget
 from streams.rules.commands import (
@@ -51,6 +59,8 @@ from streams.rules.entropy_schedule import EntropyEmitter
 
 _STATE_VERSION = 1
 APPLIED_RETUNES_KEPT = 32
+#: Checkpoints read ahead of the run's metrics and held back (interval 500: 512,000 steps).
+EARLY_CHECKPOINTS_HELD = 1024
 
 
 class RunOperations:
@@ -72,11 +82,19 @@ class RunOperations:
         # Per origin partition of the acks, the offset of the newest ack applied: a replay
         # after a crash (any length) is recognised by position, a duplicate by retune id.
         self.acks_applied: dict[str, int] = {}
+        # Checkpoints read before the metrics reached them, oldest first: {step, uri, attempt}.
+        self.early_checkpoints: list[dict[str, Any]] = []
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
-        commands: list[CommandBase] = []
         if self.halted:
-            return commands
+            return []
+        # The trainer saved these before this metric: they are rollback targets for it.
+        commands = self._record_checkpoints(now, before=(metric.attempt, metric.step))
+        commands += self._judge_metric(metric, now)
+        return commands + self._record_checkpoints(now)
+
+    def _judge_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
+        commands: list[CommandBase] = []
         coef = self.entropy.observe(metric.step, metric.attempt)
         if coef is not None:
             commands.append(
@@ -167,7 +185,46 @@ class RunOperations:
         )
 
     def on_checkpoint(self, checkpoint: CheckpointSaved, now: float) -> list[CommandBase]:
-        if not self.ledger.record(checkpoint.step, checkpoint.uri, attempt=checkpoint.attempt):
+        position = (checkpoint.attempt, checkpoint.step)
+        newest = (
+            _position(self.early_checkpoints[-1])
+            if self.early_checkpoints
+            else self.ledger.last_record
+        )
+        if newest is not None and position <= newest:
+            return []  # a replay
+        self.early_checkpoints.append(
+            {"step": checkpoint.step, "uri": checkpoint.uri, "attempt": checkpoint.attempt}
+        )
+        return self._record_checkpoints(now)
+
+    def _record_checkpoints(
+        self, now: float, *, before: Position | None = None
+    ) -> list[CommandBase]:
+        """Record the held-back checkpoints the run's metrics reached (or, with ``before``,
+        those older than that metric), in order."""
+        commands: list[CommandBase] = []
+        while self.early_checkpoints:
+            position = _position(self.early_checkpoints[0])
+            ready = (
+                self.halted
+                or len(self.early_checkpoints) > EARLY_CHECKPOINTS_HELD
+                or (
+                    position < before
+                    if before is not None
+                    else self.ledger.metrics_reached(position)
+                )
+            )
+            if not ready:
+                break
+            held = self.early_checkpoints.pop(0)
+            commands += self._record_checkpoint(held["step"], held["uri"], held["attempt"], now)
+        return commands
+
+    def _record_checkpoint(
+        self, step: int, uri: str, attempt: int, now: float
+    ) -> list[CommandBase]:
+        if not self.ledger.record(step, uri, attempt=attempt):
             return []
         commands: list[CommandBase] = []
         if self.awaiting_target is not None and not self.halted:
@@ -181,9 +238,7 @@ class RunOperations:
         return [
             *commands,
             PruneCheckpoints(
-                command_id=prune_command_id(
-                    self.run_id, attempt=checkpoint.attempt, checkpoint_step=checkpoint.step
-                ),
+                command_id=prune_command_id(self.run_id, attempt=attempt, checkpoint_step=step),
                 run_id=self.run_id,
                 issued_at=now,
                 steps=[cp.step for cp in pruned],
@@ -212,10 +267,13 @@ class RunOperations:
             # still on its way and its ack must still count.
             return []
         self.pending_rollback = None
-        if ack.status == "applied":
-            self.detector.reset_to(pending["step"], pending["attempt"])
-            self.ledger.restore(pending["step"], pending["attempt"])
-        return []
+        if ack.status != "applied":
+            return []
+        # The trainer saved every checkpoint of the abandoned attempt before it restored.
+        commands = self._record_checkpoints(now, before=(pending["attempt"], 0))
+        self.detector.reset_to(pending["step"], pending["attempt"])
+        self.ledger.restore(pending["step"], pending["attempt"])
+        return commands + self._record_checkpoints(now)
 
     def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
         """An applied retune's entropy_coef rescales the schedule instead of being
@@ -257,6 +315,7 @@ class RunOperations:
             "halted": self.halted,
             "applied_retunes": self.applied_retunes,
             "acks_applied": self.acks_applied,
+            "early_checkpoints": self.early_checkpoints,
         }
 
     @classmethod
@@ -273,7 +332,12 @@ class RunOperations:
         ops.halted = state["halted"]
         ops.applied_retunes = list(state.get("applied_retunes", []))
         ops.acks_applied = dict(state.get("acks_applied", {}))
+        ops.early_checkpoints = [dict(held) for held in state.get("early_checkpoints", [])]
         return ops
+
+
+def _position(checkpoint: dict[str, Any]) -> Position:
+    return (checkpoint["attempt"], checkpoint["step"])
 
 
 def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any]:

@@ -188,8 +188,8 @@ def wait_for(
 TRAINING_OVERRIDES: dict[str, Any] = {
     "checkpoints.interval_steps": 50,
     "checkpoints.health_lookback_steps": 20,
-    # 20 kept: the newest healthy checkpoint is always among them, however far the worker's
-    # reading of metrics lags its reading of checkpoints after a restart (see decision_view).
+    # 20 kept: the newest healthy checkpoint is among them even when a rollback's ack is
+    # read before the abandoned attempt's last metrics (see decision_view).
     "checkpoints.keep": 20,
     "entropy.steps": 2000,
 }
@@ -420,10 +420,12 @@ def decision_view(command: dict[str, Any]) -> dict[str, Any]:
 
     - ``retune``: not the window's ``duplicates`` counter (nor the rationale quoting it),
       which counts ratings seen twice, and a crash's replay adds to it;
-    - ``prune_checkpoints``: not ``protected_step``, the newest checkpoint known healthy when
-      the announcement was read, which depends on how far the run's metrics (another topic)
-      had been read by then. What is deleted must not depend on it (the scenarios keep
-      enough checkpoints for that); what the worker calls protected may.
+    - ``prune_checkpoints``: not ``protected_step``, the newest checkpoint known healthy
+      when the checkpoint was recorded. The rules hold a checkpoint back until the run's
+      metrics reach it, but a rollback's ack (a third topic) releases the abandoned
+      attempt's checkpoints whatever the metrics read by then. What is deleted must not
+      depend on it (the scenarios keep enough checkpoints for that); what the worker calls
+      protected may.
     """
     view = command_view(command)
     if view["type"] == "retune":
@@ -884,6 +886,36 @@ def missing_training_outputs(
     stats = {stats_view(r.json()) for r in records if r.topic == stats_topic}
     ids = {r.json()["command_id"] for r in records if r.topic == commands_topic}
     return oracle.distinct_stats() - stats, (set(oracle.commands) | set(extra_ids)) - ids
+
+
+def describe_missing_training_outputs(
+    oracle: TrainingOracle,
+    records: list[Seen],
+    prefix: str,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """What a timed-out wait still misses, by run and command type, and which commands came
+    out that the rules never decided (a missing id next to an unexpected one of the same
+    type and run is a disagreement on the id, not a loss)."""
+    expected = oracle.commands | (extra or {})
+    stats, ids = missing_training_outputs(oracle, records, prefix, expected)
+    commands_topic = topic_name(Topic.COMMANDS, prefix)
+    emitted = {r.json()["command_id"]: r.json() for r in records if r.topic == commands_topic}
+
+    def summary(views: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[Any]]:
+        grouped: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        for view in views:
+            at = view.get("step", view.get("checkpoint_step", view.get("steps")))
+            grouped[(view["run_id"], view["type"])].append(at)
+        return dict(sorted(grouped.items()))
+
+    missing_stats: Counter[str] = Counter(row[0] for row in stats)
+    unexpected = [view for i, view in emitted.items() if i not in expected]
+    return (
+        f"missing stats by run {dict(missing_stats)}; "
+        f"missing commands {summary(expected[i] for i in ids)}; "
+        f"unexpected commands {summary(unexpected)}"
+    )[:6000]
 
 
 def wait_until_applied(

@@ -29,6 +29,7 @@ from tests.test_faults.support import (
     TrainerPlan,
     check_training,
     configured,
+    describe_missing_training_outputs,
     missing_training_outputs,
     runs_on_every_partition,
     stop_trainers,
@@ -151,10 +152,7 @@ def test_workers_joining_and_leaving_keep_every_partition_flowing(
                 lambda records: not any(missing_training_outputs(oracle, records, prefix)),
                 120,
                 "every expected output",
-                lambda records: (
-                    "missing (stats, command ids): "
-                    + str(missing_training_outputs(oracle, records, prefix))[:2000]
-                ),
+                lambda records: describe_missing_training_outputs(oracle, records, prefix),
             )
             wait_until_applied(trainers, oracle.commands)
         finally:

@@ -37,6 +37,7 @@ from tests.test_faults.support import (
     check_training,
     configured,
     control_view,
+    describe_missing_training_outputs,
     flaky_outcomes,
     missing_training_outputs,
     rating_values,
@@ -170,11 +171,10 @@ def test_sigkilled_worker_loses_nothing_and_applies_nothing_twice(
             return stats, ids, expected_epochs - epochs
 
         def describe(records: list[Seen]) -> str:
-            stats, ids, epochs = missing(records)
+            epochs = missing(records)[2]
             return (
-                f"missing {len(stats)} stats (e.g. {sorted(stats)[:3]}), "
-                f"commands {[expected_commands[i] for i in sorted(ids)][:3]}, "
-                f"epochs {sorted(epochs)[:5]}"
+                describe_missing_training_outputs(training, records, prefix, windows.proposals)
+                + f"; epochs {sorted(epochs)[:5]}"
             )
 
         records = recorder.wait(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import orjson
 import pytest
 
 from fragrance_ops.settings import Settings, run_overrides
@@ -16,7 +17,7 @@ from schemas import (
     SetEntropyCoef,
     StepMetric,
 )
-from streams.rules.training import RunOperations
+from streams.rules.training import EARLY_CHECKPOINTS_HELD, RunOperations
 
 RUN = "run-1"
 
@@ -188,11 +189,75 @@ def test_a_step_saved_again_after_a_rollback_prunes_under_a_new_command_id() -> 
     ops = RunOperations(RUN, settings)
     first = [c for c in feed(ops, range(3001)) if isinstance(c, PruneCheckpoints)]
     resaved = CheckpointSaved(run_id=RUN, step=3000, uri="ckpt/3000-again.pt", ts=3e3, attempt=1)
-    again = [c for c in ops.on_checkpoint(resaved, now=1.0) if isinstance(c, PruneCheckpoints)]
+    assert ops.on_checkpoint(resaved, now=1.0) == []  # held until attempt 1's metrics come
+    resumed = ops.on_metric(metric(3001, attempt=1), now=1.0)
+    again = [c for c in resumed if isinstance(c, PruneCheckpoints)]
     assert first
     assert again
     assert first[-1].steps != again[0].steps  # another decision ...
     assert first[-1].command_id != again[0].command_id  # ... so another id
+
+
+def run_read(checkpoints_ahead: int, *, crash_at: int | None = None) -> list[dict[str, object]]:
+    """The commands of one run (checkpoint every 50 steps, 5 kept, an anomalous stretch
+    that makes the newest healthy checkpoint an old one) when the worker reads the
+    checkpoints topic ``checkpoints_ahead`` checkpoints ahead of the metrics topic
+    (negative: behind; 0: the trainer's order, a step's metric before its checkpoint).
+    ``crash_at``: the state round-trips through JSON after that many events."""
+    settings = run_overrides(
+        Settings(),
+        {
+            "checkpoints.auto_rollback": False,
+            "checkpoints.interval_steps": 50,
+            "checkpoints.keep": 5,
+            "checkpoints.health_lookback_steps": 20,
+        },
+    )
+    metrics = [metric(s, loss=9.0 if s in range(1210, 1600, 2) else 1.0) for s in range(2400)]
+    checkpoints = [checkpoint(s) for s in range(50, 2400, 50)]
+    ops, commands, read = RunOperations(RUN, settings), [], 0
+    while metrics or checkpoints:
+        metrics_read = 2400 - len(metrics)
+        take_checkpoint = checkpoints and (
+            not metrics or checkpoints[0].step < metrics_read + 50 * checkpoints_ahead
+        )
+        if take_checkpoint:
+            commands += ops.on_checkpoint(checkpoints.pop(0), now=1.0)
+        else:
+            commands += ops.on_metric(metrics.pop(0), now=1.0)
+        read += 1
+        if read == crash_at:
+            ops = RunOperations.from_state(
+                RUN, orjson.loads(orjson.dumps(ops.to_state())), settings
+            )
+    return [c.model_dump(exclude={"issued_at"}) for c in commands]
+
+
+@pytest.mark.parametrize("checkpoints_ahead", [-30, -3, 3, 30])
+def test_decisions_do_not_depend_on_how_far_one_topic_is_read_ahead_of_the_other(
+    checkpoints_ahead: int,
+) -> None:
+    # Faust reads the small checkpoints topic far ahead of the metrics after a rebalance
+    # (2,000 steps in the long fault profile): the newest healthy checkpoint, which
+    # retention protects, must be judged on the metrics the trainer had sent by then.
+    in_order = run_read(0)
+    prunes = [c for c in in_order if c["type"] == "prune_checkpoints"]
+    assert len(prunes) > 30
+    assert {c["protected_step"] for c in prunes} > {1200}  # the anomaly pinned an old one
+    assert sorted(run_read(checkpoints_ahead), key=str) == sorted(in_order, key=str)
+
+
+def test_checkpoints_held_back_survive_a_crash() -> None:
+    assert run_read(30, crash_at=700) == run_read(30)
+
+
+def test_checkpoints_are_held_back_for_a_bounded_number_only() -> None:
+    ops = RunOperations(RUN, run_overrides(Settings(), {"checkpoints.keep": 5}))
+    pruned = []
+    for step in range(1, EARLY_CHECKPOINTS_HELD + 50):
+        pruned += ops.on_checkpoint(checkpoint(step * 500), now=1.0)  # no metric ever comes
+    assert len(ops.early_checkpoints) == EARLY_CHECKPOINTS_HELD
+    assert pruned  # the oldest were recorded, and retention went on
 
 
 def test_state_round_trips_and_continues_identically() -> None:
