@@ -146,6 +146,17 @@ class WorkerSettings(_Group):
         description='extra faust.App settings, e.g. {"broker_max_poll_records": 5000}; '
         "they override ours (an escape hatch for tuning, JSON in the environment)",
     )
+    changelog_topic_configs: dict[str, str] = Field(
+        default_factory=lambda: {
+            "segment.bytes": str(8 * 1024 * 1024),
+            "min.cleanable.dirty.ratio": "0.1",
+        },
+        description="topic configs of the tables' changelogs, applied when Faust creates "
+        "them: the tables live in memory, so a worker taking a partition reads its "
+        "changelog from the start, and compaction (only of closed segments) keeps that read "
+        "near one record per key instead of the whole history (joining took 35 s after 10 "
+        "minutes of the long rebalance profile with 1 GiB segments)",
+    )
     max_event_bytes: int = Field(
         default=256 * 1024, ge=1024, description="larger payloads are dead-lettered"
     )

@@ -12,6 +12,7 @@ from typing import Any
 import faust
 from faust.serializers import codecs
 
+from fragrance_ops.settings import Settings
 from streams.rules.reward_window import RewardWindow
 
 
@@ -55,15 +56,20 @@ class PartitionedTable(faust.Table[bytes, Any]):
 
 
 def partitioned_table(
-    app: faust.App, name: str, *, partitions: int, value_serializer: str
+    app: faust.App,
+    name: str,
+    *,
+    settings: Settings,
+    value_serializer: str,
 ) -> PartitionedTable:
     table = PartitionedTable(
         app,
         name=name,
         default=None,
         beacon=app.tables.beacon,
-        partitions=partitions,
+        partitions=settings.kafka.partitions,
         value_serializer=value_serializer,
+        extra_topic_configs=settings.worker.changelog_topic_configs,
     )
     app.tables.add(table)
     return table

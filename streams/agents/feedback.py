@@ -47,7 +47,7 @@ class Feedback:
         table = partitioned_table(
             ctx.app,
             "feedback-windows",
-            partitions=ctx.settings.kafka.partitions,
+            settings=ctx.settings,
             value_serializer="raw",
         )
         self.live: LiveStates[Retuner] = LiveStates(

@@ -36,7 +36,7 @@ class Breakers:
         table = partitioned_table(
             ctx.app,
             "llm-breakers",
-            partitions=ctx.settings.kafka.partitions,
+            settings=ctx.settings,
             value_serializer="raw",
         )
         self.live: LiveStates[ModelBreaker] = LiveStates(

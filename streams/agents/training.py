@@ -143,16 +143,15 @@ class _Batch:
 def register(ctx: ProcessorContext) -> TrainingTables:
     app = ctx.app
     worker = ctx.settings.worker
-    partitions = ctx.settings.kafka.partitions
     tables = TrainingTables(
         run_settings=partitioned_table(
-            app, "run-settings", partitions=partitions, value_serializer="json"
+            app, "run-settings", settings=ctx.settings, value_serializer="json"
         ),
         windows=partitioned_table(
-            app, "reward-windows", partitions=partitions, value_serializer=REWARD_WINDOW_CODEC
+            app, "reward-windows", settings=ctx.settings, value_serializer=REWARD_WINDOW_CODEC
         ),
         operations=partitioned_table(
-            app, "run-operations", partitions=partitions, value_serializer="raw"
+            app, "run-operations", settings=ctx.settings, value_serializer="raw"
         ),
     )
     max_bytes = worker.max_event_bytes
