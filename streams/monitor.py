@@ -2,12 +2,14 @@
 
 Faust's default ``Monitor`` updates a dozen counters and timers for every message and
 stream event (about 5% of the worker's main thread when profiled). The product's metrics
-come from its own counters, so those four per-event hooks are no-ops here; the hooks for
-commits, sends, rebalances and tables stay Faust's.
+come from its own counters, so those four per-event hooks do nothing here but keep the one
+time Faust's livelock check reads; the hooks for commits, sends, rebalances and tables stay
+Faust's.
 """
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
 from faust.sensors import Monitor
@@ -21,6 +23,9 @@ class LeanMonitor(Monitor):
     def on_stream_event_in(
         self, tp: TP, offset: int, stream: StreamT[Any], event: EventT[Any]
     ) -> dict[str, Any] | None:
+        # Faust's livelock check reads this; without it, it logged every busy partition as
+        # "Stream has not started processing" once the worker had run for 5 minutes.
+        self.stream_inbound_time[tp] = monotonic()
         return None
 
     def on_stream_event_out(
