@@ -17,10 +17,11 @@ contract commands with deterministic ids:
   (or a newer attempt begins): what is pruned then depends on the run's own order, as the
   trainer produced it, never on how far the worker's reading of one topic ran ahead of
   the other (it ran 2,000 steps ahead after rebalances in the long fault profile, and the
-  prunes came out different). At most ``EARLY_CHECKPOINTS_HELD`` wait; beyond that the
-  oldest is recorded at once (a run whose metrics never come);
+  prunes came out different). At most ``HELD_BACK_MAX`` wait; beyond that the oldest is
+  recorded at once (a run whose metrics never come);
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
-  restored step;
+  restored step, after the checkpoints still held back (the trainer saved them before it
+  restored; a restart that read the acks ahead of the metrics found this);
 - an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
   the retuned level (``set_entropy_coef`` with the composed value).
 
@@ -59,8 +60,8 @@ from streams.rules.entropy_schedule import EntropyEmitter
 
 _STATE_VERSION = 1
 APPLIED_RETUNES_KEPT = 32
-#: Checkpoints read ahead of the run's metrics and held back (interval 500: 512,000 steps).
-EARLY_CHECKPOINTS_HELD = 1024
+#: Inputs read ahead of the run's metrics and held back (interval 500: 512,000 steps).
+HELD_BACK_MAX = 1024
 
 
 class RunOperations:
@@ -82,16 +83,17 @@ class RunOperations:
         # Per origin partition of the acks, the offset of the newest ack applied: a replay
         # after a crash (any length) is recognised by position, a duplicate by retune id.
         self.acks_applied: dict[str, int] = {}
-        # Checkpoints read before the metrics reached them, oldest first: {step, uri, attempt}.
-        self.early_checkpoints: list[dict[str, Any]] = []
+        # Read before the metrics reached them, in the order read: checkpoints {step, uri,
+        # attempt}, and the restores of rollback acks read after those {step, attempt}.
+        self.held_back: list[dict[str, Any]] = []
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         if self.halted:
             return []
         # The trainer saved these before this metric: they are rollback targets for it.
-        commands = self._record_checkpoints(now, before=(metric.attempt, metric.step))
+        commands = self._release_held_back(now, before=(metric.attempt, metric.step))
         commands += self._judge_metric(metric, now)
-        return commands + self._record_checkpoints(now)
+        return commands + self._release_held_back(now)
 
     def _judge_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         commands: list[CommandBase] = []
@@ -186,39 +188,45 @@ class RunOperations:
 
     def on_checkpoint(self, checkpoint: CheckpointSaved, now: float) -> list[CommandBase]:
         position = (checkpoint.attempt, checkpoint.step)
-        newest = (
-            _position(self.early_checkpoints[-1])
-            if self.early_checkpoints
-            else self.ledger.last_record
+        newest = next(
+            (_position(held) for held in reversed(self.held_back) if "uri" in held),
+            self.ledger.last_record,
         )
         if newest is not None and position <= newest:
             return []  # a replay
-        self.early_checkpoints.append(
+        self.held_back.append(
             {"step": checkpoint.step, "uri": checkpoint.uri, "attempt": checkpoint.attempt}
         )
-        return self._record_checkpoints(now)
+        return self._release_held_back(now)
 
-    def _record_checkpoints(
+    def _release_held_back(
         self, now: float, *, before: Position | None = None
     ) -> list[CommandBase]:
-        """Record the held-back checkpoints the run's metrics reached (or, with ``before``,
-        those older than that metric), in order."""
+        """Apply, in the order read, what was held back: checkpoints the run's metrics
+        reached (with ``before``: the trainer saved them before that metric), and a restore
+        once no checkpoint waits ahead of it."""
         commands: list[CommandBase] = []
-        while self.early_checkpoints:
-            position = _position(self.early_checkpoints[0])
-            ready = (
-                self.halted
-                or len(self.early_checkpoints) > EARLY_CHECKPOINTS_HELD
-                or (
-                    position < before
-                    if before is not None
-                    else self.ledger.metrics_reached(position)
+        while self.held_back:
+            held = self.held_back[0]
+            if "uri" in held:
+                position = _position(held)
+                ready = (
+                    self.halted
+                    or len(self.held_back) > HELD_BACK_MAX
+                    or (
+                        position < before
+                        if before is not None
+                        else self.ledger.metrics_reached(position)
+                    )
                 )
-            )
-            if not ready:
-                break
-            held = self.early_checkpoints.pop(0)
-            commands += self._record_checkpoint(held["step"], held["uri"], held["attempt"], now)
+                if not ready:
+                    break
+            self.held_back.pop(0)
+            if "uri" in held:
+                commands += self._record_checkpoint(held["step"], held["uri"], held["attempt"], now)
+            else:
+                self.detector.reset_to(held["step"], held["attempt"])
+                self.ledger.restore(held["step"], held["attempt"])
         return commands
 
     def _record_checkpoint(
@@ -269,11 +277,8 @@ class RunOperations:
         self.pending_rollback = None
         if ack.status != "applied":
             return []
-        # The trainer saved every checkpoint of the abandoned attempt before it restored.
-        commands = self._record_checkpoints(now, before=(pending["attempt"], 0))
-        self.detector.reset_to(pending["step"], pending["attempt"])
-        self.ledger.restore(pending["step"], pending["attempt"])
-        return commands + self._record_checkpoints(now)
+        self.held_back.append({"step": pending["step"], "attempt": pending["attempt"]})
+        return self._release_held_back(now)
 
     def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
         """An applied retune's entropy_coef rescales the schedule instead of being
@@ -315,7 +320,7 @@ class RunOperations:
             "halted": self.halted,
             "applied_retunes": self.applied_retunes,
             "acks_applied": self.acks_applied,
-            "early_checkpoints": self.early_checkpoints,
+            "held_back": self.held_back,
         }
 
     @classmethod
@@ -332,7 +337,7 @@ class RunOperations:
         ops.halted = state["halted"]
         ops.applied_retunes = list(state.get("applied_retunes", []))
         ops.acks_applied = dict(state.get("acks_applied", {}))
-        ops.early_checkpoints = [dict(held) for held in state.get("early_checkpoints", [])]
+        ops.held_back = [dict(held) for held in state.get("held_back", [])]
         return ops
 
 

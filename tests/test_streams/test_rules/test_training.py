@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -17,7 +18,7 @@ from schemas import (
     SetEntropyCoef,
     StepMetric,
 )
-from streams.rules.training import EARLY_CHECKPOINTS_HELD, RunOperations
+from streams.rules.training import HELD_BACK_MAX, RunOperations
 
 RUN = "run-1"
 
@@ -198,65 +199,151 @@ def test_a_step_saved_again_after_a_rollback_prunes_under_a_new_command_id() -> 
     assert first[-1].command_id != again[0].command_id  # ... so another id
 
 
-def run_read(checkpoints_ahead: int, *, crash_at: int | None = None) -> list[dict[str, object]]:
-    """The commands of one run (checkpoint every 50 steps, 5 kept, an anomalous stretch
-    that makes the newest healthy checkpoint an old one) when the worker reads the
-    checkpoints topic ``checkpoints_ahead`` checkpoints ahead of the metrics topic
-    (negative: behind; 0: the trainer's order, a step's metric before its checkpoint).
-    ``crash_at``: the state round-trips through JSON after that many events."""
-    settings = run_overrides(
-        Settings(),
-        {
-            "checkpoints.auto_rollback": False,
-            "checkpoints.interval_steps": 50,
-            "checkpoints.keep": 5,
-            "checkpoints.health_lookback_steps": 20,
-        },
-    )
-    metrics = [metric(s, loss=9.0 if s in range(1210, 1600, 2) else 1.0) for s in range(2400)]
-    checkpoints = [checkpoint(s) for s in range(50, 2400, 50)]
-    ops, commands, read = RunOperations(RUN, settings), [], 0
-    while metrics or checkpoints:
-        metrics_read = 2400 - len(metrics)
-        take_checkpoint = checkpoints and (
-            not metrics or checkpoints[0].step < metrics_read + 50 * checkpoints_ahead
+Produced = list[StepMetric | CheckpointSaved | CommandAck]
+
+INTERLEAVED = {
+    "checkpoints.interval_steps": 50,
+    "checkpoints.keep": 5,
+    "checkpoints.health_lookback_steps": 20,
+}
+
+
+def anomalous_stretch() -> tuple[Settings, Produced]:
+    """A run whose anomalous stretch (no rollbacks) makes the newest healthy checkpoint an
+    old one, as its trainer sent it: each step's metric, then its checkpoint."""
+    settings = run_overrides(Settings(), INTERLEAVED | {"checkpoints.auto_rollback": False})
+    produced: Produced = []
+    for step in range(2400):
+        produced.append(metric(step, loss=9.0 if step in range(1210, 1600, 2) else 1.0))
+        if step and step % 50 == 0:
+            produced.append(checkpoint(step))
+    return settings, produced
+
+
+def late_rollback() -> tuple[Settings, Produced]:
+    """A run whose trainer hears of the rollback for its spike at step 620 only at step 920,
+    after saving six more checkpoints, then acks it and goes on from step 600."""
+    settings = run_overrides(Settings(), INTERLEAVED)
+    trainer_view = RunOperations(RUN, settings)  # what the trainer will be told
+    produced: Produced = []
+    attempt, step, heard, saved_step = 0, 0, None, None
+    while step < 1500:
+        sent = metric(step, loss=9.0 if (attempt, step) == (0, 620) else 1.0, attempt=attempt)
+        sent = sent.model_copy(update={"checkpoint_step": saved_step})  # its newest save
+        produced.append(sent)
+        for command in trainer_view.on_metric(sent, now=1.0):
+            if isinstance(command, Rollback):
+                heard = command
+        if step and step % 50 == 0:
+            saved = checkpoint(step).model_copy(update={"attempt": attempt})
+            produced.append(saved)
+            trainer_view.on_checkpoint(saved, now=1.0)
+            saved_step = step
+        if heard is not None and step == 920:
+            ack = CommandAck(
+                command_id=heard.command_id, run_id=RUN, status="applied", detail="", ts=2e3
+            )
+            produced.append(ack)
+            trainer_view.on_ack(ack, now=1.0)
+            attempt, step, heard = attempt + 1, heard.checkpoint_step, None
+            saved_step = step
+        step += 1
+    return settings, produced
+
+
+def read(
+    settings: Settings, produced: Produced, lead: int, *, crash_at: int | None = None
+) -> list[dict[str, object]]:
+    """The commands when the worker reads the checkpoints and acks topics ``lead`` events
+    ahead of the metrics topic (negative: behind; 0: the trainer's order). An ack is read
+    only after the command it answers was decided. ``crash_at``: the state round-trips
+    through JSON after that many events."""
+    metrics = [(i, e) for i, e in enumerate(produced) if isinstance(e, StepMetric)]
+    others = [(i, e) for i, e in enumerate(produced) if not isinstance(e, StepMetric)]
+    ops, commands, read_count = RunOperations(RUN, settings), [], 0
+    while metrics or others:
+        take_other = bool(others) and (
+            not metrics
+            or (
+                others[0][0] < metrics[0][0] + lead
+                and not (
+                    isinstance(others[0][1], CommandAck)
+                    and others[0][1].command_id not in {c.command_id for c in commands}
+                )
+            )
         )
-        if take_checkpoint:
-            commands += ops.on_checkpoint(checkpoints.pop(0), now=1.0)
+        if take_other:
+            event = others.pop(0)[1]
+            if isinstance(event, CommandAck):
+                commands += ops.on_ack(event, now=1.0)
+            else:
+                commands += ops.on_checkpoint(event, now=1.0)
         else:
-            commands += ops.on_metric(metrics.pop(0), now=1.0)
-        read += 1
-        if read == crash_at:
+            commands += ops.on_metric(metrics.pop(0)[1], now=1.0)
+        read_count += 1
+        if read_count == crash_at:
             ops = RunOperations.from_state(
                 RUN, orjson.loads(orjson.dumps(ops.to_state())), settings
             )
-    return [c.model_dump(exclude={"issued_at"}) for c in commands]
+    return sorted((c.model_dump(exclude={"issued_at"}) for c in commands), key=str)
 
 
-@pytest.mark.parametrize("checkpoints_ahead", [-30, -3, 3, 30])
+@pytest.mark.parametrize(
+    ("run", "lead"),
+    [
+        *((anomalous_stretch, lead) for lead in (-1500, -150, 150, 1500)),
+        # Acks and checkpoints read ahead. Read behind, the rollback goes to an older
+        # checkpoint once its wait for the trainer's newest (two intervals) is over, as
+        # documented, and an ack read after the new attempt's metrics can change which
+        # checkpoint a prune calls protected (not what it deletes).
+        *((late_rollback, lead) for lead in (150, 1500)),
+    ],
+)
 def test_decisions_do_not_depend_on_how_far_one_topic_is_read_ahead_of_the_other(
-    checkpoints_ahead: int,
+    run: Callable[[], tuple[Settings, Produced]], lead: int
 ) -> None:
-    # Faust reads the small checkpoints topic far ahead of the metrics after a rebalance
-    # (2,000 steps in the long fault profile): the newest healthy checkpoint, which
-    # retention protects, must be judged on the metrics the trainer had sent by then.
-    in_order = run_read(0)
+    # Faust reads the small checkpoints and acks topics far ahead of the metrics after a
+    # rebalance or a restart (2,000 steps in the long fault profile): the newest healthy
+    # checkpoint, which retention protects, must be judged on the metrics the trainer had
+    # sent by then.
+    settings, produced = run()
+    in_order = read(settings, produced, 0)
     prunes = [c for c in in_order if c["type"] == "prune_checkpoints"]
-    assert len(prunes) > 30
+    assert len(prunes) > 15
+    assert read(settings, produced, lead) == in_order
+
+
+def test_the_late_rollback_and_the_anomalous_stretch_are_what_they_say() -> None:
+    _, produced = late_rollback()
+    assert sum(isinstance(e, CommandAck) for e in produced) == 1
+    assert [e.step for e in produced if isinstance(e, CheckpointSaved) and e.attempt == 0][-6:] == [
+        650,
+        700,
+        750,
+        800,
+        850,
+        900,
+    ]
+    settings, produced = anomalous_stretch()
+    prunes = [c for c in read(settings, produced, 0) if c["type"] == "prune_checkpoints"]
     assert {c["protected_step"] for c in prunes} > {1200}  # the anomaly pinned an old one
-    assert sorted(run_read(checkpoints_ahead), key=str) == sorted(in_order, key=str)
 
 
-def test_checkpoints_held_back_survive_a_crash() -> None:
-    assert run_read(30, crash_at=700) == run_read(30)
+def test_held_back_checkpoints_and_restores_survive_a_crash() -> None:
+    for run in (anomalous_stretch, late_rollback):
+        settings, produced = run()
+        for crash_at in (700, 1000):
+            assert read(settings, produced, 1500, crash_at=crash_at) == read(
+                settings, produced, 1500
+            )
 
 
 def test_checkpoints_are_held_back_for_a_bounded_number_only() -> None:
     ops = RunOperations(RUN, run_overrides(Settings(), {"checkpoints.keep": 5}))
     pruned = []
-    for step in range(1, EARLY_CHECKPOINTS_HELD + 50):
+    for step in range(1, HELD_BACK_MAX + 50):
         pruned += ops.on_checkpoint(checkpoint(step * 500), now=1.0)  # no metric ever comes
-    assert len(ops.early_checkpoints) == EARLY_CHECKPOINTS_HELD
+    assert len(ops.held_back) == HELD_BACK_MAX
     assert pruned  # the oldest were recorded, and retention went on
 
 
