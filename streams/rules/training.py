@@ -20,8 +20,9 @@ contract commands with deterministic ids:
   prunes came out different). At most ``HELD_BACK_MAX`` wait; beyond that the oldest is
   recorded at once (a run whose metrics never come);
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
-  restored step, after the checkpoints still held back (the trainer saved them before it
-  restored; a restart that read the acks ahead of the metrics found this);
+  restored step, once the new attempt's metrics begin: the abandoned attempt's metrics
+  and checkpoints, which the trainer sent before its ack, come first however far ahead
+  the acks were read (after a restart, the long fault profile read them far ahead);
 - an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
   the retuned level (``set_entropy_coef`` with the composed value).
 
@@ -31,6 +32,7 @@ the agent can keep it in a table; replayed inputs yield the same commands (same 
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from fragrance_ops.settings import Settings
@@ -83,8 +85,8 @@ class RunOperations:
         # Per origin partition of the acks, the offset of the newest ack applied: a replay
         # after a crash (any length) is recognised by position, a duplicate by retune id.
         self.acks_applied: dict[str, int] = {}
-        # Read before the metrics reached them, in the order read: checkpoints {step, uri,
-        # attempt}, and the restores of rollback acks read after those {step, attempt}.
+        # Read before the metrics reached them, in the run's order (``_run_order``):
+        # checkpoints {step, uri, attempt} and rollback restores {step, attempt}.
         self.held_back: list[dict[str, Any]] = []
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
@@ -194,33 +196,30 @@ class RunOperations:
         )
         if newest is not None and position <= newest:
             return []  # a replay
-        self.held_back.append(
-            {"step": checkpoint.step, "uri": checkpoint.uri, "attempt": checkpoint.attempt}
-        )
+        held = {"step": checkpoint.step, "uri": checkpoint.uri, "attempt": checkpoint.attempt}
+        bisect.insort(self.held_back, held, key=_run_order)
         return self._release_held_back(now)
 
     def _release_held_back(
         self, now: float, *, before: Position | None = None
     ) -> list[CommandBase]:
-        """Apply, in the order read, what was held back: checkpoints the run's metrics
-        reached (with ``before``: the trainer saved them before that metric), and a restore
-        once no checkpoint waits ahead of it."""
+        """Apply, in the run's order, what was held back and the run's metrics reached (with
+        ``before``: what the trainer sent before that metric)."""
         commands: list[CommandBase] = []
         while self.held_back:
             held = self.held_back[0]
-            if "uri" in held:
-                position = _position(held)
-                ready = (
-                    self.halted
-                    or len(self.held_back) > HELD_BACK_MAX
-                    or (
-                        position < before
-                        if before is not None
-                        else self.ledger.metrics_reached(position)
-                    )
+            position = _position(held)
+            ready = (
+                self.halted
+                or len(self.held_back) > HELD_BACK_MAX
+                or (
+                    position < before
+                    if before is not None
+                    else self.ledger.metrics_reached(position)
                 )
-                if not ready:
-                    break
+            )
+            if not ready:
+                break
             self.held_back.pop(0)
             if "uri" in held:
                 commands += self._record_checkpoint(held["step"], held["uri"], held["attempt"], now)
@@ -277,7 +276,11 @@ class RunOperations:
         self.pending_rollback = None
         if ack.status != "applied":
             return []
-        self.held_back.append({"step": pending["step"], "attempt": pending["attempt"]})
+        # In the run's order the restore comes after everything the abandoned attempt sent
+        # and before the new attempt's first metric: it waits for that metric (or applies
+        # now if the new attempt's metrics were read already).
+        restore = {"step": pending["step"], "attempt": pending["attempt"]}
+        bisect.insort(self.held_back, restore, key=_run_order)
         return self._release_held_back(now)
 
     def _on_retune_ack(self, ack: CommandAck, now: float) -> list[CommandBase]:
@@ -341,8 +344,14 @@ class RunOperations:
         return ops
 
 
-def _position(checkpoint: dict[str, Any]) -> Position:
-    return (checkpoint["attempt"], checkpoint["step"])
+def _position(held: dict[str, Any]) -> Position:
+    return (held["attempt"], held["step"])
+
+
+def _run_order(held: dict[str, Any]) -> tuple[int, int, int]:
+    """Where a held input sits in the run's own order: by position, a restore (new attempt,
+    restored step) before a checkpoint the new attempt might save at that step."""
+    return (*_position(held), 1 if "uri" in held else 0)
 
 
 def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any]:
