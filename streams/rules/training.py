@@ -138,7 +138,10 @@ class RunOperations:
         assert trigger is not None
         target = self.ledger.newest_healthy_before(trigger["streak_start"])
         expected = trigger.get("expected_checkpoint")
+        # Read is enough: the checkpoints topic is in order, so every save before the
+        # expected one (the targets) was read too, and is recorded by now.
         announced = {checkpoint.step for checkpoint in self.ledger.checkpoints}
+        announced |= {held["step"] for held in self.held_back if "uri" in held}
         if expected is not None and expected not in announced and not overdue:
             return None
         if target is None:
@@ -358,11 +361,9 @@ def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any
     """What a rollback decision needs from the verdict that called for it (JSON-safe)."""
     streak_start = verdict.streak_start if verdict.streak_start is not None else verdict.step
     return {
-        "expected_checkpoint": (
-            expected_checkpoint
-            if expected_checkpoint is not None and expected_checkpoint < streak_start
-            else None
-        ),
+        # Even when saved at or after the streak's start (the trainer saves step s, then
+        # logs its metric): once it is read, so are the older saves the target is among.
+        "expected_checkpoint": expected_checkpoint,
         "step": verdict.step,
         "attempt": verdict.attempt,
         "streak_start": streak_start,

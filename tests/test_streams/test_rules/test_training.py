@@ -378,6 +378,21 @@ def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen
     assert rollback.checkpoint_step == 1000
 
 
+def test_an_anomaly_on_a_checkpoint_step_waits_for_the_checkpoint_before_it() -> None:
+    # The trainer saves step 700, then logs metric 700 naming that save; the worker has read
+    # the checkpoints topic only up to 600. The target is 650, read with 700.
+    ops = RunOperations(RUN, run_overrides(Settings(), INTERLEAVED))
+    for step in range(700):
+        if step and step % 50 == 0 and step <= 600:
+            ops.on_checkpoint(checkpoint(step), now=1.0)
+        ops.on_metric(metric(step).model_copy(update={"checkpoint_step": step // 50 * 50}), 1.0)
+    spike = metric(700, loss=9.0).model_copy(update={"checkpoint_step": 700})
+    assert not [c for c in ops.on_metric(spike, now=1.0) if isinstance(c, Rollback)]
+    assert not [c for c in ops.on_checkpoint(checkpoint(650), now=1.0) if isinstance(c, Rollback)]
+    [rollback] = [c for c in ops.on_checkpoint(checkpoint(700), now=1.0) if isinstance(c, Rollback)]
+    assert (rollback.checkpoint_step, rollback.anomaly_step) == (650, 700)
+
+
 def test_a_run_resumed_on_a_host_whose_clock_is_behind_keeps_its_checkpoints() -> None:
     """Checkpoints are ordered by (attempt, step), never by the trainer's clock: after a
     resume from 1000 on a host 10 minutes behind, its checkpoint at 1500 is the target."""
