@@ -92,7 +92,8 @@ class RunOperations:
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         if self.halted:
             return []
-        # The trainer saved these before this metric: they are rollback targets for it.
+        # What the trainer sent before this metric: checkpoints (rollback targets for it)
+        # and a restore.
         commands = self._release_held_back(now, before=(metric.attempt, metric.step))
         commands += self._judge_metric(metric, now)
         return commands + self._release_held_back(now)
