@@ -189,7 +189,7 @@ TRAINING_OVERRIDES: dict[str, Any] = {
     "checkpoints.interval_steps": 50,
     "checkpoints.health_lookback_steps": 20,
     # 20 kept: the newest healthy checkpoint is among them even when a rollback's ack is
-    # read before the abandoned attempt's last metrics (see decision_view).
+    # read after the new attempt's first metrics (see decision_view).
     "checkpoints.keep": 20,
     "entropy.steps": 2000,
 }
@@ -421,11 +421,10 @@ def decision_view(command: dict[str, Any]) -> dict[str, Any]:
     - ``retune``: not the window's ``duplicates`` counter (nor the rationale quoting it),
       which counts ratings seen twice, and a crash's replay adds to it;
     - ``prune_checkpoints``: not ``protected_step``, the newest checkpoint known healthy
-      when the checkpoint was recorded. The rules hold a checkpoint back until the run's
-      metrics reach it, but a rollback's ack (a third topic) releases the abandoned
-      attempt's checkpoints whatever the metrics read by then. What is deleted must not
-      depend on it (the scenarios keep enough checkpoints for that); what the worker calls
-      protected may.
+      when the checkpoint was recorded. The rules hold checkpoints and a rollback's restore
+      back in the run's own order, but a rollback's ack (a third topic) read only after the
+      new attempt's first metrics restores late. What is deleted must not depend on it (the
+      scenarios keep enough checkpoints for that); what the worker calls protected may.
     """
     view = command_view(command)
     if view["type"] == "retune":
@@ -898,7 +897,7 @@ def describe_missing_training_outputs(
     out that the rules never decided (a missing id next to an unexpected one of the same
     type and run is a disagreement on the id, not a loss)."""
     expected = oracle.commands | (extra or {})
-    stats, ids = missing_training_outputs(oracle, records, prefix, expected)
+    stats, ids = missing_training_outputs(oracle, records, prefix, extra or ())
     commands_topic = topic_name(Topic.COMMANDS, prefix)
     emitted = {r.json()["command_id"]: r.json() for r in records if r.topic == commands_topic}
 

@@ -272,7 +272,7 @@ def read(
     acks = [(i, e) for i, e in enumerate(produced) if isinstance(e, CommandAck)]
     ops, commands, read_count = RunOperations(RUN, settings), [], 0
     while metrics or checkpoints or acks:
-        next_metric = metrics[0][0] if metrics else len(produced) + abs(lead) + abs(acks_lead)
+        next_metric = metrics[0][0] if metrics else math.inf
         if checkpoints and checkpoints[0][0] < next_metric + lead:
             commands += ops.on_checkpoint(checkpoints.pop(0)[1], now=1.0)
         elif (
@@ -281,10 +281,8 @@ def read(
             and acks[0][1].command_id in {c.command_id for c in commands}
         ):
             commands += ops.on_ack(acks.pop(0)[1], now=1.0)
-        elif metrics:
+        else:
             commands += ops.on_metric(metrics.pop(0)[1], now=1.0)
-        else:  # what is left waits on nothing more
-            commands += ops.on_checkpoint(checkpoints.pop(0)[1], now=1.0)
         read_count += 1
         if read_count == crash_at:
             ops = RunOperations.from_state(
