@@ -57,13 +57,12 @@ def broker_for(settings: Settings) -> Iterator[Settings]:
 
 def run_worker(settings: Settings, loglevel: str = "warning") -> None:
     """Create the topics, then run the Faust worker in this process until stopped."""
-    import faust
-
     from streams.app import create_app
+    from streams.faust_fixes import QuietWorker
 
     create_contract_topics(settings.kafka)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = QuietWorker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 
 

@@ -113,14 +113,23 @@ class WorkerSettings(_Group):
         default=Path(".fragrance-ops"), description="worker-local data (Faust tables' cache)"
     )
     batch_max_events: int = Field(
-        default=2000, ge=1, description="events an agent takes per batch (amortizes per-event cost)"
+        default=5000,
+        ge=1,
+        description="most records one fetch hands the agents (Faust's "
+        "broker_max_poll_records): the batch that amortizes per-batch costs under load",
     )
     batch_within_s: float = Field(
         default=0.005,
         gt=0,
-        description="longest a partial batch waits before it is processed (the latency a "
-        "lone event pays; under load batches fill to batch_max_events first). 5 ms: "
-        "metric-to-rollback p50 28 ms vs 42 ms at 20 ms (benchmarks/rollback_latency.py)",
+        description="longest the broker holds a fetch for batch_min_bytes to arrive (aiokafka's "
+        "fetch_max_wait_ms): the latency a lone event pays for fewer, larger batches; under "
+        "load fetches fill at once",
+    )
+    batch_min_bytes: int = Field(
+        default=64 * 1024,
+        ge=1,
+        description="bytes a fetch waits for (aiokafka's fetch_min_bytes), at most "
+        "batch_within_s",
     )
     output_linger_ms: float = Field(
         default=1.0, ge=0, description="output producer batching delay (librdkafka linger.ms)"
@@ -172,8 +181,9 @@ class WorkerSettings(_Group):
     embedded_producer_max_batch_size: int = Field(
         default=1,
         ge=1,
-        description="embedded broker only: Tansu's ListOffsets(LATEST) returns the last batch's "
-        "first offset + 1, so table recovery needs one record per batch",
+        description="embedded broker only: records per batch of table changelog writes; "
+        "Tansu's ListOffsets(LATEST) returns the last batch's first offset + 1, so table "
+        "recovery needs one record per batch",
     )
 
 
@@ -287,6 +297,22 @@ class AnomalySettings(_Group):
     )
     median_window: int = Field(
         default=20, ge=1, le=10_000, description="normal values the median baseline spans"
+    )
+    spread_factor: float = Field(
+        default=6.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="a loss spike must also rise, and a reward drop fall, by at least this many "
+        "times the metric's recent spread (its exponentially weighted mean absolute "
+        "deviation): values near zero or of changing sign (PPO's total loss) are judged by "
+        "their own noise, not by a ratio of a baseline near zero; 0: the ratio rules alone",
+    )
+    spread_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="weight of the newest normal value in the recent spread (about "
+        "2 / alpha - 1 values)",
     )
     warmup_steps: int = Field(
         default=10,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from schemas.signing import signature_header
 from streams.dead_letter import DeadLetterSink
 from streams.metrics import WorkerMetrics
 from streams.output import Headers, OutputProducer
+from streams.runtime import AgentRuntime, InputRecord
 
 
 @dataclass
@@ -45,12 +45,10 @@ class ProcessorContext:
     dead_letters: DeadLetterSink
     run_settings: RunSettingsCache
     metrics: WorkerMetrics
+    runtime: AgentRuntime
     # run id -> the hyperparameters its latest metric reported (the training agent writes,
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
-    # agent name -> serial of its batch in progress (absent between batches): the stall
-    # watchdog's view of a hung agent.
-    running_batches: dict[str, int] = field(default_factory=dict)
     # security.command_signing_key as bytes; None: commands go out unsigned.
     _signing_key: bytes | None = field(init=False, repr=False, default=None)
 
@@ -72,15 +70,15 @@ class ProcessorContext:
                 headers = [signature_header(self._signing_key, event.TOPIC.value, key, value)]
         await self.output.send(self.topic(event.TOPIC), key, value, headers)
 
-    async def delivered(self) -> None:
-        """Wait until outputs are on the broker, before state that implies them is written."""
-        await self.output.delivered()
-
-    def observe_batch(self, agent: str, topics: Iterable[str], started: float) -> None:
-        """Count a finished batch's events per source topic and time it."""
-        for topic, count in Counter(topics).items():
-            self.metrics.events.labels(topic).inc(count)
-        self.metrics.batch_seconds.labels(agent).observe(time.perf_counter() - started)
+    async def apply_each(
+        self, records: Sequence[InputRecord], apply: Callable[[InputRecord], Awaitable[None]]
+    ) -> None:
+        """``apply`` each record in order; bad input is dead-lettered and the batch goes on."""
+        for record in records:
+            try:
+                await apply(record)
+            except Exception as exc:  # bad input, or a value no rule can express
+                await self.dead_letters.send(record, exc)
 
     def forget_partitions(self) -> None:
         """On a rebalance: what was learnt from partitions this worker may no longer own."""

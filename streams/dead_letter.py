@@ -6,11 +6,10 @@ import base64
 import logging
 import time
 
-from faust.types import Message
-
 from schemas import DeadLetter, InvalidEvent, encode
 from streams.metrics import WorkerMetrics
 from streams.output import Headers, OutputProducer
+from streams.runtime import InputRecord
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ class DeadLetterSink:
         self._topic = topic
         self._metrics = metrics
 
-    async def send(self, message: Message, error: Exception) -> None:
+    async def send(self, message: InputRecord, error: Exception) -> None:
         """Dead-letter ``message``: bad input (InvalidEvent) or a processing failure."""
         if isinstance(error, InvalidEvent):
             reason, field = error.reason, error.field

@@ -1,44 +1,40 @@
-"""Keyed state kept live in memory between batches, for agents that also act on a timer.
+"""Keyed state kept live in memory, for agents that also act on a timer.
 
 The LLM breakers and the rating windows must act when time passes, not only when events
 arrive (a downshift ends, a window times out). A timer needs the state in memory, and so
-does every batch. ``LiveStates`` holds the objects of the keys this worker owns; batches
-and ticks take its one lock, so a tick never interleaves with a half-processed batch. A
-rebalance drops them all; they are reloaded from the table (Faust has recovered it from
-its changelog by then).
+does every batch. ``LiveStates`` holds the objects of the keys this worker owns; the
+runtime runs batches and ticks of one agent one at a time (``AgentRuntime.run_exclusive``),
+so a tick never interleaves with a half-processed batch, and writes the changed keys at its
+checkpoints (``streams.runtime``). A rebalance drops them all; they are reloaded from the
+table (Faust has recovered it from its changelog by then).
 
 Each stored value carries the partition it was written to (the source event's), so the
 timer acts exactly on the keys whose partitions this worker owns, whatever partitioner
-produced them. Writes follow the outputs they imply: batches go through
-``register_batch_agent``; a tick awaits its outputs on the broker, writes, and flushes the
-changelog at once (no input offset commit will do it for a tick).
+produced them.
 
-Replays: Faust writes a table's changelog as batches finish but commits input offsets only
-every few seconds, so after a crash the restored state can be ahead of the committed offset
-by any number of events (a worker killed again and again before its first commit replays
-everything since the last one). Each stored value therefore also carries, per origin
-partition, the offset of the newest input applied to it; ``is_replay`` recognises an input
-at or below it exactly, however long the replay (bounded id windows, like the breakers'
-call ids, cannot). An event re-keyed through an internal topic names its origin in the
-``ORIGIN_HEADER`` (``origin_header``), so its copies from a replayed re-keying are
-recognised too.
+Replays: state is checkpointed before offsets are committed, and a crash after the one and
+before the other, or commits that fail, or offsets reset by an operator, leave the restored
+state ahead of the committed offset by any number of events. Each stored value therefore
+also carries, per origin partition, the offset of the newest input applied to it;
+``is_replay`` recognises an input at or below it exactly, however long the replay (bounded
+id windows, like the breakers' call ids, cannot). An event re-keyed through an internal
+topic names its origin in the ``ORIGIN_HEADER`` (``origin_header``), so its copies from a
+replayed re-keying are recognised too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import faust
 import orjson
-from faust.types import TP, Message
+from faust.types import TP
 
-from streams.batching import register_batch_agent
 from streams.context import ProcessorContext
-from streams.state import PartitionedTable
+from streams.runtime import InputRecord
+from streams.state import StateTable, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +43,12 @@ T = TypeVar("T")
 ORIGIN_HEADER = "fragrance-ops-origin"
 
 
-def origin_header(message: Message) -> tuple[str, bytes]:
+def origin_header(message: InputRecord) -> tuple[str, bytes]:
     """The header that names ``message``'s position, for a copy re-keyed to another topic."""
     return ORIGIN_HEADER, f"{message.partition}:{message.offset}:{message.topic}".encode()
 
 
-def input_origin(message: Message) -> tuple[str, int]:
+def input_origin(message: InputRecord) -> tuple[str, int]:
     """``("<partition>:<topic>", offset)``: where the event entered the system."""
     headers = message.headers or ()
     pairs = headers.items() if isinstance(headers, Mapping) else headers
@@ -76,7 +72,7 @@ class LiveStates(Generic[T]):
     def __init__(
         self,
         ctx: ProcessorContext,
-        table: PartitionedTable,
+        table: StateTable,
         source_topics: Iterable[str],
         *,
         name: str,
@@ -89,15 +85,13 @@ class LiveStates(Generic[T]):
         self.name = name
         self.source_topics = tuple(source_topics)
         self._new, self._load, self._dump = new, load, dump
-        self.lock = asyncio.Lock()
         self._live: dict[bytes, _Entry[T]] = {}
         self._touched: set[bytes] = set()
-        ctx.app.on_partitions_revoked.connect(self._on_rebalance)
-        ctx.app.on_partitions_assigned.connect(self._on_rebalance)
 
-    async def _on_rebalance(self, *_args: Any, **_kwargs: Any) -> None:
-        async with self.lock:
-            self._live.clear()
+    def forget(self) -> None:
+        """Drop every live object (a rebalance); reloaded from the table when next needed."""
+        self._live.clear()
+        self._touched.clear()
 
     def _entry(self, key: bytes, partition: int) -> _Entry[T]:
         entry = self._live.get(key)
@@ -119,7 +113,7 @@ class LiveStates(Generic[T]):
     def get(self, key: bytes, partition: int) -> T:
         return self._entry(key, partition).value
 
-    def is_replay(self, key: bytes, message: Message) -> bool:
+    def is_replay(self, key: bytes, message: InputRecord) -> bool:
         """Whether ``message`` was applied to the key's state already (then it is counted)."""
         origin, offset = input_origin(message)
         applied = self._entry(key, message.partition).applied.get(origin)
@@ -128,7 +122,7 @@ class LiveStates(Generic[T]):
         self.ctx.metrics.replayed_events.labels(self.name).inc()
         return True
 
-    def applied(self, key: bytes, message: Message) -> None:
+    def applied(self, key: bytes, message: InputRecord) -> None:
         """``message`` changed the key's object: remember its position, write it."""
         origin, offset = input_origin(message)
         self._entry(key, message.partition).applied[origin] = offset
@@ -155,8 +149,8 @@ class LiveStates(Generic[T]):
             if any(TP(topic, partition) in assigned for topic in self.source_topics):
                 yield key, partition
 
-    def write(self) -> None:
-        """Write the touched keys (their outputs must be on the broker already)."""
+    def write(self, writer: StateWriter) -> None:
+        """Write the touched keys (their outputs are on the broker already)."""
         for key in self._touched:
             entry = self._live[key]
             record = {
@@ -164,7 +158,7 @@ class LiveStates(Generic[T]):
                 "state": self._dump(entry.value),
                 "applied": entry.applied,
             }
-            self.table.put(key, orjson.dumps(record), entry.partition)
+            writer.put(self.table, key, orjson.dumps(record), entry.partition)
         self._touched.clear()
 
     async def tick(self, on_tick: Callable[[bytes, T], Awaitable[None]]) -> None:
@@ -175,43 +169,47 @@ class LiveStates(Generic[T]):
             except Exception:
                 log.exception("%s: the timer failed on %r; it retries next tick", self.name, key)
                 self.ctx.metrics.tick_errors.labels(self.name).inc()
-        await self.ctx.delivered()
-        self.write()
-        await self.ctx.app.producer.flush()
 
 
-@dataclass
-class _LiveBatch(Generic[T]):
+@dataclass(eq=False)
+class LiveAgent(Generic[T]):
+    """An agent over ``LiveStates``: each record through ``on_record``, bad input
+    dead-lettered; the live objects checkpointed and forgotten by the runtime."""
+
+    ctx: ProcessorContext
     live: LiveStates[T]
-    handle: Callable[[Message], Awaitable[None]]
+    topics: tuple[str, ...]
+    on_record: Callable[[InputRecord], Awaitable[None]]
 
-    async def on_message(self, message: Message) -> None:
-        await self.handle(message)
+    @property
+    def name(self) -> str:
+        return self.live.name
 
-    def write_state(self) -> None:
-        self.live.write()
+    async def process(self, records: Sequence[InputRecord]) -> None:
+        await self.ctx.apply_each(records, self.on_record)
+
+    def write_state(self, writer: StateWriter) -> None:
+        self.live.write(writer)
+
+    def forget(self) -> None:
+        self.live.forget()
 
 
 def register_live_agent(
     ctx: ProcessorContext,
     live: LiveStates[T],
-    channel: faust.TopicT,
+    topics: Iterable[str],
     *,
-    on_message: Callable[[Message], Awaitable[None]],
+    on_record: Callable[[InputRecord], Awaitable[None]],
     on_tick: Callable[[bytes, T], Awaitable[None]],
     tick_interval_s: float,
-) -> None:
-    """A batch agent over ``channel`` and a timer, both under ``live``'s lock."""
-    register_batch_agent(
-        ctx,
-        channel,
-        name=live.name,
-        new_batch=lambda: _LiveBatch(live, on_message),
-        lock=live.lock,
-    )
+) -> LiveAgent[T]:
+    """A batch agent over ``topics`` and a timer, never running at the same time."""
+    agent = LiveAgent(ctx, live, tuple(topics), on_record)
+    ctx.runtime.register(agent)
 
     async def clock() -> None:
-        async with live.lock:
-            await live.tick(on_tick)
+        await ctx.runtime.run_exclusive(agent, lambda: live.tick(on_tick))
 
     ctx.app.timer(tick_interval_s)(clock)
+    return agent

@@ -1,75 +1,120 @@
-"""Faust tables whose changelog partition is the source event's partition.
+"""Agent state: live objects in memory, checkpointed to Faust tables' changelogs at commits.
 
-Agents here take events in batches (``stream.take_events``) and write state once per key
-per batch, so there is no "current event" for Faust to read the partition from; the
-table is told the partition explicitly instead.
+Faust does what it does well for a table: it declares the compacted changelog topic (with
+``worker.changelog_topic_configs``), assigns its partitions with the input partitions they
+are co-partitioned with, and rebuilds the table from the changelog when this worker takes a
+partition (standby replicas included). Writes do not go through Faust's table API (a
+``table[key] = value`` is one aiokafka send, tens of microseconds of Python, per key per
+batch): the runtime writes each changed key once per checkpoint through ``StateWriter``, a
+librdkafka producer, into the same changelog partition Faust recovers from (the source
+event's), and mirrors the value into the table's in-memory store.
+
+Every value is bytes (the tables' serializers are raw): the owner of a table encodes and
+decodes its own objects.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import faust
-from faust.serializers import codecs
+from confluent_kafka import KafkaError, Producer
 
+from fragrance_ops.kafka import confluent_config
 from fragrance_ops.settings import Settings
-from streams.rules.reward_window import RewardWindow
+
+log = logging.getLogger(__name__)
 
 
-class RewardWindowCodec(codecs.Codec):
-    """Changelog encoding of a reward window: its compact binary snapshot."""
-
-    def _dumps(self, obj: Any) -> bytes:
-        assert isinstance(obj, RewardWindow)
-        return obj.to_bytes()
-
-    def _loads(self, s: bytes) -> Any:
-        return RewardWindow.from_bytes(s)
+class StateDeliveryError(RuntimeError):
+    """A checkpoint's state did not reach the changelog: its offsets must not be committed."""
 
 
-REWARD_WINDOW_CODEC = "fragrance-reward-window"
-codecs.register(REWARD_WINDOW_CODEC, RewardWindowCodec())
+class StateTable:
+    """One keyed state store: a Faust table for its changelog and recovery, bytes values."""
+
+    def __init__(self, app: faust.App, name: str, settings: Settings) -> None:
+        self.name = name
+        self._table: faust.Table[bytes, bytes] = faust.Table(
+            app,
+            name=name,
+            default=None,
+            beacon=app.tables.beacon,
+            partitions=settings.kafka.partitions,
+            extra_topic_configs=settings.worker.changelog_topic_configs,
+        )
+        # Bytes in, bytes out (Faust would derive serializers from key and value models).
+        self._table.key_serializer = "raw"
+        self._table.value_serializer = "raw"
+        app.tables.add(self._table)
+
+    @property
+    def changelog_topic(self) -> str:
+        return self._table.changelog_topic.get_topic_name()
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._table.data.get(key)
+        return value
+
+    def keys(self) -> list[bytes]:
+        return list(self._table.data.keys())
+
+    def mirror(self, key: bytes, value: bytes) -> None:
+        """Set the in-memory value Faust's recovery would have rebuilt from the changelog."""
+        self._table.data[key] = value
 
 
-class PartitionedTable(faust.Table[bytes, Any]):
-    """A table written with an explicit changelog partition (the source event's)."""
+class StateWriter:
+    """Writes checkpointed state to changelogs (librdkafka, idempotent, acks=all).
 
-    _partition_override: int | None = None
+    Only checkpoints produce here, so ``delivered`` (a flush) ends once they are out, even
+    while the agents go on producing outputs on their own producer.
+    """
 
-    def __init__(self, app: faust.App, *, value_serializer: str, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        # Faust derives serializers from key_type/value_type models; ours are codecs.
-        self.key_serializer = "raw"
-        self.value_serializer = value_serializer
+    def __init__(self, settings: Settings) -> None:
+        worker = settings.worker
+        config: dict[str, Any] = {
+            **confluent_config(settings.kafka),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 0,
+            "compression.type": worker.output_compression,
+            "delivery.report.only.error": True,
+            "on_delivery": self._on_delivery,
+        }
+        if settings.kafka.embedded_broker:
+            config["batch.num.messages"] = worker.embedded_producer_max_batch_size
+        self._producer = Producer(config, logger=logging.getLogger("streams.librdkafka"))
+        self._timeout_s = worker.output_flush_timeout_s
+        self._failures: list[KafkaError] = []
 
-    def put(self, key: bytes, value: Any, partition: int) -> None:
-        self._partition_override = partition
-        try:
-            self[key] = value
-        finally:
-            self._partition_override = None
+    def _on_delivery(self, error: KafkaError | None, _message: Any) -> None:
+        if error is not None:
+            self._failures.append(error)
 
-    def partition_for_key(self, key: Any) -> int | None:
-        if self._partition_override is not None:
-            return self._partition_override
-        return super().partition_for_key(key)
+    def put(self, table: StateTable, key: bytes, value: bytes, partition: int) -> None:
+        self._producer.produce(table.changelog_topic, value, key, partition=partition)
+        table.mirror(key, value)
 
+    def put_all(self, table: StateTable, items: Iterable[tuple[bytes, bytes, int]]) -> None:
+        for key, value, partition in items:
+            self.put(table, key, value, partition)
 
-def partitioned_table(
-    app: faust.App,
-    name: str,
-    *,
-    settings: Settings,
-    value_serializer: str,
-) -> PartitionedTable:
-    table = PartitionedTable(
-        app,
-        name=name,
-        default=None,
-        beacon=app.tables.beacon,
-        partitions=settings.kafka.partitions,
-        value_serializer=value_serializer,
-        extra_topic_configs=settings.worker.changelog_topic_configs,
-    )
-    app.tables.add(table)
-    return table
+    async def delivered(self) -> None:
+        """Wait until every state record written so far is on the broker."""
+        remaining = await asyncio.get_running_loop().run_in_executor(
+            None, self._producer.flush, self._timeout_s
+        )
+        failures, self._failures = self._failures, []
+        if remaining or failures:
+            raise StateDeliveryError(
+                f"{remaining} state records undelivered after {self._timeout_s}s, "
+                f"{len(failures)} failed (first: {failures[0] if failures else None})"
+            )
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        remaining: int = self._producer.flush(timeout_s)
+        return remaining

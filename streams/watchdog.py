@@ -13,14 +13,13 @@ restart resumes at the committed offsets.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Hashable, Mapping
 
 from faust.types import TP
 
-from schemas import Topic
-from streams.agents import feedback
 from streams.context import ProcessorContext
 from streams.rules.progress import StallDetector
 
@@ -29,13 +28,6 @@ log = logging.getLogger(__name__)
 
 class WorkerStalled(RuntimeError):
     """Input has waited on a partition with no progress for longer than the timeout."""
-
-
-def input_topics(ctx: ProcessorContext) -> list[str]:
-    inputs = (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS, Topic.ACKS)
-    others = (Topic.LLM_OUTCOMES, Topic.RATINGS)
-    contract = [ctx.topic(topic) for topic in (*inputs, *others)]
-    return [*contract, feedback.by_target_topic(ctx.settings)]
 
 
 def watch_partitions(ctx: ProcessorContext) -> None:
@@ -47,7 +39,7 @@ def watch_partitions(ctx: ProcessorContext) -> None:
         return
     detector = StallDetector(timeout_s) if timeout_s is not None else None
     lag = ctx.metrics.consumer_lag
-    inputs = set(input_topics(ctx))
+    inputs = ctx.runtime.input_topics
     interval_s = settings.metrics.lag_interval_s
     if timeout_s is not None:
         interval_s = min(interval_s, timeout_s / 4)
@@ -99,7 +91,7 @@ def watch_partitions(ctx: ProcessorContext) -> None:
             if tp in highwaters:
                 progress[tp] = (position, highwaters[tp])
             # Fetched but never processed: the commit stays at the first such record. The
-            # transport reads again what Faust drops in a rebalance (streams/transport.py);
+            # consumer reads again what it drops in a rebalance (streams/faust_fixes);
             # this is the backstop for any drop it does not know. A transaction marker at
             # a partition's end looks the same, so inputs written with transactions need
             # the watchdog off (none of our producers uses transactions).
@@ -108,12 +100,22 @@ def watch_partitions(ctx: ProcessorContext) -> None:
                 progress[f"{tp} commit"] = (done, position)
         # A batch in progress "waits" until the next one starts: a hung agent (outputs never
         # acknowledged, a lock never released) stalls while Faust keeps fetching ahead for it.
-        for agent, serial in ctx.running_batches.items():
+        for agent, serial in ctx.runtime.running_batches.items():
             progress[f"agent {agent}'s batch"] = (serial, serial + 1)
         stalls = detector.observe(time.monotonic(), progress)
         if stalls:
             described = "; ".join(stall.describe() for stall in stalls)
             log.critical("input stalled, crashing so the supervisor restarts me: %s", described)
+            log.critical("where every task waited:\n%s", task_stacks())
             await app.crash(WorkerStalled(described))
 
     app.timer(interval_s)(measure)
+
+
+def task_stacks() -> str:
+    """Every asyncio task of the loop and where it waits: what a stall is diagnosed from."""
+    described = io.StringIO()
+    for task in asyncio.all_tasks():
+        described.write(f"{task.get_name()}: {task.get_coro()!r}\n")
+        task.print_stack(limit=8, file=described)
+    return described.getvalue()

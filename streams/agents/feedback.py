@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 
-from faust.types import Message
-
 from fragrance_ops.settings import Settings
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, origin_header, register_live_agent
 from streams.rules.retune import Retuner, WindowVerdict, retune_target
-from streams.state import partitioned_table
+from streams.runtime import InputRecord
+from streams.state import StateTable
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +43,7 @@ class Feedback:
         self.settings = settings
         self.source = ctx.topic(Topic.RATINGS)
         self.by_target = by_target_topic(ctx.settings)
-        table = partitioned_table(
-            ctx.app,
-            "feedback-windows",
-            settings=ctx.settings,
-            value_serializer="raw",
-        )
+        table = StateTable(ctx.app, "feedback-windows", ctx.settings)
         self.live: LiveStates[Retuner] = LiveStates(
             ctx,
             table,
@@ -60,7 +54,7 @@ class Feedback:
             dump=lambda retuner: retuner.to_state(),
         )
 
-    async def on_rating(self, message: Message) -> None:
+    async def on_rating(self, message: InputRecord) -> None:
         rating = decode(Rating, message.value, max_bytes=self.ctx.settings.worker.max_event_bytes)
         target = retune_target(rating.run_id, self.settings)
         key = target.encode()
@@ -83,6 +77,9 @@ class Feedback:
     async def close(self, verdict: WindowVerdict | None) -> None:
         if verdict is None:
             return
+        # A window closes at a time (its timeout, its ratings' arrival): a replay, later,
+        # could close it differently, so the state that closed it is checkpointed now.
+        self.ctx.runtime.checkpoint_soon()
         command = verdict.command(issued_at=self.ctx.now())
         if command is not None:
             result = "proposed"
@@ -104,20 +101,22 @@ class Feedback:
 
 def register(ctx: ProcessorContext) -> Feedback:
     feedback = Feedback(ctx)
-    # internal: Faust creates the re-keying topic (the contract topic exists already).
-    channel = ctx.app.topic(
-        feedback.source,
-        feedback.by_target,
-        internal=True,
-        partitions=ctx.settings.kafka.partitions,
-        key_serializer="raw",
-        value_serializer="raw",
+    # Internal: the conductor creates the re-keying topic when it subscribes (the contract
+    # topic exists already).
+    ctx.app.topics.add(
+        ctx.app.topic(
+            feedback.by_target,
+            internal=True,
+            partitions=ctx.settings.kafka.partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
     )
     register_live_agent(
         ctx,
         feedback.live,
-        channel,
-        on_message=feedback.on_rating,
+        [feedback.source, feedback.by_target],
+        on_record=feedback.on_rating,
         on_tick=feedback.on_tick,
         tick_interval_s=ctx.settings.retune.tick_interval_s,
     )

@@ -1,10 +1,10 @@
 """``llm.outcomes`` -> one circuit breaker per model -> ``llm.control`` (compacted).
 
 Per batch the agent decodes each outcome, calls the model's breaker
-(``streams.rules.breaker``), forwards each transition as an ``LlmControl`` event, waits
-for the broker to acknowledge them, then writes each touched breaker's state once. A timer
-(``breaker.tick_interval_s``) drives recovery from the worker's clock, so a held breaker
-goes half-open on time with no traffic at all. Breakers stay live in memory between
+(``streams.rules.breaker``) and forwards each transition as an ``LlmControl`` event; the
+runtime's checkpoints write each touched breaker's state once they are acknowledged. A
+timer (``breaker.tick_interval_s``) drives recovery from the worker's clock, so a held
+breaker goes half-open on time with no traffic at all. Breakers stay live in memory between
 batches and ticks (``streams.live``).
 """
 
@@ -13,15 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from faust.types import Message
-
 from schemas import LlmControl, LlmOutcome, Topic, decode
 from schemas.events import LlmMode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, register_live_agent
 from streams.metrics import MODE_VALUES, STATE_VALUES
 from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
-from streams.state import partitioned_table
+from streams.runtime import InputRecord
+from streams.state import StateTable
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,7 @@ class Breakers:
         self.ctx = ctx
         self.source = ctx.topic(Topic.LLM_OUTCOMES)
         policy = BreakerPolicy.from_settings(ctx.settings.breaker)
-        table = partitioned_table(
-            ctx.app,
-            "llm-breakers",
-            settings=ctx.settings,
-            value_serializer="raw",
-        )
+        table = StateTable(ctx.app, "llm-breakers", ctx.settings)
         self.live: LiveStates[ModelBreaker] = LiveStates(
             ctx,
             table,
@@ -55,6 +49,8 @@ class Breakers:
         if transition is None:
             return
         self.live.touch(model_key)
+        # A transition reads the clock (when the hold ends): a replay must not remake it.
+        self.ctx.runtime.checkpoint_soon()
         event = LlmControl(**asdict(transition), ts=self.ctx.now())
         log.info(
             "breaker %s: %s, mode %s, ttl %gs (%s)",
@@ -75,7 +71,7 @@ class Breakers:
         metrics.breaker_mode.labels(model).set(MODE_VALUES[control.mode])
         metrics.cache_ttl.labels(model).set(control.cache_ttl_s)
 
-    async def on_outcome(self, outcome: LlmOutcome, message: Message) -> None:
+    async def on_outcome(self, outcome: LlmOutcome, message: InputRecord) -> None:
         model_key = outcome.model.encode()
         if self.live.is_replay(model_key, message):
             return
@@ -97,15 +93,15 @@ def register(ctx: ProcessorContext) -> Breakers:
     breakers = Breakers(ctx)
     max_bytes = ctx.settings.worker.max_event_bytes
 
-    async def on_message(message: Message) -> None:
-        outcome = decode(LlmOutcome, message.value, max_bytes=max_bytes)
-        await breakers.on_outcome(outcome, message)
+    async def on_record(record: InputRecord) -> None:
+        outcome = decode(LlmOutcome, record.value, max_bytes=max_bytes)
+        await breakers.on_outcome(outcome, record)
 
     register_live_agent(
         ctx,
         breakers.live,
-        ctx.app.topic(breakers.source, key_serializer="raw", value_serializer="raw"),
-        on_message=on_message,
+        [breakers.source],
+        on_record=on_record,
         on_tick=breakers.on_tick,
         tick_interval_s=ctx.settings.breaker.tick_interval_s,
     )

@@ -1,22 +1,21 @@
 """The trainer.* topics -> reward statistics and training commands, in one agent.
 
 One agent reads ``trainer.runs``, ``trainer.metrics``, ``trainer.checkpoints`` and
-``trainer.acks`` (all keyed by run id, so co-partitioned): each metric passes through
-Faust once and feeds both the reward window and the run's operations. Per event it decodes,
-calls a rule, and forwards; per batch it waits for the outputs to be acknowledged and then
-writes each touched run's state once.
+``trainer.acks`` (all keyed by run id, so co-partitioned): each metric feeds both the
+reward window and the run's operations. Per record it decodes, calls a rule, and forwards.
+Each run's state (settings, ``RunOperations``, ``RewardWindow``) stays live in memory
+between batches; the runtime's checkpoints write the runs a batch changed, once each.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from faust.types import Message
 from pydantic import ValidationError
 
 from fragrance_ops.settings import Settings
@@ -31,16 +30,14 @@ from schemas import (
     decode,
 )
 from schemas.signing import SIGNATURE_REJECTIONS
-from streams.batching import register_batch_agent
 from streams.context import ProcessorContext
 from streams.live import input_origin
 from streams.rules.reward_window import RewardWindow
 from streams.rules.training import RunOperations
-from streams.state import REWARD_WINDOW_CODEC, PartitionedTable, partitioned_table
+from streams.runtime import InputRecord
+from streams.state import StateTable, StateWriter
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[Message, "_Batch"], Awaitable[None]]
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
 RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
@@ -48,140 +45,135 @@ RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "ent
 
 @dataclass
 class TrainingTables:
-    run_settings: PartitionedTable  # run id -> per-run overrides (dict)
-    windows: PartitionedTable  # run id -> RewardWindow
-    operations: PartitionedTable  # run id -> RunOperations state (JSON bytes)
+    run_settings: StateTable  # run id -> per-run overrides (JSON)
+    windows: StateTable  # run id -> RewardWindow snapshot
+    operations: StateTable  # run id -> RunOperations state (JSON)
 
 
-@dataclass
-class _Batch:
-    """Runs touched by one batch, loaded once, written back once."""
+@dataclass(eq=False)
+class _Run:
+    """One run's live state on this worker."""
 
-    ctx: ProcessorContext
-    tables: TrainingTables
-    handlers: dict[str, Handler]
-    partitions: dict[bytes, int] = field(default_factory=dict)
-    windows: dict[bytes, RewardWindow] = field(default_factory=dict)
-    operations: dict[bytes, RunOperations] = field(default_factory=dict)
-    overrides: dict[bytes, dict[str, Any]] = field(default_factory=dict)
-    latest: dict[str, StepMetric] = field(default_factory=dict)  # run id -> newest metric
+    partition: int
+    overrides: dict[str, Any] | None  # as announced; None: never announced (the defaults)
+    ops: RunOperations
+    window: RewardWindow
 
-    def settings(self, run_key: bytes) -> Settings:
-        overrides = self.overrides.get(run_key, self.tables.run_settings.get(run_key))
+
+class TrainingAgent:
+    """Runs' metrics, checkpoints, acks and announcements -> statistics and commands."""
+
+    name = "training"
+
+    def __init__(self, ctx: ProcessorContext) -> None:
+        self.ctx = ctx
+        self.tables = TrainingTables(
+            run_settings=StateTable(ctx.app, "run-settings", ctx.settings),
+            windows=StateTable(ctx.app, "reward-windows", ctx.settings),
+            operations=StateTable(ctx.app, "run-operations", ctx.settings),
+        )
+        self._max_bytes = ctx.settings.worker.max_event_bytes
+        self._handlers: dict[str, Callable[[InputRecord], Awaitable[None]]] = {
+            ctx.topic(Topic.RUNS): self.on_run,
+            ctx.topic(Topic.METRICS): self.on_metric,
+            ctx.topic(Topic.CHECKPOINTS): self.on_checkpoint,
+            ctx.topic(Topic.ACKS): self.on_ack,
+        }
+        self.topics = tuple(self._handlers)
+        self._runs: dict[bytes, _Run] = {}
+        self._changed: set[bytes] = set()  # runs to write at the next checkpoint
+        self._announced: set[bytes] = set()  # runs whose settings changed since then
+        self._latest: dict[str, StepMetric] = {}  # run id -> newest metric of the batch
+        self._metrics_in_batch = 0
+
+    # The runtime's side.
+    async def process(self, records: Sequence[InputRecord]) -> None:
+        await self.ctx.apply_each(records, self._apply)
+        self._export_metrics()
+
+    async def _apply(self, record: InputRecord) -> None:
+        await self._handlers[record.topic](record)
+
+    def write_state(self, writer: StateWriter) -> None:
+        tables = self.tables
+        for key in self._announced:
+            run = self._runs[key]
+            writer.put(tables.run_settings, key, orjson.dumps(run.overrides), run.partition)
+        for key in self._changed:
+            run = self._runs[key]
+            writer.put(tables.windows, key, run.window.to_bytes(), run.partition)
+            writer.put(tables.operations, key, orjson.dumps(run.ops.to_state()), run.partition)
+        self._announced.clear()
+        self._changed.clear()
+
+    def forget(self) -> None:
+        self._runs.clear()
+        self._changed.clear()
+        self._announced.clear()
+
+    # Live runs.
+    def _settings(self, overrides: dict[str, Any] | None) -> Settings:
         return self.ctx.run_settings.resolve(overrides)
 
-    def window(self, run_key: bytes, partition: int) -> RewardWindow:
-        self.partitions[run_key] = partition
-        window = self.windows.get(run_key)
-        if window is None:
-            capacity = self.settings(run_key).reward.window_size
-            window = self.tables.windows.get(run_key) or RewardWindow(capacity)
-            window.resize(capacity)
-            self.windows[run_key] = window
-        return window
+    def _run(self, key: bytes, partition: int) -> _Run:
+        """The run's live state, loaded from the tables on first use."""
+        run = self._runs.get(key)
+        if run is not None:
+            return run
+        tables = self.tables
+        stored_overrides = tables.run_settings.get(key)
+        overrides = orjson.loads(stored_overrides) if stored_overrides is not None else None
+        settings = self._settings(overrides)
+        stored_ops = tables.operations.get(key)
+        ops = (
+            RunOperations.from_state(key.decode(), orjson.loads(stored_ops), settings)
+            if stored_ops is not None
+            else RunOperations(key.decode(), settings)
+        )
+        stored_window = tables.windows.get(key)
+        capacity = settings.reward.window_size
+        window = (
+            RewardWindow.from_bytes(stored_window)
+            if stored_window is not None
+            else RewardWindow(capacity)
+        )
+        window.resize(capacity)
+        run = self._runs[key] = _Run(partition, overrides, ops, window)
+        return run
 
-    def run_operations(self, run_key: bytes, partition: int) -> RunOperations:
-        self.partitions[run_key] = partition
-        ops = self.operations.get(run_key)
-        if ops is None:
-            run_id, settings = run_key.decode(), self.settings(run_key)
-            stored = self.tables.operations.get(run_key)
-            ops = (
-                RunOperations.from_state(run_id, orjson.loads(stored), settings)
-                if stored is not None
-                else RunOperations(run_id, settings)
-            )
-            self.operations[run_key] = ops
-        return ops
+    def _changed_run(self, key: bytes, partition: int) -> _Run:
+        self._changed.add(key)
+        return self._run(key, partition)
 
-    def apply_settings(self, run_key: bytes) -> None:
-        """Carry state already loaded in this batch over to the run's new settings."""
-        settings = self.settings(run_key)
-        if run_key in self.windows:
-            self.windows[run_key].resize(settings.reward.window_size)
-        ops = self.operations.get(run_key)
-        if ops is not None:
-            self.operations[run_key] = RunOperations.from_state(
-                ops.run_id, ops.to_state(), settings
-            )
-
-    async def on_message(self, message: Message) -> None:
-        await self.handlers[message.topic](message, self)
-
-    def write_state(self) -> None:
-        self.write()
-        self.export_metrics()
-
-    def export_metrics(self) -> None:
-        """The newest values of each run in this batch: the per-run training gauges, and
-        the hyperparameters the feedback agent's proposals start from."""
-        metrics = self.ctx.metrics
-        for run_id, metric in self.latest.items():
-            hyperparameters = {
-                name: value
-                for name in HYPERPARAMETER_NAMES
-                if (value := getattr(metric, name)) is not None
-            }
-            if hyperparameters:
-                self.ctx.hyperparameters[run_id] = hyperparameters
-            label = metrics.run_label(run_id)
-            for name in RL_GAUGE_NAMES:
-                value = getattr(metric, name)
-                if value is not None:
-                    metrics.rl_values.labels(label, name).set(value)
-
-    def write(self) -> None:
-        for run_key, overrides in self.overrides.items():
-            self.tables.run_settings.put(run_key, overrides, self.partitions[run_key])
-        for run_key, window in self.windows.items():
-            self.tables.windows.put(run_key, window, self.partitions[run_key])
-        for run_key, ops in self.operations.items():
-            state = orjson.dumps(ops.to_state())
-            self.tables.operations.put(run_key, state, self.partitions[run_key])
-
-
-def register(ctx: ProcessorContext) -> TrainingTables:
-    app = ctx.app
-    worker = ctx.settings.worker
-    tables = TrainingTables(
-        run_settings=partitioned_table(
-            app, "run-settings", settings=ctx.settings, value_serializer="json"
-        ),
-        windows=partitioned_table(
-            app, "reward-windows", settings=ctx.settings, value_serializer=REWARD_WINDOW_CODEC
-        ),
-        operations=partitioned_table(
-            app, "run-operations", settings=ctx.settings, value_serializer="raw"
-        ),
-    )
-    max_bytes = worker.max_event_bytes
-
-    async def on_run(message: Message, batch: _Batch) -> None:
-        run = decode(RunAnnounced, message.value, max_bytes=max_bytes)
+    # Per record: decode, call a rule, forward.
+    async def on_run(self, record: InputRecord) -> None:
+        announced = decode(RunAnnounced, record.value, max_bytes=self._max_bytes)
         try:
-            ctx.run_settings.resolve(run.settings)
+            settings = self._settings(announced.settings)
         except (ValidationError, ValueError) as exc:
             raise InvalidEvent(str(exc).splitlines()[0], field="settings") from None
-        run_key = run.run_id.encode()
-        batch.partitions[run_key] = message.partition
-        batch.overrides[run_key] = dict(run.settings)
-        batch.apply_settings(run_key)
+        key = announced.run_id.encode()
+        run = self._changed_run(key, record.partition)
+        run.overrides = dict(announced.settings)
+        # The state so far, carried over to the run's new settings.
+        run.window.resize(settings.reward.window_size)
+        run.ops = RunOperations.from_state(announced.run_id, run.ops.to_state(), settings)
+        self._announced.add(key)
 
-    async def on_metric(message: Message, batch: _Batch) -> None:
-        metric = decode(StepMetric, message.value, max_bytes=max_bytes)
-        run_key = metric.run_id.encode()
-        batch.latest[metric.run_id] = metric
-        ctx.metrics.rl_updates.labels("ppo").inc()
+    async def on_metric(self, record: InputRecord) -> None:
+        ctx = self.ctx
+        metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
+        run = self._changed_run(metric.run_id.encode(), record.partition)
+        self._latest[metric.run_id] = metric
+        self._metrics_in_batch += 1
         now = ctx.now()
         # The rules first: statistics the contract cannot carry (a dead-lettered metric)
         # must not hide an anomaly from them.
-        for command in batch.run_operations(run_key, message.partition).on_metric(metric, now):
+        for command in run.ops.on_metric(metric, now):
             await ctx.forward(command)
         if not math.isfinite(metric.reward):
             return  # kept out of the window (it would poison 1,000 others); the rules acted
-        stats = batch.window(run_key, message.partition).add(
-            metric.reward, step=metric.step, attempt=metric.attempt
-        )
+        stats = run.window.add(metric.reward, step=metric.step, attempt=metric.attempt)
         if stats is not None:
             await ctx.forward(
                 RewardStats(
@@ -196,33 +188,50 @@ def register(ctx: ProcessorContext) -> TrainingTables:
                 )
             )
 
-    async def on_checkpoint(message: Message, batch: _Batch) -> None:
-        checkpoint = decode(CheckpointSaved, message.value, max_bytes=max_bytes)
-        ops = batch.run_operations(checkpoint.run_id.encode(), message.partition)
-        for command in ops.on_checkpoint(checkpoint, ctx.now()):
-            await ctx.forward(command)
+    async def on_checkpoint(self, record: InputRecord) -> None:
+        checkpoint = decode(CheckpointSaved, record.value, max_bytes=self._max_bytes)
+        run = self._changed_run(checkpoint.run_id.encode(), record.partition)
+        for command in run.ops.on_checkpoint(checkpoint, self.ctx.now()):
+            await self.ctx.forward(command)
 
-    async def on_ack(message: Message, batch: _Batch) -> None:
-        ack = decode(CommandAck, message.value, max_bytes=max_bytes)
-        ops = batch.run_operations(ack.run_id.encode(), message.partition)
-        if ops.is_replayed_ack(*input_origin(message)):
+    async def on_ack(self, record: InputRecord) -> None:
+        ctx = self.ctx
+        ack = decode(CommandAck, record.value, max_bytes=self._max_bytes)
+        run = self._changed_run(ack.run_id.encode(), record.partition)
+        if run.ops.is_replayed_ack(*input_origin(record)):
             ctx.metrics.replayed_events.labels("training").inc()
             return
         if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
             log.error("run %s refused command %s: %s", ack.run_id, ack.command_id, ack.detail)
             ctx.metrics.signature_rejections.labels(ctx.metrics.run_label(ack.run_id)).inc()
-        for command in ops.on_ack(ack, ctx.now()):
+        for command in run.ops.on_ack(ack, ctx.now()):
             await ctx.forward(command)
 
-    handlers: dict[str, Handler] = {
-        ctx.topic(Topic.RUNS): on_run,
-        ctx.topic(Topic.METRICS): on_metric,
-        ctx.topic(Topic.CHECKPOINTS): on_checkpoint,
-        ctx.topic(Topic.ACKS): on_ack,
-    }
-    topic = app.topic(*handlers, key_serializer="raw", value_serializer="raw")
+    def _export_metrics(self) -> None:
+        """The newest values of each run in the batch: the per-run training gauges, and the
+        hyperparameters the feedback agent's proposals start from."""
+        if not self._latest:
+            return
+        ctx, metrics = self.ctx, self.ctx.metrics
+        metrics.rl_updates.labels("ppo").inc(self._metrics_in_batch)
+        self._metrics_in_batch = 0
+        for run_id, metric in self._latest.items():
+            hyperparameters = {
+                name: value
+                for name in HYPERPARAMETER_NAMES
+                if (value := getattr(metric, name)) is not None
+            }
+            if hyperparameters:
+                ctx.hyperparameters[run_id] = hyperparameters
+            label = metrics.run_label(run_id)
+            for name in RL_GAUGE_NAMES:
+                value = getattr(metric, name)
+                if value is not None:
+                    metrics.rl_values.labels(label, name).set(value)
+        self._latest.clear()
 
-    register_batch_agent(
-        ctx, topic, name="training", new_batch=lambda: _Batch(ctx, tables, handlers)
-    )
-    return tables
+
+def register(ctx: ProcessorContext) -> TrainingAgent:
+    agent = TrainingAgent(ctx)
+    ctx.runtime.register(agent)
+    return agent

@@ -9,12 +9,28 @@ A metric is anomalous when (``AnomalySettings``):
 - reward drop: with a positive baseline ``b``, ``reward <= reward_drop_ratio * b``; with a
   negative one, ``reward <= b - (1 - reward_drop_ratio) * |b|`` (a fall by the same
   fraction of the baseline's size, so -2 -> -3 is a drop at the default 0.5);
-- a baseline of exactly 0 has no scale for a relative rule: no spike or drop against it.
+- a baseline of exactly 0 has no scale for a relative rule: no spike or drop against it;
+- and, for a spike or a drop, the rise (fall) from the baseline is at least
+  ``spread_factor`` times the metric's recent spread (below).
+
+The spread floor is what makes the ratio rules safe for values near zero or of changing
+sign. PPO's total loss (policy loss + value loss - entropy bonus) hovers around zero and
+changes sign from one minibatch to the next: against a baseline of -0.038, a loss of
+0.0016 is "a rise of one baseline's size", and with the ratio rules alone every clean run
+of the reference trainer was rolled back, several halted (issue 15). The spread is the
+exponentially weighted mean absolute deviation of the metric's normal values from their
+exponentially weighted mean (``spread_alpha``, bias-corrected, O(1) per metric): the
+size of the run's own step-to-step noise. For a loss or reward of one sign and a scale
+well away from zero the ratio is the stricter condition and the guide's thresholds keep
+their meaning (a loss of 1.0 +- 0.05 doubling rises by 1.0, 25 spreads); near zero the
+floor decides (a clean reference run's loss moves by at most about 4 spreads from the
+previous one; its injected divergences rose by 40 to 25,000 spreads). ``spread_factor``
+0 gives the ratio rules alone.
 
 Finite values are judged only from ``warmup_steps`` after the run's first metric (or the
 restored step of a rollback), once a baseline exists. Anomalous metrics never enter the
-baseline (neither their loss nor their reward), so a diverging run cannot drag its own
-reference along.
+baseline nor the spread (neither their loss nor their reward), so a diverging run cannot
+drag its own reference along, nor widen its own tolerance.
 
 Baselines (``baseline``), one for loss and one for reward:
 
@@ -118,7 +134,46 @@ class _Baseline:
             self._values = [float(v) for v in state["values"]][-self._window :]
 
 
-def _loss_spike(loss: float, baseline: float, ratio: float) -> str | None:
+class _Spread:
+    """A metric's recent noise: the exponentially weighted mean absolute deviation of its
+    normal values from their exponentially weighted mean, bias-corrected (weights
+    normalised by their sum, so the first few values are not pulled towards zero)."""
+
+    __slots__ = ("_decay", "_deviation_sum", "_deviation_weight", "_sum", "_weight")
+
+    def __init__(self, alpha: float) -> None:
+        self._decay = 1.0 - alpha
+        self._sum = self._weight = 0.0  # weighted values and their weights
+        self._deviation_sum = self._deviation_weight = 0.0
+
+    def value(self) -> float:
+        """The spread, 0 until two normal values were seen."""
+        if self._deviation_weight == 0.0:
+            return 0.0
+        return self._deviation_sum / self._deviation_weight
+
+    def add(self, value: float) -> None:
+        decay = self._decay
+        if self._weight > 0.0:
+            deviation = abs(value - self._sum / self._weight)
+            self._deviation_sum = decay * self._deviation_sum + deviation
+            self._deviation_weight = decay * self._deviation_weight + 1.0
+        self._sum = decay * self._sum + value
+        self._weight = decay * self._weight + 1.0
+
+    def clear(self) -> None:
+        self._sum = self._weight = self._deviation_sum = self._deviation_weight = 0.0
+
+    def to_state(self) -> list[float]:
+        return [self._sum, self._weight, self._deviation_sum, self._deviation_weight]
+
+    def load(self, state: list[float]) -> None:
+        self._sum, self._weight, self._deviation_sum, self._deviation_weight = map(float, state)
+
+
+def _loss_spike(loss: float, baseline: float, ratio: float, floor: float) -> str | None:
+    if loss - baseline < floor:
+        return None
     if baseline > 0.0 and loss >= ratio * baseline:
         return f"loss spike {loss / baseline:.1f}x baseline {baseline:.3g}"
     if baseline < 0.0 and loss >= baseline + (ratio - 1.0) * abs(baseline):
@@ -126,7 +181,9 @@ def _loss_spike(loss: float, baseline: float, ratio: float) -> str | None:
     return None
 
 
-def _reward_drop(reward: float, baseline: float, ratio: float) -> str | None:
+def _reward_drop(reward: float, baseline: float, ratio: float, floor: float) -> str | None:
+    if baseline - reward < floor:
+        return None
     if baseline > 0.0 and reward <= ratio * baseline:
         return f"reward drop to {100.0 * reward / baseline:.0f}% of baseline {baseline:.3g}"
     if baseline < 0.0 and reward <= baseline - (1.0 - ratio) * abs(baseline):
@@ -142,8 +199,10 @@ class AnomalyDetector:
         "_cooldown_until",
         "_last",
         "_loss",
+        "_loss_spread",
         "_reset_attempt",
         "_reward",
+        "_reward_spread",
         "_settings",
         "_streak_length",
         "_streak_start",
@@ -154,6 +213,8 @@ class AnomalyDetector:
         self._settings = settings
         self._loss = _Baseline(settings)
         self._reward = _Baseline(settings)
+        self._loss_spread = _Spread(settings.spread_alpha)
+        self._reward_spread = _Spread(settings.spread_alpha)
         self._last: Position | None = None
         self._reset_attempt: int | None = None  # attempt of the last reset_to
         self._warmup_from: int | None = None
@@ -173,6 +234,8 @@ class AnomalyDetector:
     def _clear(self, step: int) -> None:
         self._loss.clear()
         self._reward.clear()
+        self._loss_spread.clear()
+        self._reward_spread.clear()
         self._streak_start = None
         self._streak_length = 0
         self._warmup_from = step
@@ -201,12 +264,15 @@ class AnomalyDetector:
                 reasons.append(f"non-finite {name}")
                 non_finite = True
         if not warmup:
+            factor = settings.spread_factor
             if baseline_loss is not None and math.isfinite(loss):
-                spike = _loss_spike(loss, baseline_loss, settings.loss_spike_ratio)
+                floor = factor * self._loss_spread.value()
+                spike = _loss_spike(loss, baseline_loss, settings.loss_spike_ratio, floor)
                 if spike:
                     reasons.append(spike)
             if baseline_reward is not None and math.isfinite(reward):
-                drop = _reward_drop(reward, baseline_reward, settings.reward_drop_ratio)
+                floor = factor * self._reward_spread.value()
+                drop = _reward_drop(reward, baseline_reward, settings.reward_drop_ratio, floor)
                 if drop:
                     reasons.append(drop)
 
@@ -226,6 +292,8 @@ class AnomalyDetector:
             self._streak_start, self._streak_length = None, 0
             self._loss.add(loss)
             self._reward.add(reward)
+            self._loss_spread.add(loss)
+            self._reward_spread.add(reward)
         return Verdict(
             step=step,
             attempt=attempt,
@@ -270,6 +338,8 @@ class AnomalyDetector:
             "streak_length": self._streak_length,
             "loss": self._loss.to_state(),
             "reward": self._reward.to_state(),
+            "loss_spread": self._loss_spread.to_state(),
+            "reward_spread": self._reward_spread.to_state(),
         }
 
     @classmethod
@@ -287,4 +357,8 @@ class AnomalyDetector:
         detector._streak_length = int(state["streak_length"])
         detector._loss.load(state["loss"])
         detector._reward.load(state["reward"])
+        # Absent from states written before the spread floor: it forms again from here.
+        if "loss_spread" in state:
+            detector._loss_spread.load(state["loss_spread"])
+            detector._reward_spread.load(state["reward_spread"])
         return detector

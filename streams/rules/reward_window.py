@@ -160,7 +160,8 @@ class RewardWindow:
     # State: a compact binary snapshot, so a changelog record per run per batch stays small.
     def to_bytes(self) -> bytes:
         header = _HEADER.pack(_FORMAT_VERSION, self._capacity, self._count, *self._last)
-        return header + array("d", self.rewards()).tobytes()
+        ring, head = self._ring, self._head
+        return header + ring[head:].tobytes() + ring[:head].tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RewardWindow:

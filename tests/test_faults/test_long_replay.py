@@ -1,14 +1,13 @@
 """Scenario 1, made deterministic: a replay longer than any bounded memory of ids.
 
-Faust writes a table's changelog as batches finish but commits input offsets only every
-few seconds, so a worker killed before its commit restarts with state that has applied
-events it will read again; killed again and again (the SIGKILL loop), the replay grows
-without bound (this is how the SIGKILL loop failed: breakers re-applied outcomes older
-than their 1,024 remembered call ids). Here the worker's commit timer is an hour: it
-applies 1,500 outcomes of one model and 3,200 ratings re-keyed to the default target
-(whose windows remember 3,000 fingerprints), then is SIGKILLed. The restarted worker
-reads again everything after the committed offsets (all of it, but for a commit Faust
-makes when the group rebalances), and again every re-keyed copy the replayed re-keying
+The worker writes its state at checkpoints and commits offsets after them, so a worker that
+restarts may read again events its restored state has applied: killed between a checkpoint
+and its commit, or after commits that failed, or after an operator reset the group's
+offsets (or Kafka expired them while the group was away). Here the worker applies 1,500
+outcomes of one model, 3,200 ratings re-keyed to the default target (whose windows
+remember 3,000 fingerprints) and 40 retune acks (the run remembers 32), commits all of it,
+and is SIGKILLed; the group's offsets are then reset to the beginning. The restarted
+worker reads everything again, and again every re-keyed copy the replayed re-keying
 produces. Nothing may change: the stored state of the breaker, the windows and the run's
 operations stays byte for byte what it was, and no transition, proposal or command comes
 out.
@@ -23,7 +22,14 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from fragrance_ops.brokers.base import free_port
@@ -50,7 +56,6 @@ RATINGS = 3200  # > retune.seen_ratings_max (3,000)
 RUN = "replayed-run"
 RETUNE_ACKS = 40  # > APPLIED_RETUNES_KEPT (32)
 STEPS = 100  # metrics before the acks, and as many after them
-NEVER_COMMIT = '{"broker_commit_interval": 3600, "broker_commit_every": 1000000}'
 
 
 def scrape(port: int, name: str, label: str) -> dict[str, float]:
@@ -82,6 +87,32 @@ def uncommitted(bootstrap: str, group: str, topic: str, end: int) -> int:
     finally:
         reader.close()
     return end - sum(max(tp.offset, 0) for tp in committed)
+
+
+def reset_offsets(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
+    """Reset ``group``'s offsets of ``topics`` to their beginning, once it has no member."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-reader"})
+    try:
+        partitions = [
+            TopicPartition(topic, p, 0)
+            for topic in topics
+            for p in reader.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
+    finally:
+        reader.close()
+    request = [ConsumerGroupTopicPartitions(group, partitions)]
+    deadline = time.monotonic() + timeout_s
+    while True:  # refused while the killed member's session lasts
+        try:
+            result = admin.alter_consumer_group_offsets(request)[group].result(timeout=10)
+            errors = [tp.error for tp in result.topic_partitions if tp.error is not None]
+        except KafkaException as exc:
+            errors = [exc.args[0]]
+        if not errors:
+            return
+        assert time.monotonic() < deadline, f"offsets of {group} not reset: {errors[0]}"
+        time.sleep(0.5)
 
 
 def origin(message: Message) -> str:
@@ -129,12 +160,7 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     prefix = ops_settings.kafka.topic_prefix
     app_id = f"app-{prefix.rstrip('.')}"  # make_worker's
     port = free_port()
-    worker = fault_worker(
-        WORKER__FAUST_OPTIONS=NEVER_COMMIT,
-        WORKER__STALL_TIMEOUT_S="3600",  # no commit for an hour is this test's point
-        BREAKER__OPEN_S="3600",
-        METRICS__PORT=str(port),
-    )
+    worker = fault_worker(BREAKER__OPEN_S="3600", METRICS__PORT=str(port))
     worker.start()
     breaker_log = f"{app_id}-llm-breakers-changelog"
     windows_log = f"{app_id}-feedback-windows-changelog"
@@ -237,26 +263,30 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
                 "outputs": len([r for r in recorder.records() if r.topic in outputs]),
             }
 
+        # Everything committed: the state stored covers every input.
+        by_target = f"{prefix}{app_id}-ratings-by-target"  # every copy on one partition
+        inputs = [outcomes_topic, ratings_topic, by_target, metrics_topic, acks_topic]
+        totals = dict(
+            zip(inputs, (OUTCOMES, RATINGS, RATINGS, 2 * STEPS, RETUNE_ACKS), strict=True)
+        )
+        wait_for(
+            lambda: all(uncommitted(kafka_bootstrap, app_id, t, n) == 0 for t, n in totals.items()),
+            60,
+            "every input committed",
+        )
         before = stored()
         assert replayed(port) == {}  # nothing replayed in the first life
 
         worker.kill()
-        # Every input past the committed offsets is read again; each rating twice at the
-        # windows (the copy re-keyed before the kill, and the one the replayed re-keying
-        # makes now). Each must be recognised and skipped.
-        by_target = f"{prefix}{app_id}-ratings-by-target"  # every copy on one partition
-        replays = {
-            "llm-breakers": uncommitted(kafka_bootstrap, app_id, outcomes_topic, OUTCOMES),
-            "feedback": uncommitted(kafka_bootstrap, app_id, ratings_topic, RATINGS)
-            + uncommitted(kafka_bootstrap, app_id, by_target, RATINGS),
-            "training": uncommitted(kafka_bootstrap, app_id, acks_topic, RETUNE_ACKS),
-        }
+        reset_offsets(kafka_bootstrap, app_id, inputs, 60)
+        # Every input is read again; each rating twice at the windows (the copy re-keyed
+        # before the kill, and the one the replayed re-keying makes now). Each must be
+        # recognised and skipped.
+        replays = {"llm-breakers": OUTCOMES, "feedback": 2 * RATINGS, "training": RETUNE_ACKS}
         assert replays["llm-breakers"] > 1024  # beyond the breaker's call-id memory
         assert replays["feedback"] > 2 * 3000  # beyond the windows' fingerprint memory
         assert replays["training"] > APPLIED_RETUNES_KEPT  # beyond the retune-id memory
         worker.start()
-        # At least: a rebalance in the restarted worker's first seconds can make it read
-        # a partition again from the beginning (see streams/transport.py).
         wait_for(
             lambda: all(replayed(port).get(agent, 0) >= count for agent, count in replays.items()),
             60,

@@ -3,8 +3,9 @@ and a worker started after it processes everything (nothing was lost).
 
 What counts as a stall is the rule's business (``tests/test_streams/test_rules/
 test_progress.py``). A stall cannot be made on demand with a healthy broker and Faust, so
-the watchdog is made impatient instead: every batch waits for its outputs, which the output
-producer holds for 2 s (``worker.output_linger_ms``), four times ``worker.stall_timeout_s``.
+the watchdog is made impatient instead (``worker.stall_timeout_s`` 0.5 s): once the group
+has committed, records fetched and processed stay uncommitted until the next commit, 2.8 s
+later; for the watchdog that is what records dropped on their way to the agents look like.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import orjson
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
@@ -28,12 +30,24 @@ RUN = "watched-run"
 METRICS = 10_000
 
 
+def committed_records(bootstrap: str, settings: Settings, topic: str) -> int:
+    """Records of ``topic`` the worker's group has committed (``make_worker``'s app id)."""
+    group = f"app-{settings.kafka.topic_prefix.rstrip('.')}"
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        offsets = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(tp.offset, 0) for tp in offsets)
+    finally:
+        reader.close()
+
+
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_stalled_worker_crashes_with_its_reason_and_loses_nothing(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
     prefix = ops_settings.kafka.topic_prefix
-    impatient = fault_worker(WORKER__STALL_TIMEOUT_S="0.5", WORKER__OUTPUT_LINGER_MS="2000")
+    impatient = fault_worker(WORKER__STALL_TIMEOUT_S="0.5")
     impatient.start()
     now = time.time()
     metrics = [
@@ -43,9 +57,17 @@ def test_a_stalled_worker_crashes_with_its_reason_and_loses_nothing(
         )
         for s in range(METRICS)
     ]
-    began = time.monotonic()
+    metrics_topic = topic_name(Topic.METRICS, prefix)
     with TopicRecorder(kafka_bootstrap, [topic_name(Topic.REWARD_STATS, prefix)]) as recorder:
-        produce_records(kafka_bootstrap, topic_name(Topic.METRICS, prefix), metrics)
+        # Until the group's first commit the watchdog has no committed offset to compare.
+        produce_records(kafka_bootstrap, metrics_topic, metrics[:1])
+        wait_for(
+            lambda: committed_records(kafka_bootstrap, ops_settings, metrics_topic) == 1,
+            60,
+            "the first metric committed",
+        )
+        began = time.monotonic()
+        produce_records(kafka_bootstrap, metrics_topic, metrics[1:])
         wait_for(lambda: not impatient.running, 60, "the impatient worker crashed")
         crashed_after_s = time.monotonic() - began
         log = impatient.log_since_start()

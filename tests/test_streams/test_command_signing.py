@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any, cast
 
 from pydantic import SecretStr
@@ -42,6 +43,7 @@ def forwarded(
         dead_letters=cast(Any, None),
         run_settings=RunSettingsCache(settings),
         metrics=WorkerMetrics(),
+        runtime=cast(Any, SimpleNamespace(checkpoint_soon=lambda: None)),
     )
 
     async def forward_all() -> None:

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from faust.types import TP
 
-from streams.monitor import LeanMonitor
+from streams.faust_fixes import LeanMonitor
 
 
 def test_a_stream_event_records_when_the_partition_was_last_processed() -> None:

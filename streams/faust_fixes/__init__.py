@@ -1,0 +1,46 @@
+"""Corrections of Faust and aiokafka internals, in one place.
+
+Each module names the upstream behaviour it corrects and the test that covers it:
+
+- ``consumer``: whole fetches handed to the agents' runtime instead of Faust's per-record
+  path; offsets committed behind checkpointed state; the broker holding a fetch for a
+  batch; records dropped before a seek back read again; never-committed partitions read
+  from their beginning.
+- ``monitor``: Faust's per-event monitor bookkeeping skipped.
+- ``worker``: Faust's worker without the spinner that set the root logger to DEBUG.
+
+They rely on private names of faust-streaming 0.15 and aiokafka 0.14 (pinned in
+``pyproject.toml``), listed in ``PRIVATE_NAMES``:
+``tests/test_streams/test_faust_fixes/test_private_names.py`` fails when an upgrade
+removes one.
+"""
+
+from __future__ import annotations
+
+from streams.faust_fixes.consumer import WorkerApp
+from streams.faust_fixes.monitor import LeanMonitor
+from streams.faust_fixes.worker import QuietWorker
+
+#: (module, class, attribute) of every private name the corrections use or override.
+PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
+    # consumer.py: Faust's consumer and its aiokafka driver.
+    ("faust.transport.consumer", "Consumer", "_drain_messages"),
+    ("faust.transport.consumer", "Consumer", "_wait_next_records"),
+    ("faust.transport.consumer", "Consumer", "_new_offset"),
+    ("faust.transport.consumer", "Consumer", "_filter_tps_with_pending_acks"),
+    ("faust.transport.consumer", "Consumer", "_to_message"),
+    ("faust.transport.consumer", "Consumer", "_read_offset"),
+    ("faust.transport.consumer", "Consumer", "_buffered_partitions"),
+    ("faust.transport.consumer", "Consumer", "_committed_offset"),
+    ("faust.transport.drivers.aiokafka", "Consumer", "_new_consumer_thread"),
+    ("faust.transport.drivers.aiokafka", "Transport", "Consumer"),
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_create_consumer"),
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_fetch_records"),
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_ensure_consumer"),
+    ("faust.app.base", "App", "_new_transport"),
+    ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_min_bytes"),
+    ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_max_wait_ms"),
+    ("mode.services", "Service", "_stopped"),
+)
+
+__all__ = ["PRIVATE_NAMES", "LeanMonitor", "QuietWorker", "WorkerApp"]

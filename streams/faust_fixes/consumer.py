@@ -1,0 +1,228 @@
+"""Faust's aiokafka consumer, delivering whole fetches to the agents' runtime, committing
+only what checkpointed state covers, and never losing records across a seek back.
+
+**Batch delivery** (``Consumer._drain_messages``). Faust hands records to streams one at a
+time: per record a ``ConsumerMessage``, two tasks (``wait_first(callback(message),
+suspend_flow.wait())``), a queue hop through the conductor and a stream iteration. In the
+backlog benchmark that machinery was most of the worker's time (about 1,900 events/s where
+a plain confluent-kafka loop did 164,000). Here each fetch's records of input topics go to
+``AgentRuntime.deliver`` in one call, per agent one batch; records of other topics (table
+changelogs in recovery, standbys) still take Faust's own path, record by record. Tested by
+``tests/test_streams/test_faust_fixes/test_consumer.py`` and every worker test.
+
+**Offsets: what checkpointed state covers** (``_new_offset``,
+``_filter_tps_with_pending_acks``, ``force_commit``). Faust commits the offsets streams
+acknowledged; here every commit first runs the runtime's checkpoint (outputs acknowledged,
+state written and acknowledged) and commits the offsets that checkpoint reached. Faust's
+acked-offset lists, gaps and per-message acks are not used for input topics. Tested by
+``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart).
+
+**Fetch size** (``_SeekingConsumerThread._create_consumer``). Faust creates aiokafka's
+consumer with ``fetch_max_wait_ms=1500`` and the default ``fetch_min_bytes=1``: the broker
+answers a fetch as soon as any of the worker's ~56 input partitions has one record, so at
+200 metrics/s the worker did about one fetch round trip, in Python, per record. The broker
+now holds a fetch until ``worker.batch_min_bytes`` arrived or ``worker.batch_within_s``
+passed. Tested by ``test_consumer.py::test_a_fetch_waits_for_its_batch``.
+
+**Nothing is delivered past records dropped before a seek back; they are read again.** A
+rebalance clears what Faust buffered (``FlowControlEvent.clear``) and seeks back to the
+committed offsets (``Recovery._resume_streams``), and records fetched before that seek may
+still come back from the consumer thread afterwards. Every clear asks for a seek back before
+the next fetch, and input records of a fetch made before the latest seek back (or while one
+is asked for) are dropped, to be read again after it: delivered, they would have been
+applied before the records they skipped (the broker-restart scenario lost 232 outcomes this
+way). Seeks back and fetches both run in the consumer's thread, one after the other, so each
+fetch is tagged there with the number of seeks back done before it. Tested by
+``test_consumer.py::test_records_dropped_by_a_seek_back_are_read_again_before_newer_ones``.
+
+**A partition the group never committed is read again from its beginning** on a seek back.
+aiokafka's ``seek_to_committed`` seeks only partitions whose committed offset is above 0
+(``aiokafka/consumer/consumer.py``): a partition with no commit kept its position past the
+records dropped (``tests/test_faults/test_long_replay.py`` caught it in about one run in
+three). Not ``seek_to_beginning``: its reset leaves no position for a moment, and Faust's
+livelock check crashes the worker on that. Tested by
+``test_consumer.py::test_a_partition_never_committed_is_read_again_from_its_beginning``.
+
+Input partitions only: Faust positions its changelog partitions itself (table recovery)
+and never reads its assignor's leader topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import aiokafka
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as driver
+from faust.types import TP
+from faust.types.transports import TransportT
+from mode import ServiceT
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
+
+from streams.runtime import AgentRuntime
+
+log = logging.getLogger(__name__)
+
+
+class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
+    # Seeks back and fetches both run in the consumer's thread, one after the other: a
+    # fetch is tagged with the number of seeks back done when it completed.
+    seeks_back = 0
+    fetched_after_seeks = 0
+
+    def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_consumer(loop)
+        app = cast(WorkerApp, self.consumer.app)
+        # Read by AIOKafkaConsumer.start() when it creates its Fetcher.
+        consumer._fetch_min_bytes = app.fetch_min_bytes
+        consumer._fetch_max_wait_ms = app.fetch_max_wait_ms
+        return consumer
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        committed: Mapping[TP, int] = await self.call_thread(self._seek_back)
+        return committed
+
+    async def _seek_back(self) -> Mapping[Any, int | None]:
+        consumer = self._ensure_consumer()
+        committed: Mapping[Any, int | None] = await consumer.seek_to_committed()
+        is_input = cast(WorkerApp, self.consumer.app).runtime.is_input
+        uncommitted = [tp for tp, offset in committed.items() if not offset and is_input(tp.topic)]
+        if uncommitted:
+            beginnings = await consumer.beginning_offsets(uncommitted)
+            for tp, offset in beginnings.items():
+                consumer.seek(tp, offset)
+        self.seeks_back += 1
+        return committed
+
+    async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
+        records = await super()._fetch_records(*args, **kwargs)
+        self.fetched_after_seeks = self.seeks_back
+        return records
+
+
+class _Consumer(driver.Consumer):
+    _thread: _SeekingConsumerThread
+    _seek_pending = False  # records were dropped: seek back before fetching again
+
+    @property
+    def _runtime(self) -> AgentRuntime:
+        return cast(WorkerApp, self.app).runtime
+
+    def buffers_cleared(self) -> None:
+        """Faust cleared what it had fetched: it must be read again."""
+        self._seek_pending = True
+
+    def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
+        return _SeekingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # Faust's fetch loop
+        runtime = self._runtime
+        consumer_stopped = self._stopped.is_set
+        fetcher_stopped = cast(faust.Service, fetcher)._stopped.is_set
+        while not (consumer_stopped() or fetcher_stopped()):
+            if self._seek_pending and self.flow_active:
+                self._seek_pending = False  # first: a clear during the seek asks for another
+                await self.perform_seek()
+            self.diag.set_flag(CONSUMER_FETCHING)
+            records, active = await self._wait_next_records(1.0)
+            self.diag.unset_flag(CONSUMER_FETCHING)
+            await asyncio.sleep(0)  # Faust's: a loop of instant fetches must not starve others
+            if not records or self.should_stop:
+                continue
+            fetched_after = self._thread.fetched_after_seeks
+
+            def is_current(fetched_after: int = fetched_after) -> bool:
+                # Every rebalance stops the flow and ends in a seek back before it resumes.
+                return (
+                    self.flow_active
+                    and not self._seek_pending
+                    and self._thread.seeks_back == fetched_after
+                )
+
+            stale = not is_current()
+            inputs: dict[TP, Sequence[Any]] = {}
+            dropped = 0
+            for tp, batch in records.items():
+                if not runtime.is_input(tp.topic):
+                    if self.flow_active:
+                        await self._deliver_one_by_one(tp, batch, active)
+                elif stale or (active is not None and tp not in active):
+                    dropped += len(batch)
+                else:
+                    inputs[tp] = batch
+            if inputs:
+                dropped += await runtime.deliver(inputs, is_current)
+            if dropped:
+                # Fetched before a seek back or a rebalance, or for a paused partition: read
+                # again after a seek back to the committed offsets.
+                log.info("%d input records dropped, read again after a seek back", dropped)
+                self._seek_pending = True
+
+    async def _deliver_one_by_one(
+        self, tp: TP, batch: Sequence[Any], active: set[TP] | None
+    ) -> None:
+        """Faust's own per-record path, for the topics no agent reads (table changelogs)."""
+        if active is not None and tp not in active and tp not in self._buffered_partitions:
+            return
+        read_offset = self._read_offset
+        for record in batch:
+            last = read_offset[tp]
+            if last is not None and record.offset < last:
+                continue  # Faust's drain loop skips what it read already
+            await self.wait_first(
+                self.callback(self._to_message(tp, record)), self.suspend_flow.wait()
+            )
+            read_offset[tp] = record.offset
+
+    # Commits: the offsets the runtime's checkpointed state reached.
+    async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        await self._runtime.checkpoint()
+        return cast(bool, await super().force_commit(topics, start_new_transaction))
+
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+        for tp in self._runtime.committable_partitions():
+            if topics is None or tp in topics or tp.topic in topics:
+                yield tp
+
+    def _new_offset(self, tp: TP) -> int | None:
+        return self._runtime.committable(tp)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        await super().on_partitions_revoked(revoked)
+        await self._runtime.forget(revoked)
+
+
+class _Transport(driver.Transport):
+    Consumer = _Consumer
+
+
+class _FlowControl(FlowControlEvent):
+    def __init__(self, app: faust.App) -> None:
+        super().__init__(loop=app.loop)
+        self.app = app
+
+    def clear(self) -> None:
+        super().clear()
+        cast(_Consumer, self.app.consumer).buffers_cleared()
+
+
+class WorkerApp(faust.App):
+    """``faust.App`` consuming through the consumer above into ``runtime``'s agents."""
+
+    #: Set before the worker starts: the agents the consumer hands fetched records to.
+    runtime: AgentRuntime
+    #: The broker holds a fetch until this many bytes arrived or ``fetch_max_wait_ms``.
+    fetch_min_bytes = 1
+    fetch_max_wait_ms = 500
+
+    def _new_transport(self) -> TransportT:
+        return _Transport(self.conf.broker_consumer, self)
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return _FlowControl(self)
