@@ -141,9 +141,7 @@ def paced(keys: int, rate: float, seconds: float, send: Callable[[int, int], Non
 
 def committed_all(settings: Settings, group: str, topic: str, timeout_s: float) -> None:
     """Wait until ``group`` has committed every record of ``topic``."""
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group}
-    )
+    consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": group})
     partitions = [
         TopicPartition(topic, p)
         for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -237,12 +235,30 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=15.0)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument(
+        "--loads", default="metrics,outcomes,ratings", help="which loads, comma-separated"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the plain confluent-kafka loop"
+    )
+    parser.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a worker setting, e.g. WORKER__BATCH_WITHIN_S=0.02 (repeatable)",
+    )
     args = parser.parse_args()
     loads = [
-        Load("metrics", Topic.METRICS, publish_metrics),
-        Load("LLM outcomes", Topic.LLM_OUTCOMES, publish_outcomes),
-        Load("ratings", Topic.RATINGS, publish_ratings),
+        load
+        for load in (
+            Load("metrics", Topic.METRICS, publish_metrics),
+            Load("outcomes", Topic.LLM_OUTCOMES, publish_outcomes),
+            Load("ratings", Topic.RATINGS, publish_ratings),
+        )
+        if load.name in args.loads.split(",")
     ]
+    worker_settings = dict(setting.split("=", 1) for setting in args.worker_setting)
     rate = args.keys * args.rate_per_key
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
@@ -252,7 +268,7 @@ def main() -> int:
             f"broker: {args.bootstrap or args.broker} at {bootstrap}; {args.keys} keys x "
             f"{args.rate_per_key:g} events/s = {rate:g} events/s for {args.seconds:g} s each"
         )
-        with running_worker(settings) as worker:
+        with running_worker(settings, **worker_settings) as worker:
             pid = worker.pid
             assert pid is not None
             time.sleep(5.0)  # past the first commits and timers after readiness
@@ -274,6 +290,8 @@ def main() -> int:
                     lambda source=source: committed_all(settings, group, source, 300),
                 )
 
+        if args.no_baseline:
+            return 0
         # The baseline, on the same metrics input, in a process of its own.
         plain_settings = fresh_settings(bootstrap, embedded, args.partitions, "cpuplain")
         plain_prefix = plain_settings.kafka.topic_prefix

@@ -119,17 +119,18 @@ class WorkerSettings(_Group):
         "broker_max_poll_records): the batch that amortizes per-batch costs under load",
     )
     batch_within_s: float = Field(
-        default=0.005,
+        default=0.02,
         gt=0,
         description="longest the broker holds a fetch for batch_min_bytes to arrive (aiokafka's "
-        "fetch_max_wait_ms): the latency a lone event pays for fewer, larger batches; under "
-        "load fetches fill at once",
+        "fetch_max_wait_ms): the latency a lone event pays for fewer, larger batches (every "
+        "fetch costs the worker about 1 ms of CPU, so this is also its idle CPU: 20 ms, about "
+        "5% of a core); under load fetches fill at once. Measured trade-off in README, "
+        "Benchmarks",
     )
     batch_min_bytes: int = Field(
         default=64 * 1024,
         ge=1,
-        description="bytes a fetch waits for (aiokafka's fetch_min_bytes), at most "
-        "batch_within_s",
+        description="bytes a fetch waits for (aiokafka's fetch_min_bytes), at most batch_within_s",
     )
     output_linger_ms: float = Field(
         default=1.0, ge=0, description="output producer batching delay (librdkafka linger.ms)"
@@ -299,13 +300,14 @@ class AnomalySettings(_Group):
         default=20, ge=1, le=10_000, description="normal values the median baseline spans"
     )
     spread_factor: float = Field(
-        default=6.0,
+        default=10.0,
         ge=0,
         allow_inf_nan=False,
         description="a loss spike must also rise, and a reward drop fall, by at least this many "
         "times the metric's recent spread (its exponentially weighted mean absolute "
-        "deviation): values near zero or of changing sign (PPO's total loss) are judged by "
-        "their own noise, not by a ratio of a baseline near zero; 0: the ratio rules alone",
+        "difference between consecutive normal values): values near zero or of changing sign "
+        "(PPO's total loss) are judged by their own noise, not by a ratio of a baseline near "
+        "zero; 0: the ratio rules alone",
     )
     spread_alpha: float = Field(
         default=0.05,

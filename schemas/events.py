@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -176,6 +177,33 @@ class RewardStats(Event):
 
     def key(self) -> str:
         return self.run_id
+
+    @staticmethod
+    def encode_unchecked(
+        *,
+        run_id: str,
+        step: int,
+        reward: float,
+        normalized_reward: float,
+        mean: float,
+        std: float,
+        count: int,
+        ts: float,
+    ) -> bytes:
+        """``encode(RewardStats(...))`` without validating: the worker's own statistics, valid
+        by construction, one per metric (the model costs ten times as much per record)."""
+        return orjson.dumps(
+            {
+                "run_id": run_id,
+                "step": step,
+                "reward": reward,
+                "normalized_reward": normalized_reward,
+                "mean": mean,
+                "std": std,
+                "count": count,
+                "ts": ts,
+            }
+        )
 
 
 class CommandBase(Event):

@@ -85,6 +85,12 @@ class WorkerMetrics:
             ["algorithm"],
             registry=registry,
         )
+        self.unanswered_anomalies = Counter(
+            "fragrance_ops_unanswered_anomalies",
+            "anomalies not rolled back because the run had saved no checkpoint before them "
+            "(a young run is not halted for a finite anomaly; the worker logs each)",
+            registry=registry,
+        )
         self.rl_values = Gauge(
             "fragrance_ops_rl_value",
             "the latest reported value per run: loss, policy_loss, value_loss, reward, "

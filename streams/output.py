@@ -62,8 +62,18 @@ class OutputProducer:
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
     ) -> None:
         """Enqueue one record; waits (without blocking the loop) only when the queue is full."""
+        try:
+            self._producer.produce(topic, value, key, headers=headers)
+        except BufferError:
+            await self._send_when_room(topic, key, value, headers)
+
+    async def _send_when_room(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None
+    ) -> None:
         deadline = time.monotonic() + self._flush_timeout_s
         while True:
+            self._producer.poll(0)
+            await asyncio.sleep(_FULL_QUEUE_WAIT_S)
             try:
                 self._producer.produce(topic, value, key, headers=headers)
                 return
@@ -72,8 +82,6 @@ class OutputProducer:
                     raise OutputDeliveryError(
                         f"output queue still full after {self._flush_timeout_s}s"
                     ) from None
-                self._producer.poll(0)
-                await asyncio.sleep(_FULL_QUEUE_WAIT_S)
 
     def serve(self) -> None:
         """Serve librdkafka's queued reports (failures only) without waiting."""

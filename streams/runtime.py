@@ -167,9 +167,7 @@ class AgentRuntime:
                 inbound[tp] = now
         left = 0
         for slot, parts in per_slot.items():
-            # Shielded: a fetcher cancelled mid-batch (Faust stops it on shutdown) lets the
-            # batch finish, and the final commit's checkpoint waits for it on its lock.
-            left += await asyncio.shield(self._run_batch(slot, parts, is_current))
+            left += await self._run_batch(slot, parts, is_current)
         return left
 
     async def _run_batch(
@@ -192,6 +190,8 @@ class AgentRuntime:
                 try:
                     await slot.agent.process(records)
                 except BaseException:
+                    # Mid-batch, cancelled included (Faust stops the fetcher on shutdown):
+                    # its state must never be written; a restart replays the batch.
                     slot.broken = True
                     raise
                 for tp, batch in parts:

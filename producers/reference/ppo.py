@@ -35,10 +35,11 @@ REFERENCE_RUN_SETTINGS: dict[str, bool | int | float | str] = {
     "anomaly.baseline": "median",
     "anomaly.patience": 3,
 }
-"""Announced with the run: minibatch losses are noisy, so judge against the median of recent
-steps and act on 3 anomalous steps in a row (a real divergence lasts; one odd minibatch
-does not). With the guide's "previous value" and patience 1, 1 of 3 seeded 3,000-step runs
-was rolled back for nothing."""
+"""Announced with the run, an example of per-run overrides: minibatch losses are noisy, so
+judge against the median of recent steps and act on 3 anomalous steps in a row (a real
+divergence lasts; one odd minibatch does not). The defaults alone (the spread floor in
+``streams/rules/anomaly.py``) also leave clean runs untouched
+(``tests/test_producers/test_reference.py``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ class TrainingTables:
 class _Run:
     """One run's live state on this worker."""
 
+    key: bytes
     partition: int
     overrides: dict[str, Any] | None  # as announced; None: never announced (the defaults)
     ops: RunOperations
@@ -80,16 +81,17 @@ class TrainingAgent:
             ctx.topic(Topic.ACKS): self.on_ack,
         }
         self.topics = tuple(self._handlers)
+        self._stats_topic = ctx.topic(Topic.REWARD_STATS)
         self._runs: dict[bytes, _Run] = {}
         self._changed: set[bytes] = set()  # runs to write at the next checkpoint
         self._announced: set[bytes] = set()  # runs whose settings changed since then
-        self._latest: dict[str, StepMetric] = {}  # run id -> newest metric of the batch
-        self._metrics_in_batch = 0
+        self._latest: dict[str, StepMetric] = {}  # run id -> newest metric since a checkpoint
+        self._metrics_seen = 0
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
         await self.ctx.apply_each(records, self._apply)
-        self._export_metrics()
+        self._share_hyperparameters()
 
     async def _apply(self, record: InputRecord) -> None:
         await self._handlers[record.topic](record)
@@ -105,11 +107,13 @@ class TrainingAgent:
             writer.put(tables.operations, key, orjson.dumps(run.ops.to_state()), run.partition)
         self._announced.clear()
         self._changed.clear()
+        self._export_metrics()
 
     def forget(self) -> None:
         self._runs.clear()
         self._changed.clear()
         self._announced.clear()
+        self._latest.clear()
 
     # Live runs.
     def _settings(self, overrides: dict[str, Any] | None) -> Settings:
@@ -138,7 +142,7 @@ class TrainingAgent:
             else RewardWindow(capacity)
         )
         window.resize(capacity)
-        run = self._runs[key] = _Run(partition, overrides, ops, window)
+        run = self._runs[key] = _Run(key, partition, overrides, ops, window)
         return run
 
     def _changed_run(self, key: bytes, partition: int) -> _Run:
@@ -165,28 +169,30 @@ class TrainingAgent:
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
         run = self._changed_run(metric.run_id.encode(), record.partition)
         self._latest[metric.run_id] = metric
-        self._metrics_in_batch += 1
+        self._metrics_seen += 1
         now = ctx.now()
         # The rules first: statistics the contract cannot carry (a dead-lettered metric)
         # must not hide an anomaly from them.
         for command in run.ops.on_metric(metric, now):
             await ctx.forward(command)
+        for notice in run.ops.take_notices():
+            log.warning("%s", notice)
+            ctx.metrics.unanswered_anomalies.inc()
         if not math.isfinite(metric.reward):
             return  # kept out of the window (it would poison 1,000 others); the rules acted
         stats = run.window.add(metric.reward, step=metric.step, attempt=metric.attempt)
         if stats is not None:
-            await ctx.forward(
-                RewardStats(
-                    run_id=metric.run_id,
-                    step=metric.step,
-                    reward=stats.reward,
-                    normalized_reward=stats.normalized_reward,
-                    mean=stats.mean,
-                    std=stats.std,
-                    count=stats.count,
-                    ts=now,
-                )
+            value = RewardStats.encode_unchecked(
+                run_id=metric.run_id,
+                step=metric.step,
+                reward=stats.reward,
+                normalized_reward=stats.normalized_reward,
+                mean=stats.mean,
+                std=stats.std,
+                count=stats.count,
+                ts=now,
             )
+            await ctx.output.send(self._stats_topic, run.key, value)
 
     async def on_checkpoint(self, record: InputRecord) -> None:
         checkpoint = decode(CheckpointSaved, record.value, max_bytes=self._max_bytes)
@@ -207,14 +213,8 @@ class TrainingAgent:
         for command in run.ops.on_ack(ack, ctx.now()):
             await ctx.forward(command)
 
-    def _export_metrics(self) -> None:
-        """The newest values of each run in the batch: the per-run training gauges, and the
-        hyperparameters the feedback agent's proposals start from."""
-        if not self._latest:
-            return
-        ctx, metrics = self.ctx, self.ctx.metrics
-        metrics.rl_updates.labels("ppo").inc(self._metrics_in_batch)
-        self._metrics_in_batch = 0
+    def _share_hyperparameters(self) -> None:
+        """The hyperparameters the feedback agent's proposals start from: each run's newest."""
         for run_id, metric in self._latest.items():
             hyperparameters = {
                 name: value
@@ -222,7 +222,15 @@ class TrainingAgent:
                 if (value := getattr(metric, name)) is not None
             }
             if hyperparameters:
-                ctx.hyperparameters[run_id] = hyperparameters
+                self.ctx.hyperparameters[run_id] = hyperparameters
+
+    def _export_metrics(self) -> None:
+        """The per-run training gauges, from each run's newest metric since the last
+        checkpoint (Prometheus reads them every few seconds; a batch is milliseconds)."""
+        metrics = self.ctx.metrics
+        metrics.rl_updates.labels("ppo").inc(self._metrics_seen)
+        self._metrics_seen = 0
+        for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
             for name in RL_GAUGE_NAMES:
                 value = getattr(metric, name)

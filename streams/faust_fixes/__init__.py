@@ -6,6 +6,8 @@ Each module names the upstream behaviour it corrects and the test that covers it
   path; offsets committed behind checkpointed state; the broker holding a fetch for a
   batch; records dropped before a seek back read again; never-committed partitions read
   from their beginning.
+- ``fetch_sessions``: aiokafka's fetcher with Kafka's incremental fetch sessions
+  (KIP-227), which aiokafka lacks: an idle fetch names no partitions.
 - ``monitor``: Faust's per-event monitor bookkeeping skipped.
 - ``worker``: Faust's worker without the spinner that set the root logger to DEBUG.
 
@@ -41,6 +43,35 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_min_bytes"),
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_max_wait_ms"),
     ("mode.services", "Service", "_stopped"),
+    # fetch_sessions.py: aiokafka's fetcher, built from its consumer's settings.
+    ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetcher"),
+    ("aiokafka.consumer.fetcher", "Fetcher", "_client"),
+    ("aiokafka.consumer.fetcher", "Fetcher", "_subscriptions"),
+    ("aiokafka.consumer.fetcher", "Fetcher", "_get_actions_per_node"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_max_wait_ms"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_min_bytes"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_max_bytes"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_isolation_level"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_rack_id"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "build"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_topics"),
+    *(
+        ("aiokafka.consumer.consumer", "AIOKafkaConsumer", name)
+        for name in (
+            "_client",
+            "_subscription",
+            "_key_deserializer",
+            "_value_deserializer",
+            "_fetch_max_bytes",
+            "_max_partition_fetch_bytes",
+            "_check_crcs",
+            "_consumer_timeout",
+            "_retry_backoff_ms",
+            "_auto_offset_reset",
+            "_isolation_level",
+            "_client_rack",
+        )
+    ),
 )
 
 __all__ = ["PRIVATE_NAMES", "LeanMonitor", "QuietWorker", "WorkerApp"]

@@ -17,6 +17,9 @@ state written and acknowledged) and commits the offsets that checkpoint reached.
 acked-offset lists, gaps and per-message acks are not used for input topics. Tested by
 ``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart).
 
+**Fetch sessions** (``_SeekingConsumerThread.on_start``): aiokafka's fetcher replaced by
+one fetching in incremental sessions, ``fetch_sessions.py`` says why.
+
 **Fetch size** (``_SeekingConsumerThread._create_consumer``). Faust creates aiokafka's
 consumer with ``fetch_max_wait_ms=1500`` and the default ``fetch_min_bytes=1``: the broker
 answers a fetch as soon as any of the worker's ~56 input partitions has one record, so at
@@ -64,6 +67,7 @@ from mode import ServiceT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
+from streams.faust_fixes.fetch_sessions import SessionFetcher
 from streams.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,15 @@ class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
         consumer._fetch_min_bytes = app.fetch_min_bytes
         consumer._fetch_max_wait_ms = app.fetch_max_wait_ms
         return consumer
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        # Fetch in incremental sessions (fetch_sessions.py): the fetcher aiokafka made in
+        # start() is replaced before the group assigns it anything to fetch.
+        consumer = self._ensure_consumer()
+        upstream = consumer._fetcher
+        consumer._fetcher = SessionFetcher.for_consumer(consumer)
+        await upstream.close()
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed: Mapping[TP, int] = await self.call_thread(self._seek_back)

@@ -18,14 +18,12 @@ sign. PPO's total loss (policy loss + value loss - entropy bonus) hovers around 
 changes sign from one minibatch to the next: against a baseline of -0.038, a loss of
 0.0016 is "a rise of one baseline's size", and with the ratio rules alone every clean run
 of the reference trainer was rolled back, several halted (issue 15). The spread is the
-exponentially weighted mean absolute deviation of the metric's normal values from their
-exponentially weighted mean (``spread_alpha``, bias-corrected, O(1) per metric): the
-size of the run's own step-to-step noise. For a loss or reward of one sign and a scale
-well away from zero the ratio is the stricter condition and the guide's thresholds keep
-their meaning (a loss of 1.0 +- 0.05 doubling rises by 1.0, 25 spreads); near zero the
-floor decides (a clean reference run's loss moves by at most about 4 spreads from the
-previous one; its injected divergences rose by 40 to 25,000 spreads). ``spread_factor``
-0 gives the ratio rules alone.
+exponentially weighted mean absolute difference between consecutive normal values
+(``spread_alpha``, bias-corrected, O(1) per metric): the run's own step-to-step noise, not
+inflated by a smooth trend. For a loss or reward of one sign and a scale well away from
+zero the ratio is the stricter condition and the guide's thresholds keep their meaning (a
+loss of 1.0 +- 0.05 that doubles rises by 1.0, about 18 spreads); near zero the floor
+decides. ``spread_factor`` 0 gives the ratio rules alone.
 
 Finite values are judged only from ``warmup_steps`` after the run's first metric (or the
 restored step of a rollback), once a baseline exists. Anomalous metrics never enter the
@@ -45,9 +43,10 @@ Baselines (``baseline``), one for loss and one for reward:
 Acting: ``patience`` consecutive anomalous metrics (a non-finite value acts at once) make a
 verdict ``act``, except within ``cooldown_steps`` of a restored checkpoint, and at most once
 per attempt: the rollback that follows moves the run to a newer attempt, and until then
-more anomalies of the same attempt must not produce a second rollback. A rollback must
-target a checkpoint saved before ``Verdict.streak_start``, the first anomalous step of the
-streak.
+more anomalies of the same attempt must not produce a second rollback. An act the caller
+could not answer (no checkpoint to roll back to) is ``release``-d: that streak acts no
+more, a later one may. A rollback must target a checkpoint saved before
+``Verdict.streak_start``, the first anomalous step of the streak.
 
 Replays: a metric whose ``(attempt, step)`` is not newer than the last one seen, or whose
 attempt is older than the last ``reset_to``, returns None and changes nothing. A metric with
@@ -135,40 +134,39 @@ class _Baseline:
 
 
 class _Spread:
-    """A metric's recent noise: the exponentially weighted mean absolute deviation of its
-    normal values from their exponentially weighted mean, bias-corrected (weights
-    normalised by their sum, so the first few values are not pulled towards zero)."""
+    """A metric's recent noise: the exponentially weighted mean of the absolute differences
+    between consecutive normal values (bias-corrected: weights normalised by their sum).
+    Successive differences measure step-to-step noise and ignore a smooth trend (a loss
+    falling steadily is not noisy), and they are what a "previous value" baseline sees."""
 
-    __slots__ = ("_decay", "_deviation_sum", "_deviation_weight", "_sum", "_weight")
+    __slots__ = ("_decay", "_last", "_sum", "_weight")
 
     def __init__(self, alpha: float) -> None:
         self._decay = 1.0 - alpha
-        self._sum = self._weight = 0.0  # weighted values and their weights
-        self._deviation_sum = self._deviation_weight = 0.0
+        self._last: float | None = None  # the newest normal value
+        self._sum = self._weight = 0.0  # weighted differences and their weights
 
     def value(self) -> float:
         """The spread, 0 until two normal values were seen."""
-        if self._deviation_weight == 0.0:
-            return 0.0
-        return self._deviation_sum / self._deviation_weight
+        return self._sum / self._weight if self._weight else 0.0
 
     def add(self, value: float) -> None:
-        decay = self._decay
-        if self._weight > 0.0:
-            deviation = abs(value - self._sum / self._weight)
-            self._deviation_sum = decay * self._deviation_sum + deviation
-            self._deviation_weight = decay * self._deviation_weight + 1.0
-        self._sum = decay * self._sum + value
-        self._weight = decay * self._weight + 1.0
+        if self._last is not None:
+            self._sum = self._decay * self._sum + abs(value - self._last)
+            self._weight = self._decay * self._weight + 1.0
+        self._last = value
 
     def clear(self) -> None:
-        self._sum = self._weight = self._deviation_sum = self._deviation_weight = 0.0
+        self._last = None
+        self._sum = self._weight = 0.0
 
-    def to_state(self) -> list[float]:
-        return [self._sum, self._weight, self._deviation_sum, self._deviation_weight]
+    def to_state(self) -> list[float | None]:
+        return [self._last, self._sum, self._weight]
 
-    def load(self, state: list[float]) -> None:
-        self._sum, self._weight, self._deviation_sum, self._deviation_weight = map(float, state)
+    def load(self, state: list[float | None]) -> None:
+        last, total, weight = state
+        self._last = None if last is None else float(last)
+        self._sum, self._weight = float(total or 0.0), float(weight or 0.0)
 
 
 def _loss_spike(loss: float, baseline: float, ratio: float, floor: float) -> str | None:
@@ -200,6 +198,7 @@ class AnomalyDetector:
         "_last",
         "_loss",
         "_loss_spread",
+        "_released_streak",
         "_reset_attempt",
         "_reward",
         "_reward_spread",
@@ -220,6 +219,7 @@ class AnomalyDetector:
         self._warmup_from: int | None = None
         self._cooldown_until: int | None = None  # acting resumes at this step
         self._acted_attempt: int | None = None
+        self._released_streak: Position | None = None  # (attempt, streak start) not to act on
         self._streak_start: int | None = None
         self._streak_length = 0
 
@@ -285,6 +285,7 @@ class AnomalyDetector:
                 (non_finite or self._streak_length >= settings.patience)
                 and not cooldown
                 and self._acted_attempt != attempt
+                and self._released_streak != (attempt, self._streak_start)
             )
             if act:
                 self._acted_attempt = attempt
@@ -310,6 +311,13 @@ class AnomalyDetector:
             cooldown=cooldown,
         )
 
+    def release(self, attempt: int, streak_start: int) -> None:
+        """The act for this streak was not answered with a rollback (there was nothing to roll
+        back to): the streak acts no more, but a later one of the same attempt may."""
+        if self._acted_attempt == attempt:
+            self._acted_attempt = None
+        self._released_streak = (attempt, streak_start)
+
     def reset_to(self, step: int, attempt: int) -> bool:
         """A rollback to ``step`` was applied; the trainer continues under ``attempt``.
 
@@ -334,6 +342,7 @@ class AnomalyDetector:
             "warmup_from": self._warmup_from,
             "cooldown_until": self._cooldown_until,
             "acted_attempt": self._acted_attempt,
+            "released_streak": list(self._released_streak) if self._released_streak else None,
             "streak_start": self._streak_start,
             "streak_length": self._streak_length,
             "loss": self._loss.to_state(),
@@ -353,6 +362,8 @@ class AnomalyDetector:
         detector._warmup_from = state["warmup_from"]
         detector._cooldown_until = state["cooldown_until"]
         detector._acted_attempt = state["acted_attempt"]
+        released = state.get("released_streak")  # absent from states before issue 15
+        detector._released_streak = (int(released[0]), int(released[1])) if released else None
         detector._streak_start = state["streak_start"]
         detector._streak_length = int(state["streak_length"])
         detector._loss.load(state["loss"])

@@ -10,7 +10,9 @@ contract commands with deterministic ids:
   anomalous streak began, or ``halt`` (with the rollback history) when the budget is spent.
   Checkpoints and metrics travel on different topics, so a checkpoint may arrive after the
   anomaly that needs it: without a target the decision waits, and is taken when a healthy
-  checkpoint arrives, or becomes a ``halt`` when none has after ``2 * interval_steps``;
+  checkpoint arrives; when none has after ``2 * interval_steps``, a run with (unhealthy)
+  checkpoints before the streak, or with non-finite values, is halted, and a young run
+  that had saved none is not: the anomaly is reported and the next streak may act;
 - every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
   the newest healthy checkpoint, and health is known from the metrics, so a checkpoint
   read before the run's metrics reached its step is held back and recorded when they do
@@ -33,6 +35,7 @@ the agent can keep it in a table; replayed inputs yield the same commands (same 
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Any
 
 from fragrance_ops.settings import Settings
@@ -88,6 +91,7 @@ class RunOperations:
         # Read before the metrics reached them, in the run's order (``_run_order``):
         # checkpoints {step, uri, attempt} and rollback restores {step, attempt}.
         self.held_back: list[dict[str, Any]] = []
+        self._notices: list[str] = []  # not state: reported once, by whoever asks
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
         if self.halted:
@@ -126,8 +130,31 @@ class RunOperations:
             if decision is not None:
                 commands.append(decision)
             elif overdue:
-                commands.append(self._halt(waiting, "no healthy checkpoint", now))
+                commands += self._no_target(waiting, now)
         return commands
+
+    def _no_target(self, trigger: dict[str, Any], now: float) -> list[CommandBase]:
+        """No healthy checkpoint came within the wait. A run with checkpoints before the
+        streak, all unhealthy, has diverged for long: halt. So has one whose values are not
+        finite (nothing left to train). A young run with none yet is not halted for a finite
+        anomaly it could not be rolled back from (halting it is worse than going on): the
+        anomaly is reported (``take_notices``) and the next streak may act."""
+        streak_start = trigger["streak_start"]
+        saved_before = any(cp.step < streak_start for cp in self.ledger.checkpoints)
+        if saved_before or trigger.get("non_finite", True):
+            return [self._halt(trigger, "no healthy checkpoint", now)]
+        self.awaiting_target = None
+        self.detector.release(trigger["attempt"], streak_start)
+        self._notices.append(
+            f"run {self.run_id}: anomaly at step {streak_start} ({trigger['reason']}) not "
+            f"rolled back: no checkpoint saved before it; training goes on"
+        )
+        return []
+
+    def take_notices(self) -> list[str]:
+        """What the run's operations decided not to act on since last asked (for the log)."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def _decide(self, now: float, *, overdue: bool = False) -> CommandBase | None:
         """Roll back for the awaiting anomaly if a target is known (or halt on the budget).
@@ -369,6 +396,7 @@ def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any
         "attempt": verdict.attempt,
         "streak_start": streak_start,
         "reason": verdict.reason,
+        "non_finite": not all(math.isfinite(value) for value in (verdict.loss, verdict.reward)),
         # Kept as JSON in the run's state: non-finite values as the contract's markers.
         "values": {name: float_to_wire(value) for name, value in verdict.values().items()},
     }

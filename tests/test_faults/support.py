@@ -79,6 +79,8 @@ class Profile:
     replays: int
     # 8: trainer kill points (all three are always run; more rounds in long)
     llm_outage_calls: int
+    # 9: a worker started behind a backlog of metrics
+    backlog_metrics: int
     test_timeout_s: int
 
 
@@ -103,6 +105,7 @@ SHORT = Profile(
     poison_per_topic=40,
     replays=2,
     llm_outage_calls=30,
+    backlog_metrics=50_000,
     test_timeout_s=600,
 )
 LONG = Profile(
@@ -121,6 +124,7 @@ LONG = Profile(
     poison_per_topic=300,
     replays=5,
     llm_outage_calls=200,
+    backlog_metrics=300_000,
     test_timeout_s=3600,
 )
 PROFILE = LONG if os.environ.get(PROFILE_ENV, "short").strip().lower() == "long" else SHORT

@@ -3,9 +3,10 @@ and a worker started after it processes everything (nothing was lost).
 
 What counts as a stall is the rule's business (``tests/test_streams/test_rules/
 test_progress.py``). A stall cannot be made on demand with a healthy broker and Faust, so
-the watchdog is made impatient instead (``worker.stall_timeout_s`` 0.5 s): once the group
-has committed, records fetched and processed stay uncommitted until the next commit, 2.8 s
-later; for the watchdog that is what records dropped on their way to the agents look like.
+the watchdog is made impatient instead (``worker.stall_timeout_s`` 0.5 s) and commits
+rare (every 10 s): once the group has committed, records fetched and processed stay
+uncommitted until the next commit, seconds later; for the watchdog that is what records
+dropped on their way to the agents look like.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 SCENARIO = "stall watchdog"
 RUN = "watched-run"
 METRICS = 10_000
+COMMIT_INTERVAL_S = 10.0
 
 
 def committed_records(bootstrap: str, settings: Settings, topic: str) -> int:
@@ -47,7 +49,11 @@ def test_a_stalled_worker_crashes_with_its_reason_and_loses_nothing(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
     prefix = ops_settings.kafka.topic_prefix
-    impatient = fault_worker(WORKER__STALL_TIMEOUT_S="0.5")
+    impatient = fault_worker(
+        WORKER__STALL_TIMEOUT_S="0.5",
+        # Far longer than the test takes to produce the burst after the first commit.
+        WORKER__FAUST_OPTIONS=orjson.dumps({"broker_commit_interval": COMMIT_INTERVAL_S}).decode(),
+    )
     impatient.start()
     now = time.time()
     metrics = [

@@ -13,7 +13,8 @@ from fragrance_ops.settings import Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.reference import FragranceFormulaEnv, PPOConfig, ReferencePPOTrainer
 from producers.reference.ppo import StepReport
-from schemas import Topic
+from schemas import Rollback, Topic
+from tests.helpers.operations import InMemoryOperations
 
 
 def test_the_environment_follows_the_gymnasium_api_and_returns_a_similarity() -> None:
@@ -71,3 +72,38 @@ def test_an_injected_fault_makes_the_loss_spike(tmp_path: Path) -> None:
     trainer.train(60, on_step=reports.append)
     before = max(abs(report.loss) for report in reports[40:50])
     assert min(report.loss for report in reports[50:53]) > 10 * before
+
+
+def run_with_default_operations(
+    tmp_path: Path, *, seed: int, steps: int, fault_at: int | None = None
+) -> tuple[InMemoryOperations, ReferencePPOTrainer]:
+    """The reference trainer announced with no overrides (the worker's defaults apply),
+    its records through the training rules as the worker would take them."""
+    transport = InMemoryTransport()
+    operations = InMemoryOperations(transport)
+    client = TrainerClient(f"defaults-{seed}", settings=Settings(), transport=transport)
+    trainer = ReferencePPOTrainer(client, tmp_path / f"run-{seed}", seed=seed, run_settings={})
+    if fault_at is not None:
+        trainer.inject_fault(fault_at)
+    trainer.train(steps)
+    return operations, trainer
+
+
+def test_with_the_default_rules_a_clean_run_is_never_rolled_back(tmp_path: Path) -> None:
+    # Issue 15: with the guide's literal "2x the previous value", PPO's total loss (around
+    # zero, changing sign) rolled back every clean run, and halted some.
+    operations, trainer = run_with_default_operations(tmp_path, seed=6, steps=4000)
+    assert operations.of_type("rollback") == []
+    assert operations.of_type("halt") == []
+    assert operations.notices == []
+    assert trainer.ops.step == 4000
+
+
+def test_with_the_default_rules_a_corrupted_update_is_rolled_back_once(tmp_path: Path) -> None:
+    operations, trainer = run_with_default_operations(tmp_path, seed=6, steps=3000, fault_at=2400)
+    (rollback,) = operations.of_type("rollback")
+    assert isinstance(rollback, Rollback)
+    assert rollback.anomaly_step == 2400
+    assert rollback.checkpoint_step == 2000  # the newest healthy checkpoint before it
+    assert operations.of_type("halt") == []
+    assert (trainer.ops.client.attempt, trainer.ops.step) == (1, 3000)

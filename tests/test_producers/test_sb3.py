@@ -13,6 +13,7 @@ from fragrance_ops.settings import Settings, run_overrides
 from producers import InMemoryTransport, TrainerClient
 from producers.sb3 import FragranceOpsCallback
 from schemas import Halt, Retune, Rollback, SetEntropyCoef, Topic, encode
+from tests.helpers.operations import InMemoryOperations
 
 N_STEPS = 64
 
@@ -101,3 +102,26 @@ def test_commands_set_entropy_roll_back_retune_and_halt(tmp_path: Path) -> None:
     assert model.num_timesteps - before <= 2 * N_STEPS  # stopped at the next boundary
     statuses = {ack["command_id"]: ack["status"] for ack in published(transport, Topic.ACKS)}
     assert statuses == {"e": "applied", "r": "applied", "t": "applied", "h": "applied"}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_the_default_rules_ppo_on_cartpole_is_never_rolled_back(
+    tmp_path: Path, seed: int
+) -> None:
+    # SB3's PPO loss on CartPole is large and noisy (30 to 70, doubling between updates):
+    # under the guide's literal "2x the previous value" these runs were rolled back, and
+    # halted. No anomaly overrides: the worker's default rules; a checkpoint every 10
+    # updates (with one per update, the default 500 would never come in this test).
+    defaults = Settings()
+    settings = defaults.model_copy(
+        update={"checkpoints": defaults.checkpoints.model_copy(update={"interval_steps": 10})}
+    )
+    transport = InMemoryTransport()
+    operations = InMemoryOperations(transport, settings)
+    client = TrainerClient(f"sb3-defaults-{seed}", settings=settings, transport=transport)
+    callback = FragranceOpsCallback(client, tmp_path / "run")
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, seed=seed)
+    model.learn(256 * 80, callback=callback)
+    assert len(published(transport, Topic.METRICS)) >= 80
+    assert operations.of_type("rollback") == []
+    assert operations.of_type("halt") == []

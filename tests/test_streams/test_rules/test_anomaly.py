@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import statistics
 from typing import Any
 
@@ -204,7 +205,8 @@ def test_ema_baseline_follows_normal_values() -> None:
 
 
 def test_median_baseline_ignores_a_single_outlier_in_its_window() -> None:
-    anomaly = AnomalySettings(baseline="median", median_window=5, warmup_steps=0)
+    # The ratio rules alone: five values are too few to know the run's noise.
+    anomaly = AnomalySettings(baseline="median", median_window=5, warmup_steps=0, spread_factor=0)
     detector = AnomalyDetector(anomaly)
     # 1.9 is not a spike against a median of ~1.0, but it would poison a "previous"
     # baseline: 3.5 then looks like 1.8x, not an anomaly.
@@ -426,3 +428,89 @@ def test_unknown_state_versions_are_refused() -> None:
     state = AnomalyDetector(NO_WARMUP).to_state() | {"version": 0}
     with pytest.raises(ValueError, match="version"):
         AnomalyDetector.from_state(state, NO_WARMUP)
+
+
+# --- the spread floor (issue 15): values near zero or of changing sign ----------------------
+
+
+def noisy(level: float, noise: float, count: int, seed: int = 7) -> list[float]:
+    rng = random.Random(seed)
+    return [level + rng.gauss(0.0, noise) for _ in range(count)]
+
+
+def test_a_loss_hovering_around_zero_is_not_a_spike_when_it_changes_sign() -> None:
+    # PPO's total loss: about -0.04 +- 0.015. "2x the previous value" fires on its noise.
+    losses = noisy(-0.04, 0.015, 400)
+    ratio_only = AnomalySettings(warmup_steps=10, spread_factor=0)
+    flagged = [
+        v for v in feed(AnomalyDetector(ratio_only), [(x, 1.0) for x in losses]) if v.anomalous
+    ]
+    assert flagged  # the guide's literal rule on PPO's loss: false alarms
+    verdicts = feed(AnomalyDetector(AnomalySettings()), [(x, 1.0) for x in losses])
+    assert not [v for v in verdicts if v.anomalous]
+
+
+@pytest.mark.parametrize("diverged", [0.9, 21.0, 1890.0])
+def test_a_divergence_of_a_loss_near_zero_is_a_spike(diverged: float) -> None:
+    losses = noisy(-0.04, 0.015, 200)
+    verdicts = feed(AnomalyDetector(AnomalySettings()), [(x, 1.0) for x in [*losses, diverged]])
+    assert verdicts[-1].anomalous
+    assert "loss rise" in verdicts[-1].reason or "loss spike" in verdicts[-1].reason
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e-6])
+def test_twice_the_baseline_is_a_spike_for_a_loss_well_away_from_zero(scale: float) -> None:
+    # 1.0 and 1.02 in turn: doubling rises 50 times the step-to-step change, in any units.
+    losses = [(1.0 + 0.02 * (i % 2)) * scale for i in range(200)]  # ends at 1.02
+    doubled = feed(AnomalyDetector(AnomalySettings()), [(x, 1.0) for x in [*losses, 2.04 * scale]])
+    assert doubled[-1].anomalous
+    almost = feed(AnomalyDetector(AnomalySettings()), [(x, 1.0) for x in [*losses, 2.03 * scale]])
+    assert not almost[-1].anomalous  # the ratio rule decides up there
+
+
+def test_a_reward_of_changing_sign_is_judged_by_its_noise() -> None:
+    rewards = noisy(0.0, 0.2, 400)  # an advantage-like reward around zero
+    ratio_only = AnomalySettings(warmup_steps=10, spread_factor=0)
+    assert [
+        v for v in feed(AnomalyDetector(ratio_only), [(1.0, r) for r in rewards]) if v.anomalous
+    ]
+    assert not [
+        v
+        for v in feed(AnomalyDetector(AnomalySettings()), [(1.0, r) for r in rewards])
+        if v.anomalous
+    ]
+    collapsed = feed(AnomalyDetector(AnomalySettings()), [(1.0, r) for r in [*rewards, -50.0]])
+    assert collapsed[-1].anomalous
+    assert "reward drop" in collapsed[-1].reason
+
+
+def test_half_the_baseline_is_a_drop_for_a_reward_well_away_from_zero() -> None:
+    rewards = [10.0 + 0.2 * (i % 2) for i in range(200)]  # ends at 10.2
+    verdicts = feed(AnomalyDetector(AnomalySettings()), [(1.0, r) for r in [*rewards, 5.1]])
+    assert verdicts[-1].anomalous
+    assert "reward drop" in verdicts[-1].reason
+    almost = feed(AnomalyDetector(AnomalySettings()), [(1.0, r) for r in [*rewards, 5.11]])
+    assert not almost[-1].anomalous
+
+
+def test_anomalous_values_never_widen_the_spread() -> None:
+    detector = AnomalyDetector(AnomalySettings(patience=10))
+    losses = noisy(1.0, 0.05, 100)
+    feed(detector, [(x, 1.0) for x in losses])
+    spread = detector.to_state()["loss_spread"]
+    streak = feed(detector, [(50.0, 1.0)] * 5, first_step=100)
+    assert all(v.anomalous for v in streak)
+    assert detector.to_state()["loss_spread"] == spread
+
+
+def test_the_spread_round_trips_and_old_states_form_it_again() -> None:
+    detector = AnomalyDetector(AnomalySettings())
+    feed(detector, [(x, 1.0) for x in noisy(-0.04, 0.015, 100)])
+    state = orjson.loads(orjson.dumps(detector.to_state()))
+    restored = AnomalyDetector.from_state(state, AnomalySettings())
+    assert restored.to_state() == detector.to_state()
+    for name in ("loss_spread", "reward_spread", "released_streak"):
+        del state[name]  # a state written before the spread floor
+    older = AnomalyDetector.from_state(state, AnomalySettings())
+    assert older.to_state()["loss_spread"] == [None, 0.0, 0.0]
+    assert older.observe(100, -0.04, 1.0) is not None

@@ -130,14 +130,55 @@ def test_a_checkpoint_arriving_after_the_anomaly_is_still_the_target() -> None:
     assert (rollback.checkpoint_step, rollback.anomaly_step) == (500, 600)
 
 
-def test_without_a_healthy_checkpoint_the_run_is_halted() -> None:
-    ops = RunOperations(RUN, Settings())
-    feed(ops, range(300))  # no checkpoint yet
-    assert not [c for c in ops.on_metric(metric(300, loss=10.0), now=1.0) if isinstance(c, Halt)]
-    commands = feed(ops, range(301, 1301))  # none arrives within two checkpoint intervals
+def test_a_run_whose_checkpoints_before_the_anomaly_are_unhealthy_is_halted() -> None:
+    ops = RunOperations(RUN, run_overrides(Settings(), {"anomaly.patience": 2}))
+    feed(ops, range(480))
+    ops.on_metric(metric(480, loss=10.0), now=1.0)  # alone: no act, but 500 is unhealthy
+    feed(ops, range(481, 600))
+    ops.on_metric(metric(600, loss=10.0), now=1.0)
+    assert not [c for c in ops.on_metric(metric(601, loss=10.0), now=1.0) if isinstance(c, Halt)]
+    commands = feed(ops, range(602, 1602))  # none healthy within two checkpoint intervals
     halt = next(c for c in commands if isinstance(c, Halt))
-    assert "no healthy checkpoint before step 300" in halt.reason
-    assert ops.on_metric(metric(1301), now=1.0) == []  # halted runs get no more commands
+    assert "no healthy checkpoint before step 600" in halt.reason
+    assert ops.on_metric(metric(1602), now=1.0) == []  # halted runs get no more commands
+    assert ops.take_notices() == []
+
+
+def test_a_young_run_is_not_halted_for_a_finite_anomaly_it_cannot_be_rolled_back_from() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(120))  # no checkpoint yet
+    assert ops.on_metric(metric(120, loss=10.0), now=1.0) == []
+    commands = feed(ops, range(121, 1121))  # the wait: checkpoints at 500 and 1000 come
+    assert not [c for c in commands if isinstance(c, Halt | Rollback)]
+    (notice,) = ops.take_notices()
+    assert "anomaly at step 120" in notice
+    assert "no checkpoint saved before it" in notice
+    # Protected again: the next streak rolls back to the newest healthy checkpoint.
+    rollback = next(
+        c for c in ops.on_metric(metric(1121, loss=10.0), now=1.0) if isinstance(c, Rollback)
+    )
+    assert (rollback.checkpoint_step, rollback.anomaly_step) == (1000, 1121)
+
+
+def test_a_young_run_with_non_finite_values_is_halted() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(120))
+    assert ops.on_metric(metric(120, loss=math.nan), now=1.0) == []  # waits for a checkpoint
+    commands = feed(ops, range(121, 1121), loss=math.nan)
+    halt = next(c for c in commands if isinstance(c, Halt))
+    assert "non-finite loss; no healthy checkpoint before step 120" in halt.reason
+
+
+def test_an_unanswered_anomaly_survives_a_crash() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(120))
+    ops.on_metric(metric(120, loss=10.0), now=1.0)
+    feed(ops, range(121, 1121))
+    ops.take_notices()
+    restored = RunOperations.from_state(RUN, orjson.loads(orjson.dumps(ops.to_state())), Settings())
+    # The released streak does not act again; the next one does, in both.
+    for run in (ops, restored):
+        assert run.on_metric(metric(1121, loss=10.0), now=1.0)
 
 
 def test_the_rollback_budget_halts_a_run_that_keeps_diverging() -> None:
