@@ -11,8 +11,9 @@ the rollout's mean episode return as ``reward``. After a rollback the trainer dr
 rest of the rollout (collected by the policy it just abandoned) and collects a fresh one
 with the restored policy.
 
-``inject_fault(step)`` corrupts the parameters once at that step (attempt 0 only), so tests
-and the demo can show a real divergence being detected and rolled back.
+``inject_fault(step)`` corrupts the parameters once at that step (attempt 0 only), or with
+``kind="learning_rate"`` makes that one update with a learning rate of 1.0, so tests and
+the demo can show a real divergence being detected and rolled back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -30,6 +32,8 @@ from torch import nn
 from producers.reference.env import FragranceFormulaEnv
 from producers.torch_ops import TorchRunOps
 from producers.trainer import TrainerClient
+
+FaultKind = Literal["parameters", "learning_rate"]
 
 REFERENCE_RUN_SETTINGS: dict[str, bool | int | float | str] = {
     "anomaly.baseline": "median",
@@ -130,11 +134,12 @@ class ReferencePPOTrainer:
         )
         self._observation, _ = self.env.reset(seed=seed)
         self._episode_return = 0.0
-        self._faults: set[int] = set()
+        self._faults: dict[int, FaultKind] = {}
 
-    def inject_fault(self, step: int) -> None:
-        """Corrupt the parameters once, just before the update of ``step``."""
-        self._faults.add(step)
+    def inject_fault(self, step: int, kind: FaultKind = "parameters") -> None:
+        """Diverge once at the update of ``step``: its parameters corrupted just before it,
+        or the update itself made with a learning rate of 1.0."""
+        self._faults[step] = kind
 
     def train(self, total_steps: int, on_step: Callable[[StepReport], None] | None = None) -> None:
         """Announce the run, then train until ``ops.step`` reaches ``total_steps`` or a halt."""
@@ -206,8 +211,8 @@ class ReferencePPOTrainer:
     def _minibatch(self, rollout: Rollout, batch: torch.Tensor) -> StepReport:
         ops, config = self.ops, self.config
         step = ops.step
-        if step in self._faults:
-            self._faults.discard(step)
+        fault = self._faults.pop(step, None)
+        if fault == "parameters":
             with torch.no_grad():  # the injected fault: a corrupted update
                 for parameter in self.model.parameters():
                     parameter.add_(torch.randn_like(parameter) * 3.0)
@@ -227,7 +232,15 @@ class ReferencePPOTrainer:
         self.optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-        self.optimizer.step()
+        if fault == "learning_rate":  # the injected fault: one update at lr 1.0
+            rates = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["lr"] = 1.0
+            self.optimizer.step()
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+        else:
+            self.optimizer.step()
         report = StepReport(
             step=step,
             attempt=ops.client.attempt,

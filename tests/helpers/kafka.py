@@ -88,7 +88,12 @@ def produce_records(
 
     expected = 0
     for key, value in records:
-        producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:  # librdkafka's queue is full: let deliveries drain it
+                producer.poll(0.1)
         producer.poll(0)
         expected += 1
     remaining = producer.flush(timeout)

@@ -12,7 +12,7 @@ from gymnasium.utils.env_checker import check_env
 from fragrance_ops.settings import Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.reference import FragranceFormulaEnv, PPOConfig, ReferencePPOTrainer
-from producers.reference.ppo import StepReport
+from producers.reference.ppo import FaultKind, StepReport
 from schemas import Rollback, Topic
 from tests.helpers.operations import InMemoryOperations
 
@@ -75,7 +75,12 @@ def test_an_injected_fault_makes_the_loss_spike(tmp_path: Path) -> None:
 
 
 def run_with_default_operations(
-    tmp_path: Path, *, seed: int, steps: int, fault_at: int | None = None
+    tmp_path: Path,
+    *,
+    seed: int,
+    steps: int,
+    fault_at: int | None = None,
+    kind: FaultKind = "parameters",
 ) -> tuple[InMemoryOperations, ReferencePPOTrainer]:
     """The reference trainer announced with no overrides (the worker's defaults apply),
     its records through the training rules as the worker would take them."""
@@ -84,7 +89,7 @@ def run_with_default_operations(
     client = TrainerClient(f"defaults-{seed}", settings=Settings(), transport=transport)
     trainer = ReferencePPOTrainer(client, tmp_path / f"run-{seed}", seed=seed, run_settings={})
     if fault_at is not None:
-        trainer.inject_fault(fault_at)
+        trainer.inject_fault(fault_at, kind)
     trainer.train(steps)
     return operations, trainer
 
@@ -99,11 +104,16 @@ def test_with_the_default_rules_a_clean_run_is_never_rolled_back(tmp_path: Path)
     assert trainer.ops.step == 4000
 
 
-def test_with_the_default_rules_a_corrupted_update_is_rolled_back_once(tmp_path: Path) -> None:
-    operations, trainer = run_with_default_operations(tmp_path, seed=6, steps=3000, fault_at=2400)
+@pytest.mark.parametrize("kind", ["parameters", "learning_rate"])
+def test_with_the_default_rules_a_diverged_update_is_rolled_back_once(
+    tmp_path: Path, kind: FaultKind
+) -> None:
+    operations, trainer = run_with_default_operations(
+        tmp_path, seed=6, steps=3000, fault_at=2400, kind=kind
+    )
     (rollback,) = operations.of_type("rollback")
     assert isinstance(rollback, Rollback)
-    assert rollback.anomaly_step == 2400
+    assert 2400 <= rollback.anomaly_step <= 2410
     assert rollback.checkpoint_step == 2000  # the newest healthy checkpoint before it
     assert operations.of_type("halt") == []
     assert (trainer.ops.client.attempt, trainer.ops.step) == (1, 3000)
