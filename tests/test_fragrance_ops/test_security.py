@@ -26,6 +26,7 @@ import fragrance_ops.admin
 import fragrance_ops.status
 import producers.transport
 import streams.output
+import streams.state
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.cli import cli
 from fragrance_ops.kafka import confluent_config, faust_credentials, redacted
@@ -230,6 +231,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> _Recorded:
     monkeypatch.setattr(fragrance_ops.admin, "AdminClient", recorder.client("admin"))
     monkeypatch.setattr(fragrance_ops.status, "Consumer", recorder.client("status"))
     monkeypatch.setattr(streams.output, "Producer", recorder.client("worker-output"))
+    monkeypatch.setattr(streams.state, "Producer", recorder.client("worker-state"))
     monkeypatch.setattr(producers.transport, "Producer", recorder.client("sdk-producer"))
     monkeypatch.setattr(producers.transport, "Consumer", recorder.client("reader"))
     return recorder
@@ -247,9 +249,16 @@ def test_every_client_and_the_worker_get_the_security_settings(
     transport = KafkaTransport(settings)
     transport.reader(Topic.COMMANDS, b"run-1", "group").close()
     transport.close(0)
-    app = create_app(settings)  # the worker: Faust (aiokafka) and its confluent output producer
+    app = create_app(settings)  # the worker: Faust (aiokafka), its output and state producers
     kinds = [kind for kind, _ in recorded.configs]
-    assert sorted(kinds) == ["admin", "reader", "sdk-producer", "status", "worker-output"]
+    assert sorted(kinds) == [
+        "admin",
+        "reader",
+        "sdk-producer",
+        "status",
+        "worker-output",
+        "worker-state",
+    ]
     for kind, config in recorded.configs:
         assert security_keys(config) == wanted, kind
     credentials = app.conf.broker_credentials

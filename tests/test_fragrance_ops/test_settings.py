@@ -8,7 +8,12 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from fragrance_ops.kafka import confluent_config, redacted
-from fragrance_ops.settings import KafkaSettings, Settings, run_overrides
+from fragrance_ops.settings import (
+    KafkaSettings,
+    Settings,
+    describe_invalid_settings,
+    run_overrides,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +58,20 @@ def test_config_file_is_read_and_environment_overrides_it(
     settings = Settings()
     assert settings.reward.window_size == 300
     assert settings.kafka.topic_prefix == "env."
+
+
+def test_an_invalid_value_from_the_config_file_is_described_with_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "ops.toml"
+    config.write_text("[anomaly]\nloss_spike_ratio = 0.5\n")
+    monkeypatch.setenv("FRAGRANCE_OPS_CONFIG", str(config))
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    described = describe_invalid_settings(raised.value)
+    assert "FRAGRANCE_OPS_ANOMALY__LOSS_SPIKE_RATIO (anomaly.loss_spike_ratio)" in described
+    assert f"the environment or {config} (FRAGRANCE_OPS_CONFIG)" in described
+    assert "0.5" not in described  # the rule, never the value
 
 
 def test_invalid_values_fail_with_the_setting_named(monkeypatch: pytest.MonkeyPatch) -> None:
