@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from fragrance_ops.kafka import confluent_config
+from fragrance_ops.kafka import CLIENT_LOGGER, check_reachable, confluent_config
 from fragrance_ops.settings import KafkaSettings
 from schemas.topics import TOPIC_SPECS, topic_name
+
+REACHABLE_TIMEOUT_S = 10.0  # a broker that answers does so in milliseconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +22,8 @@ class TopicResult:
 
 def create_contract_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicResult]:
     """Create every contract topic that does not exist yet; existing ones are left as they are."""
-    admin = AdminClient(confluent_config(kafka))
+    admin = AdminClient(confluent_config(kafka), logger=CLIENT_LOGGER)
+    check_reachable(admin, kafka, min(timeout_s, REACHABLE_TIMEOUT_S))
     new_topics = [
         NewTopic(
             topic_name(spec.topic, kafka.topic_prefix),

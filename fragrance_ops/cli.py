@@ -26,6 +26,7 @@ import typer
 from pydantic import ValidationError
 
 from fragrance_ops.admin import create_contract_topics
+from fragrance_ops.kafka import CLIENT_LOGGER, KafkaUnreachable
 from fragrance_ops.settings import Settings, describe_invalid_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -42,6 +43,7 @@ def _options(
 ) -> None:
     global _show_tracebacks
     _show_tracebacks = debug
+    CLIENT_LOGGER.disabled = not debug  # librdkafka's retries: the error says what failed
 
 
 @contextlib.contextmanager
@@ -153,3 +155,8 @@ def main() -> None:
             raise
         typer.echo(f"fragrance-ops: {describe_invalid_settings(error)}", err=True)
         raise SystemExit(2) from None
+    except KafkaUnreachable as error:
+        if _show_tracebacks:
+            raise
+        typer.echo(f"fragrance-ops: {error}", err=True)
+        raise SystemExit(1) from None

@@ -7,10 +7,39 @@ they never appear in a repr, a log line or ``status`` output.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from fragrance_ops.settings import KafkaSettings
+
+#: Where the CLI's short-lived clients (topic creation, status) send librdkafka's log lines
+#: (connection retries, several a second while a broker is away): the CLI shows them only
+#: with ``--debug``, and says what failed in one line instead.
+CLIENT_LOGGER = logging.getLogger("fragrance_ops.librdkafka")
+
+
+class KafkaUnreachable(RuntimeError):
+    """The configured Kafka did not answer: down, a wrong address, or refused credentials."""
+
+    def __init__(self, kafka: KafkaSettings, reason: str) -> None:
+        super().__init__(
+            f"cannot reach Kafka at {kafka.bootstrap_servers}: {reason}. Check that the broker "
+            "is up and that FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS (or KAFKA_BOOTSTRAP_SERVERS) "
+            "names it; with SASL or TLS, also FRAGRANCE_OPS_KAFKA__SECURITY_PROTOCOL and the "
+            "SASL_/SSL_ settings"
+        )
+
+
+def check_reachable(client: Any, kafka: KafkaSettings, timeout_s: float) -> None:
+    """Raise ``KafkaUnreachable`` unless the cluster answers ``client``'s metadata request."""
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaUnreachable(kafka, exc.args[0].str()) from None
+
 
 # Java's murmur2 partitioner, which Faust (aiokafka) also uses for keyed records.
 # confluent-kafka's default (consistent_random, CRC32) would land the same key elsewhere.

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from fragrance_ops.kafka import confluent_config
+from fragrance_ops.kafka import CLIENT_LOGGER, check_reachable, confluent_config
 from fragrance_ops.settings import Settings
 from schemas import Topic, topic_name
 
@@ -78,9 +78,11 @@ def collect_status(
             "group.id": f"fragrance-ops-status-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-        }
+        },
+        logger=CLIENT_LOGGER,
     )
     try:
+        check_reachable(consumer, settings.kafka, timeout_s)
         control = _decoded(
             read_values(consumer, topic_name(Topic.LLM_CONTROL, prefix), None, timeout_s)
         )

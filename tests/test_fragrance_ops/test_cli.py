@@ -15,6 +15,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from fragrance_ops.admin import create_contract_topics
+from fragrance_ops.brokers import free_port
+from fragrance_ops.brokers.base import LOCALHOST
 from fragrance_ops.settings import KafkaSettings
 from schemas import TOPIC_SPECS, LlmControl, SetEntropyCoef, StepMetric, encode, topic_name
 from tests.helpers.kafka import produce_records
@@ -185,6 +187,22 @@ def test_an_invalid_setting_is_one_message_naming_the_variable(command: list[str
     ]
     debugged = run_cli("--debug", *command, env=env, timeout=60)
     assert debugged.returncode != 0
+    assert "Traceback" in debugged.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["worker"], ["topics", "create"]]
+)
+def test_an_unreachable_broker_is_one_message_saying_what_to_check(command: list[str]) -> None:
+    address = f"{LOCALHOST}:{free_port()}"  # nothing listens there
+    env = clean_env(FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS=address)
+    result = run_cli(*command, env=env, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()  # no librdkafka retries, no traceback
+    assert line.startswith(f"fragrance-ops: cannot reach Kafka at {address}: "), line
+    assert "FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS" in line
+    debugged = run_cli("--debug", *command, env=env, timeout=60)
     assert "Traceback" in debugged.stderr
 
 
