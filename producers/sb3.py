@@ -79,7 +79,7 @@ class FragranceOpsCallback(BaseCallback):
         )
         self._ops.entropy_coef = float(model.ent_coef)
         self._updates_seen = model._n_updates
-        self.client.announce(self.run_settings)
+        self.client.announce(self.run_settings, algorithm=type(model).__name__.lower())
 
     def _on_rollout_start(self) -> None:
         self._report_update()

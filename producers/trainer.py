@@ -26,6 +26,7 @@ from fragrance_ops.settings import Settings
 from producers.applied import AppliedCommands
 from producers.transport import DeliveryStats, KafkaTransport, Transport
 from schemas import (
+    DEFAULT_ALGORITHM,
     CheckpointSaved,
     Command,
     CommandAck,
@@ -119,9 +120,24 @@ class TrainerClient:
     def _publish(self, event: Event) -> None:
         self._transport.produce(self._topics[event.TOPIC], self._key, encode(event))
 
-    def announce(self, settings: dict[str, bool | int | float | str] | None = None) -> None:
-        """Announce (or re-announce on resume) the run with its per-run setting overrides."""
-        self._publish(RunAnnounced(run_id=self.run_id, ts=time.time(), settings=settings or {}))
+    def announce(
+        self,
+        settings: dict[str, bool | int | float | str] | None = None,
+        *,
+        algorithm: str = DEFAULT_ALGORITHM,
+    ) -> None:
+        """Announce (or re-announce on resume) the run with its per-run setting overrides and
+        the algorithm training it (lower case; the label of its metrics)."""
+        announced = validate(
+            RunAnnounced,
+            {
+                "run_id": self.run_id,
+                "ts": time.time(),
+                "settings": settings or {},
+                "algorithm": algorithm,
+            },
+        )
+        self._publish(announced)
 
     def log_step(
         self,

@@ -4,6 +4,7 @@ from schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode, decode_command, encod
 from schemas.errors import InvalidEvent
 from schemas.events import (
     COMMAND_TYPES,
+    DEFAULT_ALGORITHM,
     EVENT_TYPES,
     CheckpointSaved,
     Command,
@@ -27,6 +28,7 @@ from schemas.topics import TOPIC_SPECS, Topic, TopicSpec, topic_name
 
 __all__ = [
     "COMMAND_TYPES",
+    "DEFAULT_ALGORITHM",
     "DEFAULT_MAX_EVENT_BYTES",
     "EVENT_TYPES",
     "TOPIC_SPECS",

@@ -67,6 +67,9 @@ MetricValue = Annotated[
 """A training metric: finite number, or NaN/Infinity/-Infinity as a string marker."""
 
 Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+Algorithm = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+DEFAULT_ALGORITHM = "ppo"
+"""What a run announced without an algorithm trains with (the platform's trainers are PPO)."""
 Timestamp = Annotated[
     float,
     Field(
@@ -109,6 +112,11 @@ class RunAnnounced(Event):
     ts: Timestamp
     settings: dict[str, SettingValue] = Field(
         description="per-run overrides, keys as dotted setting paths (e.g. reward.window_size)"
+    )
+    algorithm: Algorithm = Field(
+        default=DEFAULT_ALGORITHM,
+        description="the RL algorithm training the run (lower case, e.g. ppo, a2c, grpo): "
+        "the algorithm label of the run's metrics",
     )
 
     def key(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from fragrance_ops.settings import Settings
 from schemas import (
+    DEFAULT_ALGORITHM,
     CheckpointSaved,
     CommandAck,
     InvalidEvent,
@@ -45,7 +47,9 @@ RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "ent
 
 @dataclass
 class TrainingTables:
-    run_settings: StateTable  # run id -> per-run overrides (JSON)
+    # run id -> {"overrides": ..., "algorithm": ...} as JSON; before the algorithm was
+    # announced, the overrides alone (a dict of dotted paths, or null): read as PPO's.
+    run_settings: StateTable
     windows: StateTable  # run id -> RewardWindow snapshot
     operations: StateTable  # run id -> RunOperations state (JSON)
 
@@ -57,6 +61,7 @@ class _Run:
     key: bytes
     partition: int
     overrides: dict[str, Any] | None  # as announced; None: never announced (the defaults)
+    algorithm: str  # as announced: the label of the run's metrics
     ops: RunOperations
     window: RewardWindow
 
@@ -86,7 +91,7 @@ class TrainingAgent:
         self._changed: set[bytes] = set()  # runs to write at the next checkpoint
         self._announced: set[bytes] = set()  # runs whose settings changed since then
         self._latest: dict[str, StepMetric] = {}  # run id -> newest metric since a checkpoint
-        self._metrics_seen = 0
+        self._updates: Counter[str] = Counter()  # metrics per algorithm since a checkpoint
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
@@ -100,7 +105,8 @@ class TrainingAgent:
         tables = self.tables
         for key in self._announced:
             run = self._runs[key]
-            writer.put(tables.run_settings, key, orjson.dumps(run.overrides), run.partition)
+            announced = {"overrides": run.overrides, "algorithm": run.algorithm}
+            writer.put(tables.run_settings, key, orjson.dumps(announced), run.partition)
         for key in self._changed:
             run = self._runs[key]
             writer.put(tables.windows, key, run.window.to_bytes(), run.partition)
@@ -125,8 +131,7 @@ class TrainingAgent:
         if run is not None:
             return run
         tables = self.tables
-        stored_overrides = tables.run_settings.get(key)
-        overrides = orjson.loads(stored_overrides) if stored_overrides is not None else None
+        overrides, algorithm = stored_announcement(tables.run_settings.get(key))
         settings = self._settings(overrides)
         stored_ops = tables.operations.get(key)
         ops = (
@@ -142,7 +147,7 @@ class TrainingAgent:
             else RewardWindow(capacity)
         )
         window.resize(capacity)
-        run = self._runs[key] = _Run(key, partition, overrides, ops, window)
+        run = self._runs[key] = _Run(key, partition, overrides, algorithm, ops, window)
         return run
 
     def _changed_run(self, key: bytes, partition: int) -> _Run:
@@ -159,6 +164,7 @@ class TrainingAgent:
         key = announced.run_id.encode()
         run = self._changed_run(key, record.partition)
         run.overrides = dict(announced.settings)
+        run.algorithm = announced.algorithm
         # The state so far, carried over to the run's new settings.
         run.window.resize(settings.reward.window_size)
         run.ops = RunOperations.from_state(announced.run_id, run.ops.to_state(), settings)
@@ -169,7 +175,7 @@ class TrainingAgent:
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
         run = self._changed_run(metric.run_id.encode(), record.partition)
         self._latest[metric.run_id] = metric
-        self._metrics_seen += 1
+        self._updates[run.algorithm] += 1
         now = ctx.now()
         # The rules first: statistics the contract cannot carry (a dead-lettered metric)
         # must not hide an anomaly from them.
@@ -228,8 +234,9 @@ class TrainingAgent:
         """The per-run training gauges, from each run's newest metric since the last
         checkpoint (Prometheus reads them every few seconds; a batch is milliseconds)."""
         metrics = self.ctx.metrics
-        metrics.rl_updates.labels("ppo").inc(self._metrics_seen)
-        self._metrics_seen = 0
+        for algorithm, updates in self._updates.items():
+            metrics.rl_updates.labels(algorithm).inc(updates)
+        self._updates.clear()
         for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
             for name in RL_GAUGE_NAMES:
@@ -237,6 +244,16 @@ class TrainingAgent:
                 if value is not None:
                     metrics.rl_values.labels(label, name).set(value)
         self._latest.clear()
+
+
+def stored_announcement(stored: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    """(overrides, algorithm) from the run-settings table; None: never announced."""
+    if stored is None:
+        return None, DEFAULT_ALGORITHM
+    announced = orjson.loads(stored)
+    if isinstance(announced, dict) and "algorithm" in announced:
+        return announced["overrides"], announced["algorithm"]
+    return announced, DEFAULT_ALGORITHM  # stored before announcements named the algorithm
 
 
 def register(ctx: ProcessorContext) -> TrainingAgent:

@@ -42,7 +42,8 @@ def test_every_update_is_reported_and_checkpointed(tmp_path: Path) -> None:
     assert all(metric["reward"] > 0 for metric in metrics[1:])  # CartPole returns are >= 1
     assert {"policy_loss", "value_loss", "entropy", "clip_epsilon"} <= set(metrics[-1])
     assert callback.ops.store.steps() == [2, 4]
-    assert len(published(transport, Topic.RUNS)) == 1
+    (announced,) = published(transport, Topic.RUNS)
+    assert announced["algorithm"] == "ppo"  # the model's class, as the label of its metrics
 
 
 def test_commands_set_entropy_roll_back_retune_and_halt(tmp_path: Path) -> None:

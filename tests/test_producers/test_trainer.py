@@ -47,6 +47,7 @@ def test_announce_metrics_and_checkpoints_are_published_keyed_by_run(
         transport.records(topic) for topic in (Topic.RUNS, Topic.METRICS, Topic.CHECKPOINTS)
     )
     assert orjson.loads(runs[0].value)["settings"] == {"reward.window_size": 500}
+    assert orjson.loads(runs[0].value)["algorithm"] == "ppo"  # unless the trainer says
     metric = decode(StepMetric, metrics[0].value)
     assert (metric.step, metric.loss, metric.reward, metric.entropy) == (7, 0.5, 1.5, 0.2)
     assert orjson.loads(checkpoints[0].value)["uri"] == "file:///ckpt/500.pt"
@@ -66,6 +67,8 @@ def test_caller_bugs_raise_at_once(client: TrainerClient) -> None:
         client.log_step(-1, loss=1.0, reward=1.0)
     with pytest.raises(InvalidEvent, match="unknown metric"):
         client.log_step(1, loss=1.0, reward=1.0, lossy=2.0)
+    with pytest.raises(InvalidEvent, match="algorithm"):
+        client.announce(algorithm="Proximal Policy Optimization")
 
 
 def test_each_command_id_is_handled_once_and_acked(

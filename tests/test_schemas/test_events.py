@@ -162,3 +162,15 @@ def test_events_are_keyed_as_the_contract_says() -> None:
     assert Rating(rating=3, user_id="u", formula_id="f", ts=1.0).key() == "f"
     assert Rating(rating=3, user_id="u", formula_id="f", ts=1.0, run_id="r").key() == "r"
     assert LlmOutcome(model="m", ok=True, mode="fast", latency_ms=1, error=None, ts=1).key() == "m"
+
+
+def test_a_run_announced_without_an_algorithm_is_ppo_and_a_malformed_one_is_refused() -> None:
+    old = b'{"run_id": "r1", "ts": 1.0, "settings": {}}'
+    assert decode(RunAnnounced, old).algorithm == "ppo"
+    named = b'{"run_id": "r1", "ts": 1.0, "settings": {}, "algorithm": "grpo"}'
+    assert decode(RunAnnounced, named).algorithm == "grpo"
+    for bad in ("PPO", "", "a" * 33, "ppo v2"):
+        payload = orjson.dumps({"run_id": "r1", "ts": 1.0, "settings": {}, "algorithm": bad})
+        with pytest.raises(InvalidEvent) as refused:
+            decode(RunAnnounced, payload)
+        assert refused.value.field == "algorithm"

@@ -78,6 +78,16 @@ def test_prometheus_scrapes_training_breaker_and_dead_letter_metrics(
         eventually(prometheus, 'fragrance_ops_rl_value{run_id="prom-run",name="loss"}', 1.49)
         eventually(prometheus, 'fragrance_ops_rl_updates_total{algorithm="ppo"}', 50)
         eventually(prometheus, 'fragrance_ops_commands_total{type="set_entropy_coef"}', 1)
+        # A run names its algorithm when it announces itself (unannounced runs count as PPO).
+        with TrainerClient("grpo-run", settings=ops_settings, receive_commands=False) as grpo:
+            grpo.announce(algorithm="grpo")
+            grpo.flush()
+            runs_topic = topic_name(Topic.RUNS, prefix)
+            eventually(prometheus, f'fragrance_ops_events_total{{topic="{runs_topic}"}}', 1)
+            for step in range(20):
+                grpo.log_step(step, loss=1.0, reward=1.0)
+        eventually(prometheus, 'fragrance_ops_rl_updates_total{algorithm="grpo"}', 20)
+        eventually(prometheus, 'fragrance_ops_rl_updates_total{algorithm="ppo"}', 50)
         eventually(prometheus, f'sum(fragrance_ops_consumer_lag{{topic="{metrics_topic}"}})', 0)
         eventually(
             prometheus,
