@@ -455,6 +455,19 @@ class BreakerSettings(_Group):
         "0: no deduplication",
     )
 
+    record_exceptions: list[str] = Field(
+        default_factory=list,
+        description="LLM SDK: exceptions (dotted names, e.g. openai.APIConnectionError) that "
+        "count as the model failing; when set, any other exception counts as a success "
+        "(resilience4j's recordExceptions). Empty: every exception not ignored counts, and "
+        "HTTP 4xx other than 408 and 429 are ignored (producers/llm_failures.py)",
+    )
+    ignore_exceptions: list[str] = Field(
+        default_factory=lambda: ["builtins.ValueError", "builtins.TypeError"],
+        description="LLM SDK: exceptions that are the caller's own (neither a failure nor a "
+        "success; no outcome is published)",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.probe_failures_to_reopen > self.probe_calls:
@@ -742,16 +755,15 @@ def describe_invalid_settings(error: ValidationError) -> str:
     for problem in error.errors():
         names = [str(part) for part in problem["loc"]]
         rule = problem["msg"].removeprefix("Value error, ")
-        if len(names) >= 2:  # one setting: group and name
-            variable = ENV_PREFIX + "__".join(name.upper() for name in names)
+        if len(names) >= 2:  # one setting: group and name (then an item of a list or dict)
+            variable = ENV_PREFIX + "__".join(name.upper() for name in names[:2])
             lines.append(f"  {variable} ({'.'.join(names)}): {rule}")
         else:  # a rule across a group's settings
             lines.append(f"  {'.'.join(names) or 'settings'}: {rule}")
     config_file = os.environ.get(CONFIG_FILE_ENV)
-    where = (
-        f"the environment or {config_file} ({CONFIG_FILE_ENV})"
-        if config_file
-        else ("the environment")
+    where = f"the environment or {config_file} ({CONFIG_FILE_ENV})" if config_file else None
+    lines.append(
+        f"Fix or unset them in {where or 'the environment'}; the README's Settings section "
+        "gives each one's meaning and range."
     )
-    lines.append(f"Fix or unset them in {where}; `fragrance-ops settings` prints them all.")
     return "\n".join(lines)

@@ -23,6 +23,11 @@ replica never stays degraded because the worker went away.
 Half-open: the client sends up to ``probe_calls`` calls per probe round in the probe mode,
 the rest in the current mode.
 
+What counts as the model failing is ``producers/llm_failures.py``'s policy: by default the
+caller's own errors (``ValueError``, ``TypeError``, HTTP 4xx other than 408 and 429) are
+not counted nor published; settings ``breaker.record_exceptions`` and
+``breaker.ignore_exceptions``, or ``wrap(..., record=, ignore=)``, change it.
+
 Nothing here raises into the caller because the operations layer is down: the wrapped
 function raises exactly what ``generate`` raises, and nothing else.
 """
@@ -35,11 +40,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from fragrance_ops.settings import Settings
+from producers.llm_failures import FailurePolicy
 from producers.response_cache import InProcessCache, ResponseCache
 from producers.transport import KafkaTransport, Transport
 from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode, topic_name
@@ -59,6 +65,7 @@ class LlmStats:
     local_trips: int = 0
     control_events: int = 0
     sdk_errors: int = 0  # the SDK's own failures, logged and swallowed
+    ignored: int = 0  # exceptions that were the caller's own (not counted, not published)
 
 
 class LlmClient:
@@ -78,7 +85,11 @@ class LlmClient:
         self._transport = transport if transport is not None else KafkaTransport(self.settings)
         self._clock = clock
         self._key = model.encode()
-        self._local = ModelBreaker(model, BreakerPolicy.from_settings(self.settings.breaker))
+        breaker = self.settings.breaker
+        self._local = ModelBreaker(model, BreakerPolicy.from_settings(breaker))
+        self._failures = FailurePolicy.from_names(
+            breaker.record_exceptions, breaker.ignore_exceptions
+        )
         self._shared: Transition | None = None  # the stream's latest decision
         self._local_override = False  # a local trip newer than the shared decision
         self._probe_round = (-1, 0)  # (epoch, probe calls sent in it)
@@ -227,14 +238,47 @@ class LlmClient:
     ) -> None:
         try:
             latency_ms = (time.perf_counter() - started) * 1000.0
-            detail = None if error is None else f"{type(error).__name__}: {error}"[:500]
+            detail = None if ok or error is None else f"{type(error).__name__}: {error}"[:500]
             self.record(ok=ok, mode=mode, latency_ms=latency_ms, error=detail)
         except Exception:
             self.stats.sdk_errors += 1
             log.exception("recording an outcome failed; the call itself is unaffected")
 
-    def wrap(self, generate: Callable[..., R]) -> Callable[..., R]:
-        """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported."""
+    def _failure_policy(
+        self,
+        record: Iterable[type[BaseException]] | None,
+        ignore: Iterable[type[BaseException]] | None,
+    ) -> FailurePolicy:
+        default = self._failures
+        if record is None and ignore is None:
+            return default
+        return FailurePolicy(
+            record=default.record if record is None else tuple(record),
+            ignore=default.ignore if ignore is None else tuple(ignore),
+        )
+
+    def _recorded_error(
+        self, policy: FailurePolicy, mode: LlmMode, started: float, error: BaseException
+    ) -> None:
+        verdict = policy.judge(error)
+        if verdict == "ignored":
+            self.stats.ignored += 1
+        else:
+            self._recorded(verdict == "success", mode, started, error)
+
+    def wrap(
+        self,
+        generate: Callable[..., R],
+        *,
+        record: Iterable[type[BaseException]] | None = None,
+        ignore: Iterable[type[BaseException]] | None = None,
+    ) -> Callable[..., R]:
+        """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported.
+
+        ``record`` and ``ignore`` replace the settings' lists for this function: which of
+        its exceptions count as the model failing (``producers/llm_failures.py``).
+        """
+        policy = self._failure_policy(record, ignore)
         if inspect.iscoroutinefunction(generate):
             async_generate = cast(Callable[..., Awaitable[Any]], generate)
 
@@ -245,7 +289,7 @@ class LlmClient:
                 try:
                     result = await async_generate(*args, mode=mode, **kwargs)
                 except Exception as exc:
-                    self._recorded(False, mode, started, exc)
+                    self._recorded_error(policy, mode, started, exc)
                     raise
                 self._recorded(True, mode, started, None)
                 return result
@@ -259,7 +303,7 @@ class LlmClient:
             try:
                 result = generate(*args, mode=mode, **kwargs)
             except Exception as exc:
-                self._recorded(False, mode, started, exc)
+                self._recorded_error(policy, mode, started, exc)
                 raise
             self._recorded(True, mode, started, None)
             return result

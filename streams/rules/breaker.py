@@ -113,8 +113,13 @@ class BreakerPolicy:
 
     @classmethod
     def from_settings(cls, settings: BreakerSettings) -> BreakerPolicy:
-        # tick_interval_s is how often the worker calls on_tick, not a rule parameter.
-        return cls(**settings.model_dump(exclude={"tick_interval_s"}))
+        # Not rule parameters: how often the worker calls on_tick, and which exceptions the
+        # LLM SDK reports as failures in the first place.
+        return cls(
+            **settings.model_dump(
+                exclude={"tick_interval_s", "record_exceptions", "ignore_exceptions"}
+            )
+        )
 
     @property
     def probe_successes_to_recover(self) -> int:

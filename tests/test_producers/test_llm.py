@@ -183,3 +183,48 @@ def test_a_stale_stream_decision_gives_way_to_the_local_breaker() -> None:
     llm.record(ok=True, mode="creative", latency_ms=5.0)
     llm.record(ok=True, mode="creative", latency_ms=5.0)
     assert (llm.mode, llm.cache_ttl_s) == ("creative", 3600.0)
+
+
+def test_the_caller_s_own_errors_neither_count_nor_are_published() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    def refusing(prompt: str, *, mode: str) -> str:
+        raise ValueError(f"prompt {prompt!r} refused by validation")
+
+    generate = llm.wrap(refusing)
+    for _ in range(5):  # more than the failure threshold
+        with pytest.raises(ValueError, match="refused by validation"):
+            generate("x")
+    assert outcomes(transport) == []
+    assert (llm.mode, llm.stats.local_trips, llm.stats.ignored) == ("creative", 0, 5)
+
+
+def test_wrap_can_name_what_counts_for_one_function() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    generate = llm.wrap(failing, record=[ConnectionError])  # a timeout is not recorded here
+    with pytest.raises(TimeoutError):
+        generate("x")
+    (outcome,) = outcomes(transport)
+    assert (outcome["ok"], outcome.get("error")) == (True, None)  # the call answered
+    strict = llm.wrap(failing, ignore=[])
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            strict("x")
+    assert llm.mode == "balanced"
+
+
+def test_the_settings_name_the_exceptions_and_a_wrong_name_fails_at_once() -> None:
+    settings = Settings(breaker={"ignore_exceptions": ["builtins.TimeoutError"]})
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, settings=settings, transport=transport)
+    with pytest.raises(TimeoutError):
+        llm.wrap(failing)("x")
+    assert outcomes(transport) == []
+    with pytest.raises(ValueError, match="not found"):
+        LlmClient(
+            MODEL,
+            settings=Settings(breaker={"record_exceptions": ["openai.NoSuchError"]}),
+            transport=InMemoryTransport(),
+        )
