@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from fragrance_ops.settings import Settings
-from producers.llm_failures import FailurePolicy
+from producers.llm_failures import ExceptionSpec, FailurePolicy, exception_types
 from producers.response_cache import InProcessCache, ResponseCache
 from producers.transport import KafkaTransport, Transport
 from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode, topic_name
@@ -245,22 +245,23 @@ class LlmClient:
             log.exception("recording an outcome failed; the call itself is unaffected")
 
     def _failure_policy(
-        self,
-        record: Iterable[type[BaseException]] | None,
-        ignore: Iterable[type[BaseException]] | None,
+        self, record: Iterable[ExceptionSpec] | None, ignore: Iterable[ExceptionSpec] | None
     ) -> FailurePolicy:
         default = self._failures
-        if record is None and ignore is None:
-            return default
         return FailurePolicy(
-            record=default.record if record is None else tuple(record),
-            ignore=default.ignore if ignore is None else tuple(ignore),
+            record=default.record if record is None else exception_types(record),
+            ignore=default.ignore if ignore is None else exception_types(ignore),
         )
 
     def _recorded_error(
         self, policy: FailurePolicy, mode: LlmMode, started: float, error: BaseException
     ) -> None:
-        verdict = policy.judge(error)
+        try:
+            verdict = policy.judge(error)
+        except Exception:  # an exception whose attributes raise: count it, never raise
+            self.stats.sdk_errors += 1
+            log.exception("judging %s failed; counted as a failure", type(error).__name__)
+            verdict = "failure"
         if verdict == "ignored":
             self.stats.ignored += 1
         else:
@@ -270,13 +271,14 @@ class LlmClient:
         self,
         generate: Callable[..., R],
         *,
-        record: Iterable[type[BaseException]] | None = None,
-        ignore: Iterable[type[BaseException]] | None = None,
+        record: Iterable[ExceptionSpec] | None = None,
+        ignore: Iterable[ExceptionSpec] | None = None,
     ) -> Callable[..., R]:
         """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported.
 
-        ``record`` and ``ignore`` replace the settings' lists for this function: which of
-        its exceptions count as the model failing (``producers/llm_failures.py``).
+        ``record`` and ``ignore`` (exception classes or dotted names) replace the settings'
+        lists for this function: which of its exceptions count as the model failing
+        (``producers/llm_failures.py``); a name that does not resolve raises here.
         """
         policy = self._failure_policy(record, ignore)
         if inspect.iscoroutinefunction(generate):

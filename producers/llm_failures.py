@@ -45,14 +45,23 @@ def http_status(error: BaseException) -> int | None:
     return None
 
 
-def exception_types(names: Iterable[str]) -> tuple[type[BaseException], ...]:
-    """Exception classes from dotted names (``builtins.ValueError``, ``openai.APIError``).
+#: An exception class, or its dotted name (``builtins.ValueError``, ``openai.APIError``).
+ExceptionSpec = type[BaseException] | str
+
+
+def exception_types(specs: Iterable[ExceptionSpec]) -> tuple[type[BaseException], ...]:
+    """Exception classes from classes or dotted names.
 
     A name that does not resolve to an exception class is the deployment's mistake: it
     raises ``ValueError`` naming it, when the client is made, not at the first failure.
     """
     types: list[type[BaseException]] = []
-    for name in names:
+    for name in specs:
+        if not isinstance(name, str):
+            if not (isinstance(name, type) and issubclass(name, BaseException)):
+                raise ValueError(f"{name!r} is not an exception class")
+            types.append(name)
+            continue
         module_name, _, attribute = name.rpartition(".")
         try:
             found = getattr(importlib.import_module(module_name or "builtins"), attribute)

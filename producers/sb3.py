@@ -24,6 +24,7 @@ Needs the ``sb3`` extra (stable-baselines3) and the ``torch`` extra.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from stable_baselines3.common.utils import ConstantSchedule
 
 from producers.torch_ops import TorchRunOps
 from producers.trainer import TrainerClient
+from schemas import DEFAULT_ALGORITHM
 
 
 class FragranceOpsCallback(BaseCallback):
@@ -79,7 +81,7 @@ class FragranceOpsCallback(BaseCallback):
         )
         self._ops.entropy_coef = float(model.ent_coef)
         self._updates_seen = model._n_updates
-        self.client.announce(self.run_settings, algorithm=type(model).__name__.lower())
+        self.client.announce(self.run_settings, algorithm=algorithm_label(type(model).__name__))
 
     def _on_rollout_start(self) -> None:
         self._report_update()
@@ -115,3 +117,10 @@ class FragranceOpsCallback(BaseCallback):
             model.lr_schedule = ConstantSchedule(ops.retuned["learning_rate"])
         if ops.retuned.get("clip_epsilon") != retuned.get("clip_epsilon"):
             model.clip_range = ConstantSchedule(ops.retuned["clip_epsilon"])  # type: ignore[attr-defined]
+
+
+def algorithm_label(class_name: str) -> str:
+    """The contract's algorithm name for a model class (``PPO`` -> ``ppo``); a name the
+    contract cannot carry (a long or non-ASCII subclass name) falls back to PPO's."""
+    label = re.sub(r"[^a-z0-9_-]", "", class_name.lower()).lstrip("0123456789_-")[:32]
+    return label or DEFAULT_ALGORITHM

@@ -208,6 +208,10 @@ def test_wrap_can_name_what_counts_for_one_function() -> None:
         generate("x")
     (outcome,) = outcomes(transport)
     assert (outcome["ok"], outcome.get("error")) == (True, None)  # the call answered
+    named = llm.wrap(failing, record=["builtins.ConnectionError"])  # names work too
+    with pytest.raises(TimeoutError):
+        named("x")
+    assert [outcome["ok"] for outcome in outcomes(transport)] == [True, True]
     strict = llm.wrap(failing, ignore=[])
     for _ in range(3):
         with pytest.raises(TimeoutError):
@@ -228,3 +232,21 @@ def test_the_settings_name_the_exceptions_and_a_wrong_name_fails_at_once() -> No
             settings=Settings(breaker={"record_exceptions": ["openai.NoSuchError"]}),
             transport=InMemoryTransport(),
         )
+
+
+def test_an_exception_the_policy_cannot_judge_is_a_failure_and_reaches_the_caller() -> None:
+    class Odd(Exception):
+        @property
+        def response(self) -> object:
+            raise RuntimeError("a lazy attribute that fails")
+
+    def odd(prompt: str, *, mode: str) -> str:
+        raise Odd(prompt)
+
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    with pytest.raises(Odd):  # the caller's exception, not the SDK's
+        llm.wrap(odd)("x")
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is False
+    assert llm.stats.sdk_errors == 1

@@ -87,3 +87,6 @@ def test_exception_names_resolve_or_fail_naming_the_name() -> None:
         exception_types(["nowhere.Error"])
     with pytest.raises(ValueError, match=r"'builtins\.len' is not an exception class"):
         exception_types(["builtins.len"])
+    assert exception_types([KeyError, "KeyError"]) == (KeyError, KeyError)
+    with pytest.raises(ValueError, match="is not an exception class"):
+        exception_types([len])  # type: ignore[list-item]

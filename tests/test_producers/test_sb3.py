@@ -11,7 +11,7 @@ from stable_baselines3 import PPO
 
 from fragrance_ops.settings import Settings, run_overrides
 from producers import InMemoryTransport, TrainerClient
-from producers.sb3 import FragranceOpsCallback
+from producers.sb3 import FragranceOpsCallback, algorithm_label
 from schemas import Halt, Retune, Rollback, SetEntropyCoef, Topic, encode
 from tests.helpers.operations import InMemoryOperations
 
@@ -126,3 +126,13 @@ def test_with_the_default_rules_ppo_on_cartpole_is_never_rolled_back(
     assert len(published(transport, Topic.METRICS)) >= 80
     assert operations.of_type("rollback") == []
     assert operations.of_type("halt") == []
+
+
+def test_the_algorithm_label_is_the_model_class_or_ppo_when_the_contract_cannot_carry_it() -> None:
+    assert algorithm_label("PPO") == "ppo"
+    assert algorithm_label("RecurrentPPO") == "recurrentppo"
+    assert algorithm_label("Ppo\u00e9Custom") == "ppocustom"
+    assert algorithm_label("X" * 40) == "x" * 32
+    assert algorithm_label("_Private") == "private"
+    assert algorithm_label("2A2C") == "a2c"  # starts with a letter
+    assert algorithm_label("\u00c9\u00e9") == "ppo"  # nothing left: the default
