@@ -89,11 +89,10 @@ def create_app(settings: Settings) -> faust.App:
 
 
 async def freeze_startup_objects() -> None:
-    """Once the app's services have started (before any partition is assigned): keep the
-    objects alive since start-up out of the collector's scans. A full collection over them
-    (Faust's, aiokafka's, pydantic's) paused the worker for 50-90 ms at a time, the tail of
-    every decision's latency; what is created after start-up (the agents' live state, the
-    recovered tables) is still collected."""
+    """Once started (tables recovered): keep the objects alive since start-up out of the
+    collector's scans. A full collection over them (Faust's, aiokafka's, pydantic's) paused
+    the worker for 50-90 ms at a time, the tail of every decision's latency; what is
+    created after start-up (the agents' live state) is still collected."""
     gc.collect()
     gc.freeze()
 

@@ -101,3 +101,6 @@ class OutputProducer:
                 f"{remaining} outputs undelivered after {self._flush_timeout_s}s, "
                 f"{len(failures)} failed (first: {failures[0] if failures else None})"
             )
+
+    def close(self, timeout_s: float = 10.0) -> Any:
+        return self._producer.flush(timeout_s)

@@ -214,16 +214,8 @@ class AgentRuntime:
         """Run ``work`` (a timer's tick) between the agent's batches; skipped once it failed."""
         slot = next(slot for slot in self._slots if slot.agent is agent)
         async with slot.lock:
-            if slot.broken:
-                return
-            try:
+            if not slot.broken:
                 await work()
-            except BaseException as exc:
-                slot.broken = True  # as a failed batch: its state is never checkpointed
-                if not isinstance(exc, asyncio.CancelledError):
-                    log.critical("agent %s: timer failed; crashing", agent.name, exc_info=exc)
-                    await self._app.crash(exc)
-                raise
 
     async def checkpoint(self) -> None:
         """Outputs acknowledged, then each agent's changed state written and acknowledged;

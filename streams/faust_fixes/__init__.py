@@ -34,8 +34,6 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("faust.transport.consumer", "Consumer", "_read_offset"),
     ("faust.transport.consumer", "Consumer", "_buffered_partitions"),
     ("faust.transport.consumer", "Consumer", "_committed_offset"),
-    ("faust.transport.consumer", "Consumer", "maybe_wait_for_commit_to_finish"),
-    ("faust.transport.consumer", "Consumer", "_commit_fut"),
     ("faust.transport.drivers.aiokafka", "Consumer", "_new_consumer_thread"),
     ("faust.transport.drivers.aiokafka", "Transport", "Consumer"),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_create_consumer"),

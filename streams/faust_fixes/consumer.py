@@ -14,11 +14,8 @@ changelogs in recovery, standbys) still take Faust's own path, record by record.
 ``_filter_tps_with_pending_acks``, ``force_commit``). Faust commits the offsets streams
 acknowledged; here every commit first runs the runtime's checkpoint (outputs acknowledged,
 state written and acknowledged) and commits the offsets that checkpoint reached. Faust's
-acked-offset lists, gaps and per-message acks are not used for input topics. A commit
-asked for while another runs (a rebalance's revoking commit, the last one at a stop) is
-not skipped as Faust would (``commit``): it waits, then checkpoints what came since. Tested
-by ``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart) and
-``test_consumer.py``.
+acked-offset lists, gaps and per-message acks are not used for input topics. Tested by
+``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart).
 
 **Fetch sessions** (``_SeekingConsumerThread.on_start``): aiokafka's fetcher replaced by
 one fetching in incremental sessions, ``fetch_sessions.py`` says why.
@@ -196,15 +193,6 @@ class _Consumer(driver.Consumer):
             read_offset[tp] = record.offset
 
     # Commits: the offsets the runtime's checkpointed state reached.
-    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        # Faust skips a commit asked for while another one runs (``maybe_wait_for_commit_to_
-        # finish``). That one's checkpoint may predate batches processed since, and the
-        # revoking commit of a rebalance, or the last one at a stop, would then leave them
-        # out of the state: wait for it, then checkpoint and commit.
-        while await self.maybe_wait_for_commit_to_finish():
-            pass
-        return await super().commit(topics, start_new_transaction)
-
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         await self._runtime.checkpoint()
         return cast(bool, await super().force_commit(topics, start_new_transaction))

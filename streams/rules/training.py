@@ -12,8 +12,7 @@ contract commands with deterministic ids:
   anomaly that needs it: without a target the decision waits, and is taken when a healthy
   checkpoint arrives; when none has after ``2 * interval_steps``, a run with (unhealthy)
   checkpoints before the streak, or with non-finite values, is halted, and a young run
-  that had saved none, whose finite anomaly is over by then, is not: the anomaly is
-  reported and the next streak may act (a non-finite value still halts it);
+  that had saved none is not: the anomaly is reported and the next streak may act;
 - every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
   the newest healthy checkpoint, and health is known from the metrics, so a checkpoint
   read before the run's metrics reached its step is held back and recorded when they do
@@ -131,26 +130,18 @@ class RunOperations:
             if decision is not None:
                 commands.append(decision)
             elif overdue:
-                ongoing = verdict.anomalous and (verdict.attempt, verdict.streak_start) == (
-                    waiting["attempt"],
-                    waiting["streak_start"],
-                )
-                commands += self._no_target(waiting, now, ongoing=ongoing)
+                commands += self._no_target(waiting, now)
         return commands
 
-    def _no_target(
-        self, trigger: dict[str, Any], now: float, *, ongoing: bool
-    ) -> list[CommandBase]:
+    def _no_target(self, trigger: dict[str, Any], now: float) -> list[CommandBase]:
         """No healthy checkpoint came within the wait. A run with checkpoints before the
         streak, all unhealthy, has diverged for long: halt. So has one whose values are not
-        finite (nothing left to train), and one whose streak is still going after the wait
-        (a divergence, every checkpoint since is of it). A young run with none yet, whose
-        finite anomaly is over, is not halted for what it could not be rolled back from
-        (halting it is worse than going on): the anomaly is reported (``take_notices``)
-        and the next streak may act (a non-finite value in this one still does)."""
+        finite (nothing left to train). A young run with none yet is not halted for a finite
+        anomaly it could not be rolled back from (halting it is worse than going on): the
+        anomaly is reported (``take_notices``) and the next streak may act."""
         streak_start = trigger["streak_start"]
         saved_before = any(cp.step < streak_start for cp in self.ledger.checkpoints)
-        if saved_before or ongoing or trigger.get("non_finite", True):
+        if saved_before or trigger.get("non_finite", True):
             return [self._halt(trigger, "no healthy checkpoint", now)]
         self.awaiting_target = None
         self.detector.release(trigger["attempt"], streak_start)

@@ -964,7 +964,7 @@ def check_training(
     for command in command_records:
         view = decision_view(command)
         previous = observed.setdefault(view["command_id"], view)
-        assert previous == view, "a replay changed a decision"
+        assert previous == view, f"a replay changed a decision: {previous} then {view}"
     assert set(observed) == set(expected)
     for command_id, view in expected.items():
         assert observed[command_id] == decision_view(view), (

@@ -257,34 +257,3 @@ def test_commits_cover_only_what_a_checkpoint_wrote(
     assert agent.checkpoints
     assert max(agent.checkpoints) <= 2 * BATCH
     assert committed(kafka_bootstrap, group, topic) == 2 * BATCH
-
-
-def test_a_commit_asked_for_during_another_still_checkpoints_what_came_after(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
-) -> None:
-    """Faust would return at once from a commit asked for while another runs; the revoking
-    commit of a rebalance would then miss the batches processed meanwhile."""
-    topic = inputs_topic(kafka_bootstrap, topic_prefix)
-
-    async def scenario() -> tuple[RecordingAgent, str, bool]:
-        app, agent = worker_app(kafka_bootstrap, topic, tmp_path, commit_interval_s=3600.0)
-        await app.start()
-        try:
-            await asyncio.to_thread(produce, kafka_bootstrap, topic, BATCH)
-            await eventually(lambda: len(agent.seen) == BATCH, "the first batch")
-            running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            app.consumer._commit_fut = running  # type: ignore[attr-defined]  # one in flight
-            asked = asyncio.ensure_future(app.consumer.commit())
-            await asyncio.to_thread(produce, kafka_bootstrap, topic, BATCH)
-            await eventually(lambda: len(agent.seen) == 2 * BATCH, "a batch during it")
-            app.consumer._commit_fut = None  # type: ignore[attr-defined]
-            running.set_result(None)
-            committed_now = await asyncio.wait_for(asked, 30)
-        finally:
-            await app.stop()
-        return agent, app.conf.id, committed_now
-
-    agent, group, committed_now = asyncio.run(scenario())
-    assert committed_now
-    assert max(agent.checkpoints) == 2 * BATCH
-    assert committed(kafka_bootstrap, group, topic) == 2 * BATCH
