@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import tempfile
@@ -101,3 +102,19 @@ def running_service(target: Callable[..., None], *args: Any) -> Iterator[None]:
 def subscribe_then_ready(consumer: Any, topic: str, ready: threading.Event) -> None:
     """Subscribe; ``ready`` is set once the group has assigned partitions."""
     consumer.subscribe([topic], on_assign=lambda _consumer, partitions: ready.set())
+
+
+def add_worker_setting_option(parser: argparse.ArgumentParser) -> None:
+    """``--worker-setting NAME=VALUE`` (repeatable): settings for the benchmarked worker."""
+    parser.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a worker setting, e.g. WORKER__BATCH_WITHIN_S=0.02 (repeatable)",
+    )
+
+
+def worker_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--worker-setting`` values, as ``running_worker``'s keyword settings."""
+    return dict(setting.split("=", 1) for setting in args.worker_setting)

@@ -23,7 +23,13 @@ import time
 import uuid
 from pathlib import Path
 
-from harness import broker, fresh_settings, running_worker
+from harness import (
+    add_worker_setting_option,
+    broker,
+    fresh_settings,
+    running_worker,
+    worker_settings,
+)
 from worker_cpu import cpu_seconds
 
 from fragrance_ops.settings import Settings
@@ -52,15 +58,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument(
-        "--worker-setting",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a worker setting, e.g. WORKER__BATCH_WITHIN_S=0.02 (repeatable)",
-    )
+    add_worker_setting_option(parser)
     args = parser.parse_args()
-    worker_settings = dict(setting.split("=", 1) for setting in args.worker_setting)
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
         print(f"broker: {args.bootstrap or args.broker} at {bootstrap}; {args.steps} steps")
@@ -71,7 +70,7 @@ def main() -> int:
             without.append(train(alone, args.steps, args.seed))
             print(f"run {repeat + 1}, no worker: {without[-1]:.1f} s")
             watched = fresh_settings(bootstrap, embedded, args.partitions, "watched")
-            with running_worker(watched, **worker_settings) as worker:
+            with running_worker(watched, **worker_settings(args)) as worker:
                 assert worker.pid is not None
                 time.sleep(3.0)  # past its first commits after readiness
                 cpu = cpu_seconds(worker.pid)

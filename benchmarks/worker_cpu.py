@@ -30,7 +30,13 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
-from harness import broker, fresh_settings, running_worker
+from harness import (
+    add_worker_setting_option,
+    broker,
+    fresh_settings,
+    running_worker,
+    worker_settings,
+)
 
 from fragrance_ops.settings import Settings
 from producers import KafkaTransport, RatingClient, TrainerClient
@@ -241,13 +247,7 @@ def main() -> int:
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the plain confluent-kafka loop"
     )
-    parser.add_argument(
-        "--worker-setting",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a worker setting, e.g. WORKER__BATCH_WITHIN_S=0.02 (repeatable)",
-    )
+    add_worker_setting_option(parser)
     args = parser.parse_args()
     loads = [
         load
@@ -258,7 +258,6 @@ def main() -> int:
         )
         if load.name in args.loads.split(",")
     ]
-    worker_settings = dict(setting.split("=", 1) for setting in args.worker_setting)
     rate = args.keys * args.rate_per_key
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
@@ -268,7 +267,7 @@ def main() -> int:
             f"broker: {args.bootstrap or args.broker} at {bootstrap}; {args.keys} keys x "
             f"{args.rate_per_key:g} events/s = {rate:g} events/s for {args.seconds:g} s each"
         )
-        with running_worker(settings, **worker_settings) as worker:
+        with running_worker(settings, **worker_settings(args)) as worker:
             pid = worker.pid
             assert pid is not None
             time.sleep(5.0)  # past the first commits and timers after readiness

@@ -92,15 +92,19 @@ class OutputProducer:
 
         Callers hold every agent's lock (nothing is sent meanwhile), so the flush ends.
         """
-        remaining = await asyncio.get_running_loop().run_in_executor(
-            None, self._producer.flush, self._flush_timeout_s
-        )
         failures, self._failures = self._failures, []
-        if remaining or failures:
-            raise OutputDeliveryError(
-                f"{remaining} outputs undelivered after {self._flush_timeout_s}s, "
-                f"{len(failures)} failed (first: {failures[0] if failures else None})"
-            )
+        problem = await flushed(self._producer, self._flush_timeout_s, failures)
+        if problem:
+            raise OutputDeliveryError(f"outputs: {problem}")
 
-    def close(self, timeout_s: float = 10.0) -> Any:
-        return self._producer.flush(timeout_s)
+
+async def flushed(producer: Producer, timeout_s: float, failures: list[KafkaError]) -> str:
+    """Flush ``producer`` off the event loop; what went wrong, with the delivery failures
+    reported since the last flush (empty: everything is on the broker)."""
+    remaining = await asyncio.get_running_loop().run_in_executor(None, producer.flush, timeout_s)
+    if not remaining and not failures:
+        return ""
+    return (
+        f"{remaining} undelivered after {timeout_s}s, {len(failures)} failed "
+        f"(first: {failures[0] if failures else None})"
+    )

@@ -15,9 +15,7 @@ decodes its own objects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -25,8 +23,7 @@ from confluent_kafka import KafkaError, Producer
 
 from fragrance_ops.kafka import confluent_config
 from fragrance_ops.settings import Settings
-
-log = logging.getLogger(__name__)
+from streams.output import flushed
 
 
 class StateDeliveryError(RuntimeError):
@@ -99,22 +96,9 @@ class StateWriter:
         self._producer.produce(table.changelog_topic, value, key, partition=partition)
         table.mirror(key, value)
 
-    def put_all(self, table: StateTable, items: Iterable[tuple[bytes, bytes, int]]) -> None:
-        for key, value, partition in items:
-            self.put(table, key, value, partition)
-
     async def delivered(self) -> None:
         """Wait until every state record written so far is on the broker."""
-        remaining = await asyncio.get_running_loop().run_in_executor(
-            None, self._producer.flush, self._timeout_s
-        )
         failures, self._failures = self._failures, []
-        if remaining or failures:
-            raise StateDeliveryError(
-                f"{remaining} state records undelivered after {self._timeout_s}s, "
-                f"{len(failures)} failed (first: {failures[0] if failures else None})"
-            )
-
-    def close(self, timeout_s: float = 10.0) -> int:
-        remaining: int = self._producer.flush(timeout_s)
-        return remaining
+        problem = await flushed(self._producer, self._timeout_s, failures)
+        if problem:
+            raise StateDeliveryError(f"state records: {problem}")
