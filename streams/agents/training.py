@@ -79,11 +79,13 @@ class TrainingAgent:
             operations=StateTable(ctx.app, "run-operations", ctx.settings),
         )
         self._max_bytes = ctx.settings.worker.max_event_bytes
+        # Metrics last: of what a trainer sent in one millisecond, the rules take the rest
+        # read ahead of the metrics (held back), not behind (waited for).
         self._handlers: dict[str, Callable[[InputRecord], Awaitable[None]]] = {
             ctx.topic(Topic.RUNS): self.on_run,
-            ctx.topic(Topic.METRICS): self.on_metric,
             ctx.topic(Topic.CHECKPOINTS): self.on_checkpoint,
             ctx.topic(Topic.ACKS): self.on_ack,
+            ctx.topic(Topic.METRICS): self.on_metric,
         }
         self.topics = tuple(self._handlers)
         self._stats_topic = ctx.topic(Topic.REWARD_STATS)

@@ -9,10 +9,14 @@ contract commands with deterministic ids:
 - an anomaly that acts: ``rollback`` to the newest healthy checkpoint saved before the
   anomalous streak began, or ``halt`` (with the rollback history) when the budget is spent.
   Checkpoints and metrics travel on different topics, so a checkpoint may arrive after the
-  anomaly that needs it: without a target the decision waits, and is taken when a healthy
-  checkpoint arrives; when none has after ``2 * interval_steps``, a run with (unhealthy)
+  anomaly that needs it: the decision waits until the trainer's newest checkpoint named in
+  the metric (``checkpoint_step``) has been read, or a newer save that proves it lost, so
+  the target never depends on how far one topic was read ahead of the other. Then, with
+  no healthy target after ``2 * interval_steps`` of metrics, a run with (unhealthy)
   checkpoints before the streak, or with non-finite values, is halted, and a young run
-  that had saved none is not: the anomaly is reported and the next streak may act;
+  that had saved none is not: the anomaly is reported and the next streak may act. (A
+  trainer that names no checkpoint in its metrics gets the bounded wait alone, and its
+  target can depend on the read order);
 - every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
   the newest healthy checkpoint, and health is known from the metrics, so a checkpoint
   read before the run's metrics reached its step is held back and recorded when they do
@@ -126,10 +130,10 @@ class RunOperations:
         waiting = self.awaiting_target
         if waiting is not None:
             overdue = metric.step - waiting["step"] >= 2 * self.settings.checkpoints.interval_steps
-            decision = self._decide(now, overdue=overdue)
+            decision = self._decide(now)
             if decision is not None:
                 commands.append(decision)
-            elif overdue:
+            elif overdue and self._expected_read(waiting):
                 commands += self._no_target(waiting, now)
         return commands
 
@@ -156,22 +160,18 @@ class RunOperations:
         notices, self._notices = self._notices, []
         return notices
 
-    def _decide(self, now: float, *, overdue: bool = False) -> CommandBase | None:
+    def _decide(self, now: float) -> CommandBase | None:
         """Roll back for the awaiting anomaly if a target is known (or halt on the budget).
 
-        While the trainer's newest checkpoint (named in its metrics) has not been announced
-        yet, wait for it rather than pick an older one, until the wait is overdue.
+        While the trainer's newest checkpoint (named in its metrics) has not been read, wait
+        for it rather than pick an older one: however long, as only then are the candidates
+        the same whatever the read order.
         """
         trigger = self.awaiting_target
         assert trigger is not None
-        target = self.ledger.newest_healthy_before(trigger["streak_start"])
-        expected = trigger.get("expected_checkpoint")
-        # Read is enough: the checkpoints topic is in order, so every save before the
-        # expected one (the targets) was read too, and is recorded by now.
-        announced = {checkpoint.step for checkpoint in self.ledger.checkpoints}
-        announced |= {held["step"] for held in self.held_back if "uri" in held}
-        if expected is not None and expected not in announced and not overdue:
+        if not self._expected_read(trigger):
             return None
+        target = self.ledger.newest_healthy_before(trigger["streak_start"])
         if target is None:
             return None
         if not self.budget.allow(trigger["step"]):
@@ -201,6 +201,21 @@ class RunOperations:
             anomaly_step=trigger["streak_start"],
             reason=trigger["reason"],
             values=trigger["values"],
+        )
+
+    def _expected_read(self, trigger: dict[str, Any]) -> bool:
+        """Whether the trainer's newest save at the trigger, if it named one, was read, or a
+        newer save of the same attempt was (it was lost). Read is enough: the checkpoints
+        topic is in order, so every save before it (the targets) was read too, and is
+        recorded (or held back) by now."""
+        expected = trigger.get("expected_checkpoint")
+        if expected is None:
+            return True
+        read = [(cp.attempt, cp.step) for cp in self.ledger.checkpoints]
+        read += [_position(held) for held in self.held_back if "uri" in held]
+        return any(
+            step == expected or (attempt >= trigger["attempt"] and step > expected)
+            for attempt, step in read
         )
 
     def _halt(self, trigger: dict[str, Any], why: str, now: float) -> Halt:

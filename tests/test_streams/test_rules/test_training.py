@@ -336,10 +336,9 @@ def read(
     ("run", "lead"),
     [
         *((anomalous_stretch, lead) for lead in (-1500, -150, 150, 1500)),
-        # Acks and checkpoints read ahead. Read behind, the rollback goes to an older
-        # checkpoint once its wait for the trainer's newest (two intervals) is over, as
-        # documented, and an ack read after the new attempt's metrics can change which
-        # checkpoint a prune calls protected (not what it deletes).
+        # Acks and checkpoints read ahead (read behind: the next test). An ack read after
+        # the new attempt's metrics can change which checkpoint a prune calls protected
+        # (not what it deletes).
         *((late_rollback, lead) for lead in (150, 1500)),
     ],
 )
@@ -356,6 +355,42 @@ def test_decisions_do_not_depend_on_how_far_one_topic_is_read_ahead_of_the_other
     prunes = [c for c in in_order if c["type"] == "prune_checkpoints"]
     assert len(prunes) > 15
     assert read(settings, produced, lead, acks_lead=acks_lead) == in_order
+
+
+@pytest.mark.parametrize("lead", [-50, -150, -280])
+def test_a_rollback_waits_for_the_trainers_newest_checkpoint_however_far_behind_it_is_read(
+    lead: int,
+) -> None:
+    # A worker catching up (after a SIGKILL, in one batch) can read 1,000 metrics of a run
+    # before its checkpoints: the rollback must still go to the target it went to in the
+    # trainer's order (the run acts on the rollback 300 steps later, so up to 300 behind).
+    # Prunes are not compared: a checkpoint recorded late is judged on more metrics.
+    settings, produced = late_rollback()
+
+    def decisions(commands: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [c for c in commands if c["type"] in ("rollback", "halt")]
+
+    in_order = decisions(read(settings, produced, 0))
+    assert [c["checkpoint_step"] for c in in_order if c["type"] == "rollback"] == [600]
+    assert decisions(read(settings, produced, lead, acks_lead=150)) == in_order
+
+
+def test_a_lost_announcement_of_the_newest_checkpoint_is_proven_by_a_newer_one() -> None:
+    ops = RunOperations(RUN, run_overrides(Settings(), INTERLEAVED))
+    commands: list[object] = []
+    for step in range(1, 800):
+        if step == 650:  # a newer save: 600 will never be read
+            assert [c for c in commands if isinstance(c, Rollback)] == []
+        if step % 50 == 0 and step != 600:  # 600 saved, its announcement lost
+            commands += ops.on_checkpoint(checkpoint(step), now=1.0)
+        sent = metric(step, loss=9.0 if step == 620 else 1.0)
+        sent = sent.model_copy(update={"checkpoint_step": step - step % 50 or None})
+        commands += ops.on_metric(sent, now=1.0)
+        rollbacks = [c for c in commands if isinstance(c, Rollback)]
+        if 620 <= step < 650:  # waiting for 600; a newer save ends the wait
+            assert rollbacks == []
+            assert ops.awaiting_target is not None
+    assert [(c.checkpoint_step, c.anomaly_step) for c in rollbacks] == [(550, 620)]
 
 
 def test_the_late_rollback_and_the_anomalous_stretch_are_what_they_say() -> None:
