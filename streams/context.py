@@ -15,7 +15,7 @@ from schemas import CommandBase, Event, Topic, encode, topic_name
 from schemas.signing import signature_header
 from streams.dead_letter import DeadLetterSink
 from streams.metrics import WorkerMetrics
-from streams.output import Headers, OutputProducer
+from streams.output import Headers, OutputDeliveryError, OutputProducer
 from streams.runtime import AgentRuntime, InputRecord
 
 
@@ -73,10 +73,15 @@ class ProcessorContext:
     async def apply_each(
         self, records: Sequence[InputRecord], apply: Callable[[InputRecord], Awaitable[None]]
     ) -> None:
-        """``apply`` each record in order; bad input is dead-lettered and the batch goes on."""
+        """``apply`` each record in order; bad input is dead-lettered and the batch goes on.
+
+        An output that could not be sent is not bad input: the rule's state already implies
+        it, so the batch fails (and the worker restarts from its last checkpoint)."""
         for record in records:
             try:
                 await apply(record)
+            except OutputDeliveryError:
+                raise
             except Exception as exc:  # bad input, or a value no rule can express
                 await self.dead_letters.send(record, exc)
 

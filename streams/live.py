@@ -33,6 +33,7 @@ import orjson
 from faust.types import TP
 
 from streams.context import ProcessorContext
+from streams.output import OutputDeliveryError
 from streams.runtime import InputRecord
 from streams.state import StateTable, StateWriter
 
@@ -166,6 +167,8 @@ class LiveStates(Generic[T]):
         for key, partition in self.owned():
             try:
                 await on_tick(key, self.get(key, partition))
+            except OutputDeliveryError:
+                raise  # the decision is in the state already: fail, restart from the checkpoint
             except Exception:
                 log.exception("%s: the timer failed on %r; it retries next tick", self.name, key)
                 self.ctx.metrics.tick_errors.labels(self.name).inc()

@@ -219,8 +219,16 @@ class AgentRuntime:
         """Run ``work`` (a timer's tick) between the agent's batches; skipped once it failed."""
         slot = next(slot for slot in self._slots if slot.agent is agent)
         async with slot.lock:
-            if not slot.broken:
+            if slot.broken:
+                return
+            try:
                 await work()
+            except BaseException as exc:
+                slot.broken = True  # as a failed batch: its state is never checkpointed
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.critical("agent %s: timer failed; crashing", agent.name, exc_info=exc)
+                    await self._app.crash(exc)
+                raise
 
     async def checkpoint(self) -> None:
         """Outputs acknowledged, then each agent's changed state written and acknowledged;

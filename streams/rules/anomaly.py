@@ -45,8 +45,9 @@ verdict ``act``, except within ``cooldown_steps`` of a restored checkpoint, and 
 per attempt: the rollback that follows moves the run to a newer attempt, and until then
 more anomalies of the same attempt must not produce a second rollback. An act the caller
 could not answer (no checkpoint to roll back to) is ``release``-d: that streak acts no
-more, a later one may. A rollback must target a checkpoint saved before
-``Verdict.streak_start``, the first anomalous step of the streak.
+more on finite values (a non-finite value still acts), a later one may. A rollback must
+target a checkpoint saved before ``Verdict.streak_start``, the first anomalous step of the
+streak.
 
 Replays: a metric whose ``(attempt, step)`` is not newer than the last one seen, or whose
 attempt is older than the last ``reset_to``, returns None and changes nothing. A metric with
@@ -281,11 +282,13 @@ class AnomalyDetector:
             if self._streak_start is None:
                 self._streak_start = step
             self._streak_length += 1
+            # A released streak acts no more on finite values; a non-finite one always may.
+            released = self._released_streak == (attempt, self._streak_start)
             act = (
                 (non_finite or self._streak_length >= settings.patience)
                 and not cooldown
                 and self._acted_attempt != attempt
-                and self._released_streak != (attempt, self._streak_start)
+                and (non_finite or not released)
             )
             if act:
                 self._acted_attempt = attempt
@@ -313,7 +316,8 @@ class AnomalyDetector:
 
     def release(self, attempt: int, streak_start: int) -> None:
         """The act for this streak was not answered with a rollback (there was nothing to roll
-        back to): the streak acts no more, but a later one of the same attempt may."""
+        back to): the streak acts no more on finite values (a non-finite one still acts),
+        but a later one of the same attempt may."""
         if self._acted_attempt == attempt:
             self._acted_attempt = None
         self._released_streak = (attempt, streak_start)

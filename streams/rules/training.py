@@ -13,8 +13,9 @@ contract commands with deterministic ids:
   the metric (``checkpoint_step``) has been read, or a newer save that proves it lost, so
   the target never depends on how far one topic was read ahead of the other. Then, with
   no healthy target after ``2 * interval_steps`` of metrics, a run with (unhealthy)
-  checkpoints before the streak, or with non-finite values, is halted, and a young run
-  that had saved none is not: the anomaly is reported and the next streak may act. (A
+  checkpoints before the streak, with non-finite values, or whose streak is still going,
+  is halted, and a young run that had saved none is not: the anomaly is reported and the
+  next streak may act (on a non-finite value, this one still does). (A
   trainer that names no checkpoint in its metrics gets the bounded wait alone, and its
   target can depend on the read order);
 - every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
@@ -134,18 +135,26 @@ class RunOperations:
             if decision is not None:
                 commands.append(decision)
             elif overdue and self._expected_read(waiting):
-                commands += self._no_target(waiting, now)
+                ongoing = verdict.anomalous and (verdict.attempt, verdict.streak_start) == (
+                    waiting["attempt"],
+                    waiting["streak_start"],
+                )
+                commands += self._no_target(waiting, now, ongoing=ongoing)
         return commands
 
-    def _no_target(self, trigger: dict[str, Any], now: float) -> list[CommandBase]:
+    def _no_target(
+        self, trigger: dict[str, Any], now: float, *, ongoing: bool
+    ) -> list[CommandBase]:
         """No healthy checkpoint came within the wait. A run with checkpoints before the
         streak, all unhealthy, has diverged for long: halt. So has one whose values are not
-        finite (nothing left to train). A young run with none yet is not halted for a finite
-        anomaly it could not be rolled back from (halting it is worse than going on): the
-        anomaly is reported (``take_notices``) and the next streak may act."""
+        finite (nothing left to train), and one whose streak is still going after the wait
+        (a divergence: every checkpoint since is of it). A young run with none yet, whose
+        finite anomaly is over, is not halted for what it could not be rolled back from
+        (halting it is worse than going on): the anomaly is reported (``take_notices``) and
+        the next streak may act (a non-finite value in this one still does)."""
         streak_start = trigger["streak_start"]
         saved_before = any(cp.step < streak_start for cp in self.ledger.checkpoints)
-        if saved_before or trigger.get("non_finite", True):
+        if saved_before or ongoing or trigger.get("non_finite", True):
             return [self._halt(trigger, "no healthy checkpoint", now)]
         self.awaiting_target = None
         self.detector.release(trigger["attempt"], streak_start)

@@ -514,3 +514,21 @@ def test_the_spread_round_trips_and_old_states_form_it_again() -> None:
     older = AnomalyDetector.from_state(state, AnomalySettings())
     assert older.to_state()["loss_spread"] == [None, 0.0, 0.0]
     assert older.observe(100, -0.04, 1.0) is not None
+
+
+def test_a_let_go_streak_that_turns_non_finite_is_acted_on() -> None:
+    # The detector: a released streak acts no more on finite values, but on NaN it does.
+    detector = AnomalyDetector(Settings().anomaly)
+    for step in range(20):
+        detector.observe(step, 1.0 + 0.01 * (step % 3), 1.0, 0)
+    first = detector.observe(20, 10.0, 1.0, 0)
+    assert first is not None
+    assert first.act
+    detector.release(0, 20)
+    finite = detector.observe(21, 10.0, 1.0, 0)
+    assert finite is not None
+    assert finite.anomalous
+    assert not finite.act
+    non_finite = detector.observe(22, math.nan, 1.0, 0)
+    assert non_finite is not None
+    assert non_finite.act

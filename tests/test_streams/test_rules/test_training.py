@@ -169,6 +169,18 @@ def test_a_young_run_with_non_finite_values_is_halted() -> None:
     assert "non-finite loss; no healthy checkpoint before step 120" in halt.reason
 
 
+def test_a_young_run_whose_finite_anomaly_lasts_through_the_wait_is_halted() -> None:
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(40))
+    ops.on_metric(metric(40, loss=10.0), now=1.0)
+    commands = feed(ops, range(41, 1100), loss=10.0)  # every checkpoint since is diverged
+    (halt,) = [c for c in commands if isinstance(c, Halt)]
+    assert "no healthy checkpoint before step 40" in halt.reason
+    assert halt.command_id
+    assert ops.halted
+    assert ops.take_notices() == []
+
+
 def test_an_unanswered_anomaly_survives_a_crash() -> None:
     ops = RunOperations(RUN, Settings())
     feed(ops, range(120))
