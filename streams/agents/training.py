@@ -62,6 +62,9 @@ class _Run:
     partition: int
     overrides: dict[str, Any] | None  # as announced; None: never announced (the defaults)
     algorithm: str  # as announced: the label of the run's metrics
+    # (origin, offset) of the newest announcement applied: a replayed older one (a crash
+    # after the state was written, before the commit) must not undo a newer one.
+    announced_at: tuple[str, int] | None
     ops: RunOperations
     window: RewardWindow
 
@@ -107,7 +110,11 @@ class TrainingAgent:
         tables = self.tables
         for key in self._announced:
             run = self._runs[key]
-            announced = {"overrides": run.overrides, "algorithm": run.algorithm}
+            announced = {
+                "overrides": run.overrides,
+                "algorithm": run.algorithm,
+                "announced_at": run.announced_at,
+            }
             writer.put(tables.run_settings, key, orjson.dumps(announced), run.partition)
         for key in self._changed:
             run = self._runs[key]
@@ -133,7 +140,7 @@ class TrainingAgent:
         if run is not None:
             return run
         tables = self.tables
-        overrides, algorithm = stored_announcement(tables.run_settings.get(key))
+        overrides, algorithm, announced_at = stored_announcement(tables.run_settings.get(key))
         settings = self._settings(overrides)
         stored_ops = tables.operations.get(key)
         ops = (
@@ -149,7 +156,9 @@ class TrainingAgent:
             else RewardWindow(capacity)
         )
         window.resize(capacity)
-        run = self._runs[key] = _Run(key, partition, overrides, algorithm, ops, window)
+        run = self._runs[key] = _Run(
+            key, partition, overrides, algorithm, announced_at, ops, window
+        )
         return run
 
     def _changed_run(self, key: bytes, partition: int) -> _Run:
@@ -164,9 +173,15 @@ class TrainingAgent:
         except (ValidationError, ValueError) as exc:
             raise InvalidEvent(str(exc).splitlines()[0], field="settings") from None
         key = announced.run_id.encode()
+        origin, offset = input_origin(record)
+        known = self._run(key, record.partition).announced_at
+        if known is not None and known[0] == origin and offset <= known[1]:
+            self.ctx.metrics.replayed_events.labels("training").inc()
+            return
         run = self._changed_run(key, record.partition)
         run.overrides = dict(announced.settings)
         run.algorithm = announced.algorithm
+        run.announced_at = (origin, offset)
         # The state so far, carried over to the run's new settings.
         run.window.resize(settings.reward.window_size)
         run.ops = RunOperations.from_state(announced.run_id, run.ops.to_state(), settings)
@@ -248,14 +263,23 @@ class TrainingAgent:
         self._latest.clear()
 
 
-def stored_announcement(stored: bytes | None) -> tuple[dict[str, Any] | None, str]:
-    """(overrides, algorithm) from the run-settings table; None: never announced."""
+def stored_announcement(
+    stored: bytes | None,
+) -> tuple[dict[str, Any] | None, str, tuple[str, int] | None]:
+    """(overrides, algorithm, where the announcement was read) from the run-settings table;
+    overrides None: never announced."""
     if stored is None:
-        return None, DEFAULT_ALGORITHM
+        return None, DEFAULT_ALGORITHM, None
     announced = orjson.loads(stored)
     if isinstance(announced, dict) and "algorithm" in announced:
-        return announced["overrides"], announced["algorithm"]
-    return announced, DEFAULT_ALGORITHM  # stored before announcements named the algorithm
+        at = announced.get("announced_at")
+        return (
+            announced["overrides"],
+            announced["algorithm"],
+            (str(at[0]), int(at[1])) if at else None,
+        )
+    # Stored before announcements named their algorithm and position.
+    return announced, DEFAULT_ALGORITHM, None
 
 
 def register(ctx: ProcessorContext) -> TrainingAgent:

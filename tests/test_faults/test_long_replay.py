@@ -5,12 +5,13 @@ restarts may read again events its restored state has applied: killed between a 
 and its commit, or after commits that failed, or after an operator reset the group's
 offsets (or Kafka expired them while the group was away). Here the worker applies 1,500
 outcomes of one model, 3,200 ratings re-keyed to the default target (whose windows
-remember 3,000 fingerprints) and 40 retune acks (the run remembers 32), commits all of it,
+remember 3,000 fingerprints), 40 retune acks (the run remembers 32) and two announcements
+of the run with different window sizes, commits all of it,
 and is SIGKILLed; the group's offsets are then reset to the beginning. The restarted
 worker reads everything again, and again every re-keyed copy the replayed re-keying
-produces. Nothing may change: the stored state of the breaker, the windows and the run's
-operations stays byte for byte what it was, and no transition, proposal or command comes
-out.
+produces. Nothing may change: the stored state of the breaker, the rating windows, the
+run's operations, settings and reward window stays byte for byte what it was, and no
+transition, proposal or command comes out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fragrance_ops.brokers.base import free_port
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
-from schemas import CommandAck, StepMetric, Topic, encode, topic_name
+from schemas import CommandAck, RunAnnounced, StepMetric, Topic, encode, topic_name
 from streams.rules.training import APPLIED_RETUNES_KEPT
 from tests.helpers.kafka import produce_records
 from tests.test_faults.support import (
@@ -78,12 +79,16 @@ def replayed(port: int) -> dict[str, float]:
     return scrape(port, "fragrance_ops_replayed_events", "agent")
 
 
-def uncommitted(bootstrap: str, group: str, topic: str, end: int) -> int:
-    """Records of ``topic`` (all on one partition, ``end`` of them) past ``group``'s commit."""
+def uncommitted(bootstrap: str, group: str, topic: str, end: int | None = None) -> int:
+    """Records of ``topic`` past ``group``'s commit: of ``end`` records when given, else of
+    what the topic holds."""
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
-        committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = reader.committed(tps, timeout=10)
+        if end is None:
+            end = sum(reader.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
     finally:
         reader.close()
     return end - sum(max(tp.offset, 0) for tp in committed)
@@ -153,6 +158,11 @@ def retune_acks(now: float) -> list[tuple[bytes, bytes]]:
     ]
 
 
+def announce(bootstrap: str, topic: str, settings: dict[str, int], now: float) -> None:
+    value = encode(RunAnnounced(run_id=RUN, ts=now, settings=settings))
+    produce_records(bootstrap, topic, [(RUN.encode(), value)])
+
+
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 def test_a_replay_longer_than_any_id_memory_changes_nothing(
     fault_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
@@ -165,12 +175,16 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     breaker_log = f"{app_id}-llm-breakers-changelog"
     windows_log = f"{app_id}-feedback-windows-changelog"
     operations_log = f"{app_id}-run-operations-changelog"
+    settings_log = f"{app_id}-run-settings-changelog"
+    reward_windows_log = f"{app_id}-reward-windows-changelog"
     outputs = [topic_name(Topic.LLM_CONTROL, prefix), topic_name(Topic.COMMANDS, prefix)]
     dead_letters = topic_name(Topic.DEAD_LETTER, prefix)
     outcomes_topic, ratings_topic = (
         topic_name(t, prefix) for t in (Topic.LLM_OUTCOMES, Topic.RATINGS)
     )
-    metrics_topic, acks_topic = (topic_name(t, prefix) for t in (Topic.METRICS, Topic.ACKS))
+    metrics_topic, acks_topic, runs_topic = (
+        topic_name(t, prefix) for t in (Topic.METRICS, Topic.ACKS, Topic.RUNS)
+    )
     target = ops_settings.retune.default_target.encode()
     now = time.time()
     # Failures never three in a row: the breaker stays closed, and only its state records
@@ -198,9 +212,8 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
     assert len(proposals.proposals) > 10
     assert RETUNE_ACKS > APPLIED_RETUNES_KEPT
 
-    with TopicRecorder(
-        kafka_bootstrap, [*outputs, dead_letters, breaker_log, windows_log, operations_log]
-    ) as recorder:
+    changelogs = [breaker_log, windows_log, operations_log, settings_log, reward_windows_log]
+    with TopicRecorder(kafka_bootstrap, [*outputs, dead_letters, *changelogs]) as recorder:
         sent = produce_records(
             kafka_bootstrap, outcomes_topic, [(MODEL.encode(), value) for value in outcomes]
         )
@@ -227,7 +240,11 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
                 f"metrics up to step {steps[-1]} applied",
             )
 
+        # The run announced twice: a replayed first announcement must not shrink the window
+        # the second one set (it would drop rewards for good).
+        announce(kafka_bootstrap, runs_topic, {"reward.window_size": 50}, now)
         apply_metrics(range(STEPS))
+        announce(kafka_bootstrap, runs_topic, {"reward.window_size": 1000}, now)
         acked = produce_records(kafka_bootstrap, acks_topic, retune_acks(now))
         recorder.wait(
             lambda _: (
@@ -260,14 +277,16 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
                 "breaker": latest_by_key(recorder, breaker_log)[MODEL.encode()],
                 "windows": latest_by_key(recorder, windows_log)[target],
                 "operations": latest_by_key(recorder, operations_log)[RUN.encode()],
+                "settings": latest_by_key(recorder, settings_log)[RUN.encode()],
+                "reward_window": latest_by_key(recorder, reward_windows_log)[RUN.encode()],
                 "outputs": len([r for r in recorder.records() if r.topic in outputs]),
             }
 
         # Everything committed: the state stored covers every input.
         by_target = f"{prefix}{app_id}-ratings-by-target"  # every copy on one partition
-        inputs = [outcomes_topic, ratings_topic, by_target, metrics_topic, acks_topic]
+        inputs = [outcomes_topic, ratings_topic, by_target, metrics_topic, acks_topic, runs_topic]
         totals = dict(
-            zip(inputs, (OUTCOMES, RATINGS, RATINGS, 2 * STEPS, RETUNE_ACKS), strict=True)
+            zip(inputs, (OUTCOMES, RATINGS, RATINGS, 2 * STEPS, RETUNE_ACKS, 2), strict=True)
         )
         wait_for(
             lambda: all(uncommitted(kafka_bootstrap, app_id, t, n) == 0 for t, n in totals.items()),
@@ -282,7 +301,11 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
         # Every input is read again; each rating twice at the windows (the copy re-keyed
         # before the kill, and the one the replayed re-keying makes now). Each must be
         # recognised and skipped.
-        replays = {"llm-breakers": OUTCOMES, "feedback": 2 * RATINGS, "training": RETUNE_ACKS}
+        replays = {
+            "llm-breakers": OUTCOMES,
+            "feedback": 2 * RATINGS,
+            "training": RETUNE_ACKS + 2,  # and both announcements
+        }
         assert replays["llm-breakers"] > 1024  # beyond the breaker's call-id memory
         assert replays["feedback"] > 2 * 3000  # beyond the windows' fingerprint memory
         assert replays["training"] > APPLIED_RETUNES_KEPT  # beyond the retune-id memory
@@ -297,7 +320,14 @@ def test_a_replay_longer_than_any_id_memory_changes_nothing(
                 f"{scrape(port, 'fragrance_ops_dead_letters', 'topic')}"
             ),
         )
-        time.sleep(2.0)  # any state write or output a replay caused would be here by now
+        # State is written at checkpoints, before the commit that follows them: once the
+        # replay is committed, any state it changed is on the changelogs.
+        wait_for(
+            lambda: all(uncommitted(kafka_bootstrap, app_id, t) == 0 for t in inputs),
+            60,
+            "the replay committed",
+        )
+        time.sleep(2.0)  # for the recorder to read what the replay's checkpoint wrote
         after = stored()
     worker.stop()
     assert after == before, "a replay changed the state or emitted outputs"
