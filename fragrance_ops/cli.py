@@ -5,6 +5,7 @@
     fragrance-ops demo             embedded broker + worker + a simulated trainer
     fragrance-ops settings         print every setting with its value (secrets masked)
     fragrance-ops status           breakers per model, latest step and command per run
+    fragrance-ops run ACTION RUN   ask the worker to halt, resume, roll back or set entropy
 
 ``--debug`` before the command shows the traceback of an error instead of its message.
 
@@ -27,11 +28,24 @@ from pydantic import ValidationError
 
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.kafka import CLIENT_LOGGER, KafkaUnreachable
+from fragrance_ops.operator import NoAnswer, OperatorClient
 from fragrance_ops.settings import Settings, describe_invalid_settings
+from schemas.events import OperatorAction
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 topics_cli = typer.Typer(no_args_is_help=True, help="Contract topics.")
 cli.add_typer(topics_cli, name="topics")
+run_cli = typer.Typer(
+    no_args_is_help=True,
+    help="Operator requests: the worker checks each against the run's state, issues the "
+    "command and answers; a refusal prints its reason and exits 1.",
+)
+cli.add_typer(run_cli, name="run")
+
+Reason = Annotated[str, typer.Option("--reason", help="why: recorded with the request")]
+RequestedBy = Annotated[
+    str | None, typer.Option("--by", help="who asks (default: user@host)", show_default=False)
+]
 
 log = logging.getLogger("fragrance_ops")
 _show_tracebacks = False
@@ -116,6 +130,57 @@ def status(
     )
 
 
+def _operator_request(
+    action: OperatorAction,
+    run_id: str,
+    reason: str,
+    requested_by: str | None,
+    *,
+    step: int | None = None,
+    value: float | None = None,
+) -> None:
+    settings = Settings()
+    if not settings.kafka.bootstrap_servers:
+        typer.echo("run needs a broker: set KAFKA_BOOTSTRAP_SERVERS", err=True)
+        raise typer.Exit(2)
+    with OperatorClient(settings, requested_by=requested_by) as operator:
+        reply = operator.request(action, run_id, reason=reason, step=step, value=value)
+    if not reply.accepted:
+        typer.echo(f"fragrance-ops: refused: run {run_id}: {reply.detail}", err=True)
+        raise typer.Exit(1)
+    command = f" (command {reply.command_id})" if reply.command_id else ""
+    typer.echo(f"run {run_id}: {reply.detail}{command}")
+
+
+@run_cli.command("resume")
+def run_resume(run_id: str, reason: Reason, by: RequestedBy = None) -> None:
+    """Clear a halt: the run is protected again, with a fresh rollback budget."""
+    _operator_request("resume", run_id, reason, by)
+
+
+@run_cli.command("halt")
+def run_halt(run_id: str, reason: Reason, by: RequestedBy = None) -> None:
+    """Halt the run (the trainer stops, the worker ignores it until resumed)."""
+    _operator_request("halt", run_id, reason, by)
+
+
+@run_cli.command("rollback")
+def run_rollback(
+    run_id: str,
+    reason: Reason,
+    step: Annotated[int, typer.Option("--step", help="a checkpoint the worker keeps")],
+    by: RequestedBy = None,
+) -> None:
+    """Roll the run back to the checkpoint of STEP (one the worker knows as kept)."""
+    _operator_request("rollback", run_id, reason, by, step=step)
+
+
+@run_cli.command("set-entropy")
+def run_set_entropy(run_id: str, value: float, reason: Reason, by: RequestedBy = None) -> None:
+    """Set the run's entropy coefficient; the schedule continues from it."""
+    _operator_request("set_entropy", run_id, reason, by, value=value)
+
+
 @cli.command("settings")
 def show_settings() -> None:
     """Print the effective settings as JSON (secrets masked)."""
@@ -155,7 +220,7 @@ def main() -> None:
             raise
         typer.echo(f"fragrance-ops: {describe_invalid_settings(error)}", err=True)
         raise SystemExit(2) from None
-    except KafkaUnreachable as error:
+    except (KafkaUnreachable, NoAnswer) as error:
         if _show_tracebacks:
             raise
         typer.echo(f"fragrance-ops: {error}", err=True)

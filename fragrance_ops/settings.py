@@ -670,10 +670,18 @@ class SecuritySettings(_Group):
         "unsigned or tampered ones are acknowledged rejected with the reason",
     )
 
+    require_signed_requests: bool = Field(
+        default=False,
+        description="worker: act only on operator requests (ops.requests) signed with "
+        "command_signing_key; others are refused with the reason. Whoever can sign a request "
+        "can make the worker halt or roll back a run",
+    )
+
     @model_validator(mode="after")
     def _key_when_required(self) -> Self:
-        if self.require_signed_commands and self.command_signing_key is None:
-            raise ValueError("security require_signed_commands needs command_signing_key")
+        for required in ("require_signed_commands", "require_signed_requests"):
+            if getattr(self, required) and self.command_signing_key is None:
+                raise ValueError(f"security {required} needs command_signing_key")
         return self
 
 

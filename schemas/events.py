@@ -397,6 +397,61 @@ class DeadLetter(Event):
         raise TypeError("dead letters are keyed by the original raw key bytes")
 
 
+OperatorAction = Literal["resume", "halt", "rollback", "set_entropy"]
+
+
+class OperatorRequest(Event):
+    """A person asks the worker to act on a run; the worker validates it against what it
+    knows, issues the command (it stays the only writer of ``trainer.commands``) and
+    answers on ``ops.replies``. Who asked and why travel with it, and with the answer."""
+
+    TOPIC: ClassVar[Topic] = Topic.OPERATOR_REQUESTS
+    request_id: Identifier = Field(
+        description="unique per request (a UUID): the ids of the commands it causes derive "
+        "from it, so a request sent twice acts once"
+    )
+    run_id: Identifier
+    action: OperatorAction = Field(
+        description="resume: clear a halt (fresh rollback budget); halt: stop the run; "
+        "rollback: to the kept checkpoint at ``step``; set_entropy: send ``value``"
+    )
+    step: Step | None = Field(default=None, description="rollback: the checkpoint's step")
+    value: NonNegative | None = Field(default=None, description="set_entropy: the coefficient")
+    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+    requested_by: Identifier = Field(description="who asked, e.g. user@host")
+    ts: Timestamp
+
+    @model_validator(mode="after")
+    def _parameters_of_the_action(self) -> OperatorRequest:
+        if self.action == "rollback" and self.step is None:
+            raise ValueError("a rollback request needs the checkpoint's step")
+        if self.action == "set_entropy" and self.value is None:
+            raise ValueError("a set_entropy request needs the value")
+        return self
+
+    def key(self) -> str:
+        return self.run_id
+
+
+class OperatorReply(Event):
+    """The worker's answer to an ``OperatorRequest``: done (with the command it issued, if
+    any) or refused, with the reason."""
+
+    TOPIC: ClassVar[Topic] = Topic.OPERATOR_REPLIES
+    request_id: Identifier
+    run_id: Identifier
+    action: OperatorAction
+    accepted: bool
+    detail: str
+    command_id: Identifier | None = None
+    requested_by: Identifier
+    reason: str
+    ts: Timestamp
+
+    def key(self) -> str:
+        return self.run_id
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     RunAnnounced,
     StepMetric,
@@ -408,4 +463,6 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     LlmControl,
     Rating,
     DeadLetter,
+    OperatorRequest,
+    OperatorReply,
 )

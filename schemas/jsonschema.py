@@ -19,6 +19,8 @@ from schemas.events import (
     DeadLetter,
     LlmControl,
     LlmOutcome,
+    OperatorReply,
+    OperatorRequest,
     Rating,
     RewardStats,
     RunAnnounced,
@@ -43,6 +45,8 @@ def documents() -> dict[str, dict[str, Any]]:
         Topic.LLM_CONTROL: LlmControl,
         Topic.RATINGS: Rating,
         Topic.DEAD_LETTER: DeadLetter,
+        Topic.OPERATOR_REQUESTS: OperatorRequest,
+        Topic.OPERATOR_REPLIES: OperatorReply,
     }
     docs = {}
     for topic, model in models.items():

@@ -21,6 +21,8 @@ class Topic(StrEnum):
     LLM_CONTROL = "llm.control"
     RATINGS = "feedback.ratings"
     DEAD_LETTER = "ops.dead-letter"
+    OPERATOR_REQUESTS = "ops.requests"
+    OPERATOR_REPLIES = "ops.replies"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ TOPIC_SPECS: dict[Topic, TopicSpec] = {
         TopicSpec(Topic.LLM_CONTROL, key="model", compacted=True),
         TopicSpec(Topic.RATINGS, key="run_id or formula_id"),
         TopicSpec(Topic.DEAD_LETTER, key="original key"),
+        TopicSpec(Topic.OPERATOR_REQUESTS, key="run_id"),
+        TopicSpec(Topic.OPERATOR_REPLIES, key="run_id"),
     )
 }
 

@@ -50,11 +50,11 @@ class ProcessorContext:
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
     # security.command_signing_key as bytes; None: commands go out unsigned.
-    _signing_key: bytes | None = field(init=False, repr=False, default=None)
+    signing_key: bytes | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         key = self.settings.security.command_signing_key
-        self._signing_key = key.get_secret_value().encode() if key is not None else None
+        self.signing_key = key.get_secret_value().encode() if key is not None else None
 
     def topic(self, topic: Topic) -> str:
         return topic_name(topic, self.settings.kafka.topic_prefix)
@@ -65,9 +65,9 @@ class ProcessorContext:
         headers: Headers | None = None
         if isinstance(event, CommandBase):
             self.metrics.commands.labels(event.type).inc()  # type: ignore[attr-defined]
-            if self._signing_key is not None:
+            if self.signing_key is not None:
                 # Signed over the contract topic name, not the prefixed one (schemas/signing.py).
-                headers = [signature_header(self._signing_key, event.TOPIC.value, key, value)]
+                headers = [signature_header(self.signing_key, event.TOPIC.value, key, value)]
         await self.output.send(self.topic(event.TOPIC), key, value, headers)
 
     async def apply_each(

@@ -1,7 +1,8 @@
 """The trainer.* topics -> reward statistics and training commands, in one agent.
 
-One agent reads ``trainer.runs``, ``trainer.metrics``, ``trainer.checkpoints`` and
-``trainer.acks`` (all keyed by run id, so co-partitioned): each metric feeds both the
+One agent reads ``trainer.runs``, ``trainer.metrics``, ``trainer.checkpoints``,
+``trainer.acks`` and the operators' ``ops.requests`` (all keyed by run id, so
+co-partitioned): each metric feeds both the
 reward window and the run's operations. Per record it decodes, calls a rule, and forwards.
 Each run's state (settings, ``RunOperations``, ``RewardWindow``) stays live in memory
 between batches; the runtime's checkpoints write the runs a batch changed, once each.
@@ -25,17 +26,19 @@ from schemas import (
     CheckpointSaved,
     CommandAck,
     InvalidEvent,
+    OperatorReply,
+    OperatorRequest,
     RewardStats,
     RunAnnounced,
     StepMetric,
     Topic,
     decode,
 )
-from schemas.signing import SIGNATURE_REJECTIONS
+from schemas.signing import SIGNATURE_REJECTIONS, SignatureError, verify
 from streams.context import ProcessorContext
 from streams.live import input_origin
 from streams.rules.reward_window import RewardWindow
-from streams.rules.training import RunOperations
+from streams.rules.training import RequestAnswer, RunOperations
 from streams.runtime import InputRecord
 from streams.state import StateTable, StateWriter
 
@@ -88,6 +91,7 @@ class TrainingAgent:
             ctx.topic(Topic.RUNS): self.on_run,
             ctx.topic(Topic.CHECKPOINTS): self.on_checkpoint,
             ctx.topic(Topic.ACKS): self.on_ack,
+            ctx.topic(Topic.OPERATOR_REQUESTS): self.on_request,
             ctx.topic(Topic.METRICS): self.on_metric,
         }
         self.topics = tuple(self._handlers)
@@ -227,7 +231,7 @@ class TrainingAgent:
         ctx = self.ctx
         ack = decode(CommandAck, record.value, max_bytes=self._max_bytes)
         run = self._changed_run(ack.run_id.encode(), record.partition)
-        if run.ops.is_replayed_ack(*input_origin(record)):
+        if run.ops.is_replayed_input(*input_origin(record)):
             ctx.metrics.replayed_events.labels("training").inc()
             return
         if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
@@ -235,6 +239,65 @@ class TrainingAgent:
             ctx.metrics.signature_rejections.labels(ctx.metrics.run_label(ack.run_id)).inc()
         for command in run.ops.on_ack(ack, ctx.now()):
             await ctx.forward(command)
+
+    async def on_request(self, record: InputRecord) -> None:
+        ctx = self.ctx
+        request = decode(OperatorRequest, record.value, max_bytes=self._max_bytes)
+        key = request.run_id.encode()
+        refusal = self._refusal(record, key)
+        if refusal is not None:
+            answer = RequestAnswer(False, refusal)
+        else:
+            run = self._changed_run(key, record.partition)
+            if run.ops.is_replayed_input(*input_origin(record)):
+                ctx.metrics.replayed_events.labels("training").inc()
+                return
+            answer = run.ops.on_request(request, ctx.now())
+        log.warning(
+            "operator request %s from %s: %s run %s (%s): %s",
+            request.request_id,
+            request.requested_by,
+            request.action,
+            request.run_id,
+            request.reason,
+            answer.detail if answer.accepted else f"refused: {answer.detail}",
+        )
+        if answer.command is not None:
+            await ctx.forward(answer.command)
+        reply = OperatorReply(
+            request_id=request.request_id,
+            run_id=request.run_id,
+            action=request.action,
+            accepted=answer.accepted,
+            detail=answer.detail,
+            command_id=answer.command.command_id if answer.command is not None else None,
+            requested_by=request.requested_by,
+            reason=request.reason,
+            ts=ctx.now(),
+        )
+        await ctx.forward(reply)
+
+    def _refusal(self, record: InputRecord, key: bytes) -> str | None:
+        """Why a request cannot be taken before its run is asked: its signature, or a run
+        this worker has never heard of."""
+        signing_key = self.ctx.signing_key
+        if self.ctx.settings.security.require_signed_requests and signing_key is not None:
+            try:
+                verify(
+                    signing_key,
+                    Topic.OPERATOR_REQUESTS.value,
+                    record.key or b"",
+                    record.value or b"",
+                    record.headers,
+                )
+            except SignatureError as exc:
+                return (
+                    f"signature check failed ({exc.reason}): requests must be signed with "
+                    "security.command_signing_key"
+                )
+        if key not in self._runs and self.tables.operations.get(key) is None:
+            return "unknown run: no metrics, checkpoints or announcement of it were read"
+        return None
 
     def _share_hyperparameters(self) -> None:
         """The hyperparameters the feedback agent's proposals start from: each run's newest."""

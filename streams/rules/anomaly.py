@@ -322,6 +322,11 @@ class AnomalyDetector:
             self._acted_attempt = None
         self._released_streak = (attempt, streak_start)
 
+    def resume(self) -> None:
+        """A person cleared the run's halt: whatever acted or was let go may act again."""
+        self._acted_attempt = None
+        self._released_streak = None
+
     def reset_to(self, step: int, attempt: int) -> bool:
         """A rollback to ``step`` was applied; the trainer continues under ``attempt``.
 

@@ -16,6 +16,8 @@ Which parts each command type uses (the helpers below fix the order):
 - ``retune``: the ratings window's id.
 - ``halt``: attempt, step (the anomaly step that exhausted the rollback budget).
 - ``prune_checkpoints``: attempt, the step of the checkpoint whose arrival caused it.
+- a command an operator asked for (``halt``, ``rollback``, ``set_entropy_coef``):
+  ``"request"`` and the request's own id (one command per request, however often read).
 
 Changing ``COMMAND_NAMESPACE`` or the encoding changes every id: never do it while runs are
 live (a replay after an upgrade would then yield a second, distinct command).
@@ -66,3 +68,7 @@ def prune_command_id(run_id: str, *, attempt: int, checkpoint_step: int) -> str:
     # save's prune is a decision of its own (without it, the trainer took the second for
     # a duplicate of the first and never pruned it: the long SIGKILL profile found this).
     return command_id(run_id, "prune_checkpoints", attempt, checkpoint_step)
+
+
+def operator_command_id(run_id: str, command_type: str, *, request_id: str) -> str:
+    return command_id(run_id, command_type, "request", request_id)

@@ -31,7 +31,12 @@ contract commands with deterministic ids:
   and checkpoints, which the trainer sent before its ack, come first however far ahead
   the acks were read (after a restart, the long fault profile read them far ahead);
 - an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
-  the retuned level (``set_entropy_coef`` with the composed value).
+  the retuned level (``set_entropy_coef`` with the composed value);
+- an operator's request (``on_request``), validated against what the run's state knows:
+  ``halt``; ``resume`` a halted run (protected again, with a fresh rollback budget);
+  ``rollback`` to a kept checkpoint (outside the budget, answered by the trainer's ack as
+  any rollback); ``set_entropy`` (the schedule continues from that level, as after a
+  retune). Refused, with the reason, when the state does not allow it.
 
 Plain Python: no Kafka, no Faust. State round-trips through ``to_state``/``from_state`` so
 the agent can keep it in a table; replayed inputs yield the same commands (same ids).
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fragrance_ops.settings import Settings
@@ -49,6 +55,7 @@ from schemas import (
     CommandAck,
     CommandBase,
     Halt,
+    OperatorRequest,
     PruneCheckpoints,
     Rollback,
     SetEntropyCoef,
@@ -62,6 +69,7 @@ from streams.rules.checkpoints import CheckpointLedger, RollbackBudget
 from streams.rules.commands import (
     entropy_command_id,
     halt_command_id,
+    operator_command_id,
     prune_command_id,
     retuned_entropy_command_id,
     rollback_command_id,
@@ -72,6 +80,15 @@ _STATE_VERSION = 1
 APPLIED_RETUNES_KEPT = 32
 #: Inputs read ahead of the run's metrics and held back (interval 500: 512,000 steps).
 HELD_BACK_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnswer:
+    """What an operator's request came to: done (with the command it caused) or refused."""
+
+    accepted: bool
+    detail: str
+    command: CommandBase | None = None
 
 
 class RunOperations:
@@ -90,8 +107,9 @@ class RunOperations:
         self.awaiting_target: dict[str, Any] | None = None
         self.halted = False
         self.applied_retunes: list[str] = []  # the newest retune ids whose acks were applied
-        # Per origin partition of the acks, the offset of the newest ack applied: a replay
-        # after a crash (any length) is recognised by position, a duplicate by retune id.
+        # Per origin partition of the acks and operator requests, the offset of the newest
+        # applied: a replay after a crash (any length) is recognised by position, a
+        # duplicate ack by retune id. (Stored as "acks_applied", its first use.)
         self.acks_applied: dict[str, int] = {}
         # Read before the metrics reached them, in the run's order (``_run_order``):
         # checkpoints {step, uri, attempt} and rollback restores {step, attempt}.
@@ -309,9 +327,9 @@ class RunOperations:
             ),
         ]
 
-    def is_replayed_ack(self, origin: str, offset: int) -> bool:
-        """Whether the ack at this input position was applied already; if not, it is now
-        (the caller goes on with ``on_ack``)."""
+    def is_replayed_input(self, origin: str, offset: int) -> bool:
+        """Whether the ack or request at this input position was applied already; if not,
+        it is now (the caller goes on with ``on_ack`` or ``on_request``)."""
         applied = self.acks_applied.get(origin)
         if applied is not None and offset <= applied:
             return True
@@ -365,6 +383,80 @@ class RunOperations:
                 step=step,
             )
         ]
+
+    def on_request(self, request: OperatorRequest, now: float) -> RequestAnswer:
+        """An operator's request for this run (``request.run_id``); see the module doc."""
+        asked = f"operator {request.requested_by}: {request.reason}"
+        if request.action == "resume":
+            if not self.halted:
+                return RequestAnswer(False, "the run is not halted")
+            self.halted = False
+            self.awaiting_target = None
+            self.budget = RollbackBudget.from_settings(self.settings.checkpoints)
+            self.detector.resume()
+            return RequestAnswer(
+                True,
+                f"resumed: protected again, {self.settings.checkpoints.max_rollbacks} "
+                "rollbacks in the budget",
+            )
+        if self.halted:
+            return RequestAnswer(False, "the run is halted: resume it first")
+        command_type = {"halt": "halt", "rollback": "rollback", "set_entropy": "set_entropy_coef"}
+        command_id = operator_command_id(
+            self.run_id, command_type[request.action], request_id=request.request_id
+        )
+        position = self.detector.last_position
+        attempt, step = position if position is not None else (0, 0)
+        if request.action == "halt":
+            self.halted = True
+            self.awaiting_target = None
+            halt = Halt(
+                command_id=command_id,
+                run_id=self.run_id,
+                issued_at=now,
+                reason=asked,
+                history=self.budget.history,
+            )
+            return RequestAnswer(True, "halted", halt)
+        if request.action == "rollback":
+            if self.pending_rollback is not None:
+                pending = self.pending_rollback
+                return RequestAnswer(
+                    False, f"a rollback to step {pending['step']} waits for the trainer's ack"
+                )
+            kept = [cp for cp in self.ledger.checkpoints if not cp.stale]
+            target = next((cp for cp in kept if cp.step == request.step), None)
+            if target is None:
+                steps = ", ".join(str(cp.step) for cp in kept) or "none"
+                return RequestAnswer(
+                    False, f"no kept checkpoint at step {request.step} (kept: {steps})"
+                )
+            self.awaiting_target = None
+            self.pending_rollback = {
+                "command_id": command_id,
+                "step": target.step,
+                "attempt": attempt + 1,
+            }
+            rollback = Rollback(
+                command_id=command_id,
+                run_id=self.run_id,
+                issued_at=now,
+                checkpoint_step=target.step,
+                checkpoint_uri=target.uri,
+                anomaly_step=step,
+                reason=asked,
+            )
+            return RequestAnswer(True, f"rolling back to step {target.step}", rollback)
+        assert request.value is not None  # the contract requires it for set_entropy
+        coef = self.entropy.apply_retune(request.value, step, attempt)
+        if coef is None:
+            return RequestAnswer(
+                False, f"the entropy coefficient was set at step {step} already; retry later"
+            )
+        entropy = SetEntropyCoef(
+            command_id=command_id, run_id=self.run_id, issued_at=now, entropy_coef=coef, step=step
+        )
+        return RequestAnswer(True, f"entropy coefficient {coef:g} from step {step}", entropy)
 
     def to_state(self) -> dict[str, Any]:
         return {

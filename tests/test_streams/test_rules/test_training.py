@@ -536,13 +536,13 @@ def test_an_applied_retune_rescales_the_entropy_schedule_once() -> None:
 def test_acks_replayed_from_any_depth_are_recognised_by_position() -> None:
     ops = RunOperations(RUN, Settings())
     origin = "3:p.trainer.acks"
-    assert [ops.is_replayed_ack(origin, offset) for offset in (10, 11, 40)] == [False] * 3
-    assert ops.is_replayed_ack(origin, 40)  # a duplicate read of the newest
-    assert ops.is_replayed_ack(origin, 0)  # however far back (ids are kept for 32 retunes)
-    assert not ops.is_replayed_ack("4:p.trainer.acks", 0)  # another partition's own positions
+    assert [ops.is_replayed_input(origin, offset) for offset in (10, 11, 40)] == [False] * 3
+    assert ops.is_replayed_input(origin, 40)  # a duplicate read of the newest
+    assert ops.is_replayed_input(origin, 0)  # however far back (ids are kept for 32 retunes)
+    assert not ops.is_replayed_input("4:p.trainer.acks", 0)  # another partition's own positions
     restored = RunOperations.from_state(RUN, ops.to_state(), Settings())
-    assert restored.is_replayed_ack(origin, 39)
-    assert not restored.is_replayed_ack(origin, 41)
+    assert restored.is_replayed_input(origin, 39)
+    assert not restored.is_replayed_input(origin, 41)
 
 
 def test_the_ack_of_a_forged_rollback_does_not_cancel_the_pending_one() -> None:
