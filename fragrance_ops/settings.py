@@ -234,6 +234,15 @@ class SdkSettings(_Group):
     cache_max_entries: int = Field(
         default=10_000, ge=1, description="the LLM client's in-process response cache size"
     )
+    llm_deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="an LLM call (or stream) still running this long after it started "
+        "counts as the model failing then: async calls are cancelled (DeadlineExceeded), sync "
+        "calls are recorded at the deadline and return whenever they return; overridden per "
+        "function by wrap(deadline_s=) and per call by LlmClient.deadline(); None: no deadline",
+    )
 
 
 class EntropySettings(_Group):

@@ -28,23 +28,35 @@ caller's own errors (``ValueError``, ``TypeError``, HTTP 4xx other than 408 and 
 not counted nor published; settings ``breaker.record_exceptions`` and
 ``breaker.ignore_exceptions``, or ``wrap(..., record=, ignore=)``, change it.
 
+Deadlines (``producers/llm_deadlines.py``): with ``sdk.llm_deadline_s`` set, or
+``wrap(..., deadline_s=)``, or ``with llm.deadline(s):`` around a call (which wins), a call
+still running at its deadline counts as a failure then. An async call is cancelled and
+raises ``DeadlineExceeded`` (a ``TimeoutError``); a sync call is recorded at the deadline
+by the client's watcher thread and returns (or raises) whenever it does, unchanged, its
+late outcome not recorded again.
+
 Nothing here raises into the caller because the operations layer is down: the wrapped
-function raises exactly what ``generate`` raises, and nothing else.
+function raises exactly what ``generate`` raises (or ``DeadlineExceeded`` at an async
+deadline), and nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from fragrance_ops.settings import Settings
+from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
 from producers.llm_failures import ExceptionSpec, FailurePolicy, exception_types
 from producers.response_cache import InProcessCache, ResponseCache
 from producers.transport import KafkaTransport, Transport
@@ -56,6 +68,8 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+_FROM_SETTINGS = object()  # no per-call deadline: the function's, else the settings'
+
 
 @dataclass
 class LlmStats:
@@ -66,6 +80,7 @@ class LlmStats:
     control_events: int = 0
     sdk_errors: int = 0  # the SDK's own failures, logged and swallowed
     ignored: int = 0  # exceptions that were the caller's own (not counted, not published)
+    deadlines: int = 0  # calls that ran past their deadline (counted among failures)
 
 
 class LlmClient:
@@ -98,6 +113,10 @@ class LlmClient:
             cache if cache is not None else InProcessCache(self.settings.sdk.cache_max_entries)
         )
         self.stats = LlmStats()
+        self._deadlines = DeadlineWatcher(model)
+        self._call_deadline: contextvars.ContextVar[object] = contextvars.ContextVar(
+            f"llm_deadline_{model}", default=_FROM_SETTINGS
+        )
         prefix = self.settings.kafka.topic_prefix
         self._outcomes = topic_name(Topic.LLM_OUTCOMES, prefix)
         # A group of its own that never commits: every start reads the compacted state.
@@ -267,29 +286,85 @@ class LlmClient:
         else:
             self._recorded(verdict == "success", mode, started, error)
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Calls of this client made inside the block get this deadline (None: none).
+
+        It wins over ``wrap(deadline_s=)`` and ``sdk.llm_deadline_s``. A context variable:
+        it applies to the current thread or task and to tasks started inside the block.
+        """
+        if seconds is not None and not (seconds > 0 and seconds < float("inf")):
+            raise ValueError(f"a deadline is a positive number of seconds, got {seconds!r}")
+        token = self._call_deadline.set(seconds)
+        try:
+            yield
+        finally:
+            self._call_deadline.reset(token)
+
+    def _deadline_s(self, wrapped: float | None) -> float | None:
+        """The deadline of a call starting now: the block's, the function's, the settings'."""
+        override = self._call_deadline.get()
+        if override is not _FROM_SETTINGS:
+            return cast(float | None, override)
+        return wrapped if wrapped is not None else self.settings.sdk.llm_deadline_s
+
+    def _exceeded(self, mode: LlmMode, started: float, deadline_s: float) -> DeadlineExceeded:
+        """Record a call that ran past its deadline; the exception an async call raises."""
+        exceeded = DeadlineExceeded(f"no answer within the {deadline_s:g} s deadline")
+        self.stats.deadlines += 1
+        self._recorded(False, mode, started, exceeded)
+        return exceeded
+
+    def _watch(self, mode: LlmMode, started: float, deadline_s: float | None) -> Watch:
+        """A sync call's deadline: recorded as a failure by the watcher if it fires first."""
+        if deadline_s is None:
+            return Watch(None, float("inf"))
+        try:
+
+            def expired() -> None:
+                self._exceeded(mode, started, deadline_s)
+
+            return self._deadlines.watch(deadline_s, expired)
+        except Exception:  # e.g. no thread could be started: the call goes on unwatched
+            self.stats.sdk_errors += 1
+            log.exception("watching a deadline failed; the call goes on without it")
+            return Watch(None, float("inf"))
+
     def wrap(
         self,
         generate: Callable[..., R],
         *,
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
+        deadline_s: float | None = None,
     ) -> Callable[..., R]:
         """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported.
 
         ``record`` and ``ignore`` (exception classes or dotted names) replace the settings'
         lists for this function: which of its exceptions count as the model failing
         (``producers/llm_failures.py``); a name that does not resolve raises here.
+        ``deadline_s`` replaces ``sdk.llm_deadline_s`` for this function (the module doc).
         """
         policy = self._failure_policy(record, ignore)
+        if deadline_s is not None and not (0 < deadline_s < float("inf")):
+            raise ValueError(f"deadline_s is a positive number of seconds, got {deadline_s!r}")
         if inspect.iscoroutinefunction(generate):
             async_generate = cast(Callable[..., Awaitable[Any]], generate)
 
             @functools.wraps(generate)
             async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
                 mode = self._chosen_mode()
+                deadline = self._deadline_s(deadline_s)
                 started = time.perf_counter()
+                timeout = asyncio.timeout(deadline)
                 try:
-                    result = await async_generate(*args, mode=mode, **kwargs)
+                    async with timeout:
+                        result = await async_generate(*args, mode=mode, **kwargs)
+                except TimeoutError as exc:
+                    if deadline is not None and timeout.expired():
+                        raise self._exceeded(mode, started, deadline) from exc
+                    self._recorded_error(policy, mode, started, exc)
+                    raise
                 except Exception as exc:
                     self._recorded_error(policy, mode, started, exc)
                     raise
@@ -302,12 +377,15 @@ class LlmClient:
         def wrapped(*args: Any, **kwargs: Any) -> R:
             mode = self._chosen_mode()
             started = time.perf_counter()
+            watch = self._watch(mode, started, self._deadline_s(deadline_s))
             try:
                 result = generate(*args, mode=mode, **kwargs)
             except Exception as exc:
-                self._recorded_error(policy, mode, started, exc)
+                if watch.settle():
+                    self._recorded_error(policy, mode, started, exc)
                 raise
-            self._recorded(True, mode, started, None)
+            if watch.settle():
+                self._recorded(True, mode, started, None)
             return result
 
         return wrapped
@@ -333,6 +411,7 @@ class LlmClient:
         )
 
     def close(self) -> None:
+        self._deadlines.close()
         self._control.close()
         self._transport.close(self.settings.sdk.close_timeout_s)
 

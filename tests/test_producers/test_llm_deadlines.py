@@ -1,0 +1,180 @@
+"""Deadlines: a call still running at its deadline counts as a failure then, once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import orjson
+import pytest
+
+from fragrance_ops.settings import Settings
+from producers import InMemoryTransport
+from producers.llm import LlmClient
+from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher
+from schemas import Topic
+
+MODEL = "qwen-fragrance"
+
+
+def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
+    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+
+
+def test_a_hung_sync_call_is_recorded_at_its_deadline_while_it_still_runs() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    seen_during_the_call: list[list[dict[str, object]]] = []
+
+    def hanging(prompt: str, *, mode: str) -> str:
+        time.sleep(0.4)  # past the 0.1 s deadline
+        seen_during_the_call.append(outcomes(transport))
+        return f"{mode}: {prompt}"
+
+    generate = llm.wrap(hanging, deadline_s=0.1)
+    started = time.monotonic()
+    assert generate("citrus") == "creative: citrus"  # the late answer reaches the caller
+    assert time.monotonic() - started >= 0.4
+    ((failure,),) = seen_during_the_call  # recorded before the call returned
+    assert failure["ok"] is False
+    assert failure["error"] == "DeadlineExceeded: no answer within the 0.1 s deadline"
+    assert 100.0 <= float(failure["latency_ms"]) < 400.0  # type: ignore[arg-type]
+    assert outcomes(transport) == [failure]  # the late return is not counted again
+    assert (llm.stats.calls, llm.stats.failures, llm.stats.deadlines) == (1, 1, 1)
+    llm.close()
+
+
+def test_three_hung_calls_downshift_before_any_of_them_returns() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=Settings(sdk={"llm_deadline_s": 0.05}))
+    release = threading.Event()
+
+    def hanging(prompt: str, *, mode: str) -> str:
+        release.wait(10)
+        return mode
+
+    generate = llm.wrap(hanging)  # the deadline comes from the settings
+    threads = [threading.Thread(target=generate, args=("x",)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while llm.mode == "creative" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (llm.mode, llm.stats.local_trips) == ("balanced", 1)  # the calls still hang
+    assert all(thread.is_alive() for thread in threads)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert [outcome["ok"] for outcome in outcomes(transport)] == [False] * 3
+    llm.close()
+
+
+def test_a_sync_call_that_beats_its_deadline_is_recorded_once_as_it_ended() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=Settings(sdk={"llm_deadline_s": 0.2}))
+
+    def failing(prompt: str, *, mode: str) -> str:
+        raise ConnectionError("refused")
+
+    assert llm.wrap(lambda prompt, *, mode: mode)("x") == "creative"
+    with pytest.raises(ConnectionError):
+        llm.wrap(failing)("x")
+    time.sleep(0.35)  # past both deadlines: the watcher must not fire for settled calls
+    assert [(o["ok"], o.get("error")) for o in outcomes(transport)] == [
+        (True, None),
+        (False, "ConnectionError: refused"),
+    ]
+    assert llm.stats.deadlines == 0
+    llm.close()
+
+
+def test_an_async_call_is_cancelled_at_its_deadline() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    cancelled = []
+
+    async def hanging(prompt: str, *, mode: str) -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(prompt)
+            raise
+        return mode
+
+    async def main() -> float:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"0\.1 s deadline"):
+            await llm.wrap(hanging, deadline_s=0.1)("musk")
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 1.0
+    assert cancelled == ["musk"]
+    (failure,) = outcomes(transport)
+    assert (failure["ok"], failure["error"]) == (
+        False,
+        "DeadlineExceeded: no answer within the 0.1 s deadline",
+    )
+    llm.close()
+
+
+def test_an_async_call_s_own_timeout_error_is_judged_as_any_error() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=Settings(sdk={"llm_deadline_s": 5.0}))
+
+    async def timing_out(prompt: str, *, mode: str) -> str:
+        raise TimeoutError("the server's own timeout")
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError, match="server's own") as raised:
+            await llm.wrap(timing_out)("x")
+        assert not isinstance(raised.value, DeadlineExceeded)
+
+    asyncio.run(main())
+    (failure,) = outcomes(transport)
+    assert failure["error"] == "TimeoutError: the server's own timeout"
+    assert llm.stats.deadlines == 0
+
+
+def test_a_per_call_deadline_wins_over_the_function_s_and_none_removes_it() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=Settings(sdk={"llm_deadline_s": 0.05}))
+
+    async def slow(prompt: str, *, mode: str) -> str:
+        await asyncio.sleep(0.2)
+        return mode
+
+    generate = llm.wrap(slow, deadline_s=0.1)
+
+    async def main() -> None:
+        with llm.deadline(1.0):
+            assert await generate("x") == "creative"
+        with llm.deadline(None):
+            assert await generate("x") == "creative"
+        with pytest.raises(DeadlineExceeded, match=r"0\.1 s"):
+            await generate("x")  # the function's deadline again
+
+    asyncio.run(main())
+    assert [o["ok"] for o in outcomes(transport)] == [True, True, False]
+    with pytest.raises(ValueError, match="positive"), llm.deadline(0):
+        pass
+    with pytest.raises(ValueError, match="positive"):
+        llm.wrap(slow, deadline_s=-1)
+
+
+def test_the_watcher_fires_in_deadline_order_and_only_for_unsettled_calls() -> None:
+    watcher = DeadlineWatcher("test")
+    fired: list[str] = []
+    late = watcher.watch(0.15, lambda: fired.append("late"))
+    early = watcher.watch(0.05, lambda: fired.append("early"))
+    settled = watcher.watch(0.05, lambda: fired.append("settled"))
+    assert settled.settle() is True
+    assert settled.settle() is False  # once
+    time.sleep(0.3)
+    assert fired == ["early", "late"]
+    assert (early.settle(), late.settle(), early.expired) == (False, False, True)
+    watcher.close()
+    after_close = watcher.watch(0.01, lambda: fired.append("after close"))
+    time.sleep(0.05)
+    assert fired == ["early", "late"]
+    assert after_close.settle() is True
