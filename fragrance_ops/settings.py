@@ -417,7 +417,8 @@ class BreakerSettings(_Group):
         default=None,
         gt=0,
         allow_inf_nan=False,
-        description="a successful call slower than this counts as a failure; None: never",
+        description="a successful call slower than this counts as a failure (a streamed "
+        "call: slower to its first chunk); None: never",
     )
     open_s: float = Field(
         default=300.0,

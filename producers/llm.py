@@ -28,6 +28,10 @@ caller's own errors (``ValueError``, ``TypeError``, HTTP 4xx other than 408 and 
 not counted nor published; settings ``breaker.record_exceptions`` and
 ``breaker.ignore_exceptions``, or ``wrap(..., record=, ignore=)``, change it.
 
+Streams: ``wrap_stream(generate)`` wraps a function returning a sync or async stream of
+chunks (``stream=True``); the stream's one outcome carries its time to first chunk
+(``first_token_ms``) and its total (``latency_ms``), and a failure mid-stream counts.
+
 Deadlines (``producers/llm_deadlines.py``): with ``sdk.llm_deadline_s`` set, or
 ``wrap(..., deadline_s=)``, or ``with llm.deadline(s):`` around a call (which wins), a call
 still running at its deadline counts as a failure then. An async call is cancelled and
@@ -51,9 +55,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, overload
 
 from fragrance_ops.settings import Settings
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
@@ -67,6 +71,7 @@ from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 _FROM_SETTINGS = object()  # no per-call deadline: the function's, else the settings'
 
@@ -219,9 +224,19 @@ class LlmClient:
             return current.mode
 
     def record(
-        self, *, ok: bool, mode: LlmMode, latency_ms: float, error: str | None = None
+        self,
+        *,
+        ok: bool,
+        mode: LlmMode,
+        latency_ms: float,
+        error: str | None = None,
+        first_token_ms: float | None = None,
     ) -> None:
-        """Publish one call's outcome and feed the local breaker."""
+        """Publish one call's outcome and feed the local breaker.
+
+        ``first_token_ms``: a streamed call's time to its first chunk (``latency_ms`` is
+        then the whole stream's); the breaker judges slowness by it.
+        """
         now = self._clock()
         call_id = uuid.uuid4().hex
         outcome = LlmOutcome(
@@ -232,12 +247,15 @@ class LlmClient:
             error=None if ok else (error or "error"),
             ts=now,
             call_id=call_id,
+            first_token_ms=None if first_token_ms is None else max(first_token_ms, 0.0),
         )
         self._transport.produce(self._outcomes, self._key, encode(outcome))
         with self._lock:
             self.stats.calls += 1
             self.stats.failures += not ok
-            transition = self._local.on_outcome(ok, mode, latency_ms, now, call_id=call_id)
+            transition = self._local.on_outcome(
+                ok, mode, outcome.response_ms(), now, call_id=call_id
+            )
             if transition is not None and transition.state == "open":
                 self._local_override = True
                 self.stats.local_trips += 1
@@ -253,12 +271,26 @@ class LlmClient:
                 return self._local.mode
 
     def _recorded(
-        self, ok: bool, mode: LlmMode, started: float, error: BaseException | None
+        self,
+        ok: bool,
+        mode: LlmMode,
+        started: float,
+        error: BaseException | None,
+        first_token: float | None = None,
     ) -> None:
+        """Record a call that started at ``started`` (and, streamed, whose first chunk came
+        at ``first_token``; both ``time.perf_counter()``); never raises."""
         try:
             latency_ms = (time.perf_counter() - started) * 1000.0
+            first_token_ms = None if first_token is None else (first_token - started) * 1000.0
             detail = None if ok or error is None else f"{type(error).__name__}: {error}"[:500]
-            self.record(ok=ok, mode=mode, latency_ms=latency_ms, error=detail)
+            self.record(
+                ok=ok,
+                mode=mode,
+                latency_ms=latency_ms,
+                error=detail,
+                first_token_ms=first_token_ms,
+            )
         except Exception:
             self.stats.sdk_errors += 1
             log.exception("recording an outcome failed; the call itself is unaffected")
@@ -273,7 +305,12 @@ class LlmClient:
         )
 
     def _recorded_error(
-        self, policy: FailurePolicy, mode: LlmMode, started: float, error: BaseException
+        self,
+        policy: FailurePolicy,
+        mode: LlmMode,
+        started: float,
+        error: BaseException,
+        first_token: float | None = None,
     ) -> None:
         try:
             verdict = policy.judge(error)
@@ -284,7 +321,7 @@ class LlmClient:
         if verdict == "ignored":
             self.stats.ignored += 1
         else:
-            self._recorded(verdict == "success", mode, started, error)
+            self._recorded(verdict == "success", mode, started, error, first_token)
 
     @contextlib.contextmanager
     def deadline(self, seconds: float | None) -> Iterator[None]:
@@ -308,21 +345,34 @@ class LlmClient:
             return cast(float | None, override)
         return wrapped if wrapped is not None else self.settings.sdk.llm_deadline_s
 
-    def _exceeded(self, mode: LlmMode, started: float, deadline_s: float) -> DeadlineExceeded:
+    def _exceeded(
+        self,
+        mode: LlmMode,
+        started: float,
+        deadline_s: float,
+        first_token: float | None = None,
+    ) -> DeadlineExceeded:
         """Record a call that ran past its deadline; the exception an async call raises."""
-        exceeded = DeadlineExceeded(f"no answer within the {deadline_s:g} s deadline")
+        what = "no answer" if first_token is None else "the stream did not end"
+        exceeded = DeadlineExceeded(f"{what} within the {deadline_s:g} s deadline")
         self.stats.deadlines += 1
-        self._recorded(False, mode, started, exceeded)
+        self._recorded(False, mode, started, exceeded, first_token)
         return exceeded
 
-    def _watch(self, mode: LlmMode, started: float, deadline_s: float | None) -> Watch:
+    def _watch(
+        self,
+        mode: LlmMode,
+        started: float,
+        deadline_s: float | None,
+        first_token: Callable[[], float | None] = lambda: None,
+    ) -> Watch:
         """A sync call's deadline: recorded as a failure by the watcher if it fires first."""
         if deadline_s is None:
             return Watch(None, float("inf"))
         try:
 
             def expired() -> None:
-                self._exceeded(mode, started, deadline_s)
+                self._exceeded(mode, started, deadline_s, first_token())
 
             return self._deadlines.watch(deadline_s, expired)
         except Exception:  # e.g. no thread could be started: the call goes on unwatched
@@ -390,6 +440,151 @@ class LlmClient:
 
         return wrapped
 
+    @overload
+    def wrap_stream(
+        self,
+        generate: Callable[..., AsyncIterable[T]],
+        *,
+        record: Iterable[ExceptionSpec] | None = None,
+        ignore: Iterable[ExceptionSpec] | None = None,
+        deadline_s: float | None = None,
+    ) -> Callable[..., AsyncIterator[T]]: ...
+
+    @overload
+    def wrap_stream(
+        self,
+        generate: Callable[..., Awaitable[AsyncIterable[T]]],
+        *,
+        record: Iterable[ExceptionSpec] | None = None,
+        ignore: Iterable[ExceptionSpec] | None = None,
+        deadline_s: float | None = None,
+    ) -> Callable[..., AsyncIterator[T]]: ...
+
+    @overload
+    def wrap_stream(
+        self,
+        generate: Callable[..., Iterable[T]],
+        *,
+        record: Iterable[ExceptionSpec] | None = None,
+        ignore: Iterable[ExceptionSpec] | None = None,
+        deadline_s: float | None = None,
+    ) -> Callable[..., Iterator[T]]: ...
+
+    def wrap_stream(
+        self,
+        generate: Callable[..., Any],
+        *,
+        record: Iterable[ExceptionSpec] | None = None,
+        ignore: Iterable[ExceptionSpec] | None = None,
+        deadline_s: float | None = None,
+    ) -> Callable[..., Any]:
+        """``generate(*args, mode=..., **kwargs)`` returning a stream of chunks, wrapped.
+
+        ``generate`` is a generator function, or a function returning an iterable (a sync
+        stream), or an async generator function, or a coroutine function returning an async
+        iterable (an async stream: ``AsyncOpenAI``'s ``create(stream=True)``). The wrapped
+        function returns an iterator (or async iterator) of the same chunks; the call is
+        made when the first chunk is asked for. Its one outcome is recorded when the stream
+        ends: a success with ``first_token_ms`` (time to the first chunk) and
+        ``latency_ms`` (the whole stream, the reader's time between chunks included); an
+        exception before or between chunks is judged as ``wrap``'s are; a reader that
+        stops early (``break``, ``close()``) records a success, and the source stream is
+        closed. Deadlines cover the whole stream, as ``wrap``'s: an async stream raises
+        ``DeadlineExceeded`` at its deadline and its source is closed; a sync stream is
+        recorded at its deadline and its chunks keep coming.
+        """
+        policy = self._failure_policy(record, ignore)
+        if deadline_s is not None and not (0 < deadline_s < float("inf")):
+            raise ValueError(f"deadline_s is a positive number of seconds, got {deadline_s!r}")
+        if inspect.isasyncgenfunction(generate) or inspect.iscoroutinefunction(generate):
+
+            @functools.wraps(generate)
+            def wrapped_async(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+                return self._async_stream(generate, policy, deadline_s, args, kwargs)
+
+            return wrapped_async
+
+        @functools.wraps(generate)
+        def wrapped(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            return self._sync_stream(generate, policy, deadline_s, args, kwargs)
+
+        return wrapped
+
+    def _sync_stream(
+        self,
+        generate: Callable[..., Iterable[T]],
+        policy: FailurePolicy,
+        deadline_s: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Iterator[T]:
+        mode = self._chosen_mode()
+        started = time.perf_counter()
+        first: float | None = None
+        watch = self._watch(mode, started, self._deadline_s(deadline_s), lambda: first)
+        source: Iterator[T] | None = None
+        try:
+            source = iter(generate(*args, mode=mode, **kwargs))
+            for chunk in source:
+                if first is None:
+                    first = time.perf_counter()
+                yield chunk
+        except GeneratorExit:  # the reader stopped early: the model was answering
+            if watch.settle():
+                self._recorded(True, mode, started, None, first)
+            raise
+        except Exception as exc:
+            if watch.settle():
+                self._recorded_error(policy, mode, started, exc, first)
+            raise
+        finally:
+            if source is not None:
+                _close(source)
+        if watch.settle():
+            self._recorded(True, mode, started, None, first)
+
+    async def _async_stream(
+        self,
+        generate: Callable[..., Any],
+        policy: FailurePolicy,
+        deadline_s: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[Any]:
+        mode = self._chosen_mode()
+        deadline = self._deadline_s(deadline_s)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        when = None if deadline is None else loop.time() + deadline
+        first: float | None = None
+        source: AsyncIterator[Any] | None = None
+        try:
+            opened = generate(*args, mode=mode, **kwargs)
+            if inspect.isawaitable(opened):
+                opened = await _within(opened, when, loop)
+            source = aiter(opened)
+            while True:
+                try:
+                    chunk = await _within(anext(source), when, loop)
+                except StopAsyncIteration:
+                    break
+                if first is None:
+                    first = time.perf_counter()
+                yield chunk
+        except _Late as late:
+            assert deadline is not None
+            raise self._exceeded(mode, started, deadline, first) from late.__cause__
+        except GeneratorExit:  # the reader stopped early: the model was answering
+            self._recorded(True, mode, started, None, first)
+            raise
+        except Exception as exc:
+            self._recorded_error(policy, mode, started, exc, first)
+            raise
+        finally:
+            if source is not None:
+                await _aclose(source)
+        self._recorded(True, mode, started, None, first)
+
     # -- the response cache -----------------------------------------------------------
 
     def cache_get(self, key: str) -> bytes | None:
@@ -420,3 +615,48 @@ class LlmClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Late(Exception):
+    """An async step ran past the stream's deadline (turned into ``DeadlineExceeded``)."""
+
+
+async def _within(step: Awaitable[T], when: float | None, loop: asyncio.AbstractEventLoop) -> T:
+    """Await ``step`` until the loop time ``when``; ``_Late`` (step cancelled) after it."""
+    if when is None:
+        return await step
+    if loop.time() >= when:  # the reader held the stream past its deadline
+        if inspect.iscoroutine(step):
+            step.close()
+        raise _Late
+    timeout = asyncio.timeout_at(when)
+    try:
+        async with timeout:
+            return await step
+    except TimeoutError as exc:
+        if timeout.expired():
+            raise _Late from exc
+        raise
+
+
+def _close(source: object) -> None:
+    """Close a sync stream's source if it can be (generators, ``openai.Stream``)."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            log.exception("closing an LLM stream failed")
+
+
+async def _aclose(source: object) -> None:
+    """Close an async stream's source (``aclose()``, or ``AsyncStream``'s ``close()``)."""
+    close = getattr(source, "aclose", None) or getattr(source, "close", None)
+    if not callable(close):
+        return
+    try:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("closing an LLM stream failed")

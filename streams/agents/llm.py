@@ -78,7 +78,7 @@ class Breakers:
         breaker = self.live.get(model_key, message.partition)
         previous_mode = breaker.mode
         transition = breaker.on_outcome(
-            outcome.ok, outcome.mode, outcome.latency_ms, self.ctx.now(), call_id=outcome.call_id
+            outcome.ok, outcome.mode, outcome.response_ms(), self.ctx.now(), call_id=outcome.call_id
         )
         self.live.applied(model_key, message)  # counters change without a transition too
         await self.emit(transition, model_key, previous_mode)

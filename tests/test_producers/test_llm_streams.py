@@ -1,0 +1,222 @@
+"""Streamed answers: one outcome per stream, time to first chunk and total, failures mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+
+from fragrance_ops.settings import Settings
+from producers import InMemoryTransport
+from producers.llm import LlmClient
+from producers.llm_deadlines import DeadlineExceeded
+from schemas import Topic
+
+MODEL = "qwen-fragrance"
+
+
+def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
+    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+
+
+def ms(outcome: dict[str, object], name: str) -> float:
+    value = outcome[name]
+    assert isinstance(value, float)
+    return value
+
+
+async def collect(stream: AsyncIterator[str], into: list[str]) -> None:
+    async for chunk in stream:
+        into.append(chunk)
+
+
+def chunks(prompt: str, *, mode: str) -> Iterator[str]:
+    time.sleep(0.1)  # time to first token
+    yield f"{mode}:"
+    for word in prompt.split():
+        time.sleep(0.05)
+        yield word
+
+
+def test_a_sync_stream_reports_time_to_first_chunk_and_total() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    stream = llm.wrap_stream(chunks)("fresh citrus accord")
+    assert outcomes(transport) == []  # the call is made when the first chunk is asked for
+    assert list(stream) == ["creative:", "fresh", "citrus", "accord"]
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is True
+    assert 100.0 <= ms(outcome, "first_token_ms") < 150.0
+    assert ms(outcome, "latency_ms") >= 250.0  # 0.1 s + 3 x 0.05 s
+
+
+def test_a_failure_mid_stream_counts_and_reaches_the_reader() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    def breaking(prompt: str, *, mode: str) -> Iterator[str]:
+        yield "first"
+        raise ConnectionError("the server went away")
+
+    generate = llm.wrap_stream(breaking)
+    for _ in range(3):
+        got: list[str] = []
+        with pytest.raises(ConnectionError, match="went away"):
+            got.extend(generate("x"))  # keeps the chunks read before the error
+        assert got == ["first"]
+    assert [(o["ok"], o["error"]) for o in outcomes(transport)] == [
+        (False, "ConnectionError: the server went away")
+    ] * 3
+    assert all("first_token_ms" in o for o in outcomes(transport))
+    assert (llm.mode, llm.stats.local_trips) == ("balanced", 1)
+
+
+def test_a_stream_that_fails_before_its_first_chunk_has_no_first_token_time() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    def refused(prompt: str, *, mode: str) -> Iterator[str]:
+        raise TimeoutError("connect timeout")
+
+    with pytest.raises(TimeoutError):
+        list(llm.wrap_stream(refused)("x"))
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is False
+    assert "first_token_ms" not in outcome
+
+
+def test_a_reader_that_stops_early_records_a_success_and_closes_the_source() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    closed = []
+
+    def endless(prompt: str, *, mode: str) -> Iterator[str]:
+        try:
+            while True:
+                yield "token"
+        finally:
+            closed.append(True)
+
+    stream = llm.wrap_stream(endless)("x")
+    assert [next(stream) for _ in range(3)] == ["token"] * 3
+    stream.close()
+    assert closed == [True]
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is True
+
+
+def test_the_caller_s_errors_mid_stream_are_ignored_as_wrap_s() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    def invalid(prompt: str, *, mode: str) -> Iterator[str]:
+        yield "a"
+        raise ValueError("bad prompt")
+
+    with pytest.raises(ValueError, match="bad prompt"):
+        list(llm.wrap_stream(invalid)("x"))
+    assert outcomes(transport) == []
+    assert llm.stats.ignored == 1
+
+
+def test_an_async_stream_is_wrapped_from_an_async_generator_or_a_coroutine() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    async def tokens(prompt: str, *, mode: str) -> AsyncIterator[str]:
+        await asyncio.sleep(0.1)
+        yield mode
+        await asyncio.sleep(0.05)
+        yield prompt
+
+    async def opened(prompt: str, *, mode: str) -> AsyncIterator[str]:  # openai's shape
+        await asyncio.sleep(0)
+        return tokens(prompt, mode=mode)
+
+    async def main() -> list[list[str]]:
+        return [[chunk async for chunk in llm.wrap_stream(fn)("musk")] for fn in (tokens, opened)]
+
+    assert asyncio.run(main()) == [["creative", "musk"], ["creative", "musk"]]
+    for outcome in outcomes(transport):
+        assert outcome["ok"] is True
+        assert 100.0 <= ms(outcome, "first_token_ms") < 150.0
+        assert ms(outcome, "latency_ms") >= 150.0
+
+
+def test_an_async_stream_is_cancelled_at_its_deadline_and_its_source_closed() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=Settings(sdk={"llm_deadline_s": 0.2}))
+    closed = []
+
+    async def stalling(prompt: str, *, mode: str) -> AsyncIterator[str]:
+        try:
+            yield "first"
+            await asyncio.sleep(10)  # the server stalls mid-answer
+            yield "never"
+        finally:
+            closed.append(True)
+
+    async def main() -> list[str]:
+        got: list[str] = []
+        with pytest.raises(DeadlineExceeded, match=r"stream did not end within the 0\.2 s"):
+            await collect(llm.wrap_stream(stalling)("x"), got)
+        return got
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == ["first"]
+    assert time.monotonic() - started < 1.0
+    assert closed == [True]
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is False
+    assert "first_token_ms" in outcome
+    assert llm.stats.deadlines == 1
+
+
+def test_a_failure_mid_async_stream_counts() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+
+    async def breaking(prompt: str, *, mode: str) -> AsyncIterator[str]:
+        yield "a"
+        raise RuntimeError("HTTP 500 mid-stream")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            async for _ in llm.wrap_stream(breaking)("x"):
+                pass
+
+    asyncio.run(main())
+    (outcome,) = outcomes(transport)
+    assert (outcome["ok"], outcome["error"]) == (False, "RuntimeError: HTTP 500 mid-stream")
+
+
+def test_a_sync_stream_past_its_deadline_is_recorded_then_and_keeps_flowing() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    generate = llm.wrap_stream(chunks, deadline_s=0.05)  # the first chunk takes 0.1 s
+    assert list(generate("a b")) == ["creative:", "a", "b"]
+    (outcome,) = outcomes(transport)  # recorded once, at the deadline
+    assert outcome["error"] == "DeadlineExceeded: no answer within the 0.05 s deadline"
+    assert ms(outcome, "latency_ms") < 100.0
+    llm.close()
+
+
+def test_slowness_of_a_stream_is_judged_by_its_first_chunk() -> None:
+    settings = Settings(breaker={"slow_call_ms": 80.0})
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport, settings=settings)
+
+    def quick_start_long_answer(prompt: str, *, mode: str) -> Iterator[str]:
+        yield "a"
+        time.sleep(0.1)  # the whole answer is slower than 80 ms; its first chunk is not
+        yield "b"
+
+    for _ in range(3):
+        assert list(llm.wrap_stream(quick_start_long_answer)("x")) == ["a", "b"]
+    assert llm.mode == "creative"
+    for _ in range(3):  # chunks takes 100 ms to its first chunk: slow
+        list(llm.wrap_stream(chunks)("x"))
+    assert llm.mode == "balanced"
