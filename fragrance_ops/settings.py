@@ -427,6 +427,13 @@ class BreakerSettings(_Group):
         description="how long a downshift holds before probing the mode one step up; also "
         "how long a probe round may stay undecided before it is renewed",
     )
+    recovery: Literal["probe", "time"] = Field(
+        default="probe",
+        description="how a downshift ends once open_s has passed: probe (half-open: probe "
+        "calls one mode up decide, step by step), or time (the operations guide's: back to "
+        "creative with ttl_closed_s at once, with no traffic at all; failures in creative "
+        "downshift again)",
+    )
     probe_calls: int = Field(
         default=3,
         ge=1,

@@ -142,6 +142,19 @@ def test_the_local_breaker_recovers_on_its_own_clock_without_the_stream() -> Non
     assert (llm.mode, llm.cache_ttl_s) == ("creative", 3600.0)
 
 
+def test_with_time_recovery_the_local_breaker_returns_to_creative_without_a_call() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    settings = Settings(breaker={"open_s": 10.0, "recovery": "time"})
+    llm = LlmClient(MODEL, settings=settings, transport=transport, clock=clock)
+    for _ in range(3):
+        llm.record(ok=False, mode="creative", latency_ms=5.0, error="boom")
+    assert (llm.mode, llm.cache_ttl_s) == ("balanced", 300.0)
+    clock.now += 10.0
+    assert (llm.mode, llm.cache_ttl_s, llm.status()["state"]) == ("creative", 3600.0, "closed")
+    assert llm.stats.probes == 0
+
+
 def test_the_cache_ttl_follows_the_control_stream_for_new_entries() -> None:
     transport = InMemoryTransport()
     clock = Clock()

@@ -395,6 +395,64 @@ def test_an_undecided_probe_round_is_renewed_with_a_fresh_budget() -> None:
     assert reopened.mode == "fast"
 
 
+# --- time recovery (the guide's literal rule) -----------------------------------------------
+
+TIME = dataclasses.replace(DEFAULTS, recovery="time")
+
+
+def test_probe_recovery_is_the_default_and_the_environment_chooses_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert (Settings().breaker.recovery, DEFAULTS.recovery) == ("probe", "probe")
+    monkeypatch.setenv("FRAGRANCE_OPS_BREAKER__RECOVERY", "time")
+    assert ModelBreaker.from_settings(MODEL, Settings().breaker).policy == TIME
+    monkeypatch.setenv("FRAGRANCE_OPS_BREAKER__RECOVERY", "sometimes")
+    with pytest.raises(ValidationError):
+        Settings()
+    with pytest.raises(ValueError, match="recovery must be"):
+        BreakerPolicy(recovery="sometimes")  # type: ignore[arg-type]
+
+
+def test_time_recovery_returns_to_creative_after_open_s_with_no_traffic() -> None:
+    breaker = opened_at_balanced(TIME, now=1000.0)
+    assert breaker.on_tick(1299.9) is None
+    recovered = breaker.on_tick(1300.0)  # the first tick at until: no call was made
+    assert recovered is not None
+    assert (recovered.state, recovered.mode, recovered.cache_ttl_s, recovered.until) == (
+        "closed",
+        "creative",
+        3600.0,
+        None,
+    )
+    assert (recovered.probe_mode, recovered.probe_calls, recovered.epoch) == (None, None, 2)
+    assert recovered.reason == "held balanced for 300 s: recovered"
+    assert breaker.on_tick(5000.0) is None  # closed stays closed
+
+
+def test_time_recovery_from_fast_goes_straight_to_creative_and_can_trip_again() -> None:
+    breaker = opened_at_balanced(TIME, now=1000.0)
+    tripped = fail_times(breaker, "balanced", 3, 1100.0)  # a trip while degraded
+    assert tripped is not None
+    assert (tripped.mode, tripped.until) == ("fast", 1400.0)
+    assert breaker.on_tick(1300.0) is None  # the hold restarted at the second trip
+    recovered = breaker.on_tick(1400.0)
+    assert recovered is not None
+    assert (recovered.state, recovered.mode) == ("closed", "creative")
+    again = fail_times(breaker, "creative", 3, 1401.0)
+    assert again is not None
+    assert (again.state, again.mode, again.cache_ttl_s) == ("open", "balanced", 300.0)
+
+
+def test_a_probing_breaker_restored_under_time_recovery_closes_at_its_until() -> None:
+    probing = opened_at_balanced(now=1000.0)
+    assert probing.on_tick(1300.0) is not None  # half-open under probe recovery
+    restored_under_time = restored(probing, TIME)
+    assert restored_under_time.on_tick(1599.0) is None
+    closed = restored_under_time.on_tick(1600.0)
+    assert closed is not None
+    assert (closed.state, closed.mode, closed.cache_ttl_s) == ("closed", "creative", 3600.0)
+
+
 # --- trip options ---------------------------------------------------------------------------
 
 
