@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
 import inspect
 import logging
 import threading
@@ -57,7 +58,9 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+
+import orjson
 
 from fragrance_ops.settings import Settings
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
@@ -68,7 +71,13 @@ from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode,
 from schemas.events import LlmMode
 from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
 
+if TYPE_CHECKING:
+    from producers.llm_metrics import LlmMetrics
+
 log = logging.getLogger(__name__)
+
+#: ``listener(new, old)``: the state calls follow changed (``LlmClient.on_change``).
+ChangeListener = Callable[[Transition, Transition], None]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -86,6 +95,23 @@ class LlmStats:
     sdk_errors: int = 0  # the SDK's own failures, logged and swallowed
     ignored: int = 0  # exceptions that were the caller's own (not counted, not published)
     deadlines: int = 0  # calls that ran past their deadline (counted among failures)
+    cache_hits: int = 0  # wrap(cache=...) calls answered from the response cache
+    cache_misses: int = 0
+
+
+@dataclass(frozen=True)
+class Caching:
+    """How ``wrap(cache=...)`` serves from the response cache (``cache=True``: these defaults).
+
+    ``key(*args, **kwargs)`` names the prompt (None: this call is not cached); by default
+    the call's arguments as JSON. The cache key is the sha256 of model, mode and that name.
+    ``dumps``/``loads`` turn an answer into the cache's bytes and back: JSON by default
+    (orjson: a string, a dict of strings and numbers, ...).
+    """
+
+    key: Callable[..., str | None] | None = None
+    dumps: Callable[[Any], bytes] = orjson.dumps
+    loads: Callable[[bytes], Any] = orjson.loads
 
 
 class LlmClient:
@@ -99,6 +125,7 @@ class LlmClient:
         transport: Transport | None = None,
         cache: ResponseCache | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: LlmMetrics | None = None,
     ) -> None:
         self.model = model
         self.settings = settings if settings is not None else Settings()
@@ -118,6 +145,10 @@ class LlmClient:
             cache if cache is not None else InProcessCache(self.settings.sdk.cache_max_entries)
         )
         self.stats = LlmStats()
+        self._metrics = metrics
+        self._listeners: list[ChangeListener] = []
+        self._changes: list[tuple[Transition, Transition]] = []  # (new, old), not yet told
+        self._announced = self._local.control()
         self._deadlines = DeadlineWatcher(model)
         self._call_deadline: contextvars.ContextVar[object] = contextvars.ContextVar(
             f"llm_deadline_{model}", default=_FROM_SETTINGS
@@ -137,7 +168,14 @@ class LlmClient:
                 self.settings.sdk.control_wait_s,
             )
         with self._lock:
-            self._follow()
+            self._current()
+            self._changes.clear()  # the state found at start is not a change
+        if metrics is not None:
+            try:
+                metrics.track_cache_size(model, self.cache.size)
+            except Exception:
+                self.stats.sdk_errors += 1
+                log.exception("reporting the cache size failed; metrics go on without it")
 
     # -- the shared state -------------------------------------------------------------
 
@@ -170,7 +208,15 @@ class LlmClient:
         return shared.until is None or self._clock() <= shared.until + grace
 
     def _current(self) -> Transition:
-        """The state calls follow now (caller holds the lock)."""
+        """The state calls follow now (caller holds the lock); queues a change for the
+        listeners when it differs from the last one they were told."""
+        current = self._decide()
+        if current != self._announced:
+            self._changes.append((current, self._announced))
+            self._announced = current
+        return current
+
+    def _decide(self) -> Transition:
         self._follow()
         if self._following():
             assert self._shared is not None
@@ -183,20 +229,57 @@ class LlmClient:
                 return self._shared
         return self._local.control()
 
+    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener(new, old)`` (``Transition``s) when the state calls follow changes.
+
+        Whether the change came from ``llm.control`` or the local breaker. A change is
+        noticed when the client is used (a call, ``mode``, ``cache_ttl_s``, ``status()``,
+        ``record()``) and the listener runs then, in that thread, outside the client's lock;
+        an exception it raises is logged, never raised into the call. Returns a function
+        that removes the listener.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _notify(self) -> None:
+        """Tell the listeners about queued changes (without the lock held)."""
+        with self._lock:
+            if not self._changes:
+                return
+            changes, self._changes = self._changes, []
+            listeners = list(self._listeners)
+        for new, old in changes:
+            for listener in listeners:
+                try:
+                    listener(new, old)
+                except Exception:
+                    self.stats.sdk_errors += 1
+                    log.exception("an LLM state-change listener failed")
+
     @property
     def mode(self) -> LlmMode:
         with self._lock:
-            return self._current().mode
+            mode = self._current().mode
+        self._notify()
+        return mode
 
     @property
     def cache_ttl_s(self) -> float:
         with self._lock:
-            return self._current().cache_ttl_s
+            ttl = self._current().cache_ttl_s
+        self._notify()
+        return ttl
 
     def status(self) -> dict[str, Any]:
         with self._lock:
             current = self._current()
-            return {
+            status = {
                 "model": self.model,
                 "state": current.state,
                 "mode": current.mode,
@@ -206,13 +289,20 @@ class LlmClient:
                 "following_stream": self._following(),
                 "outcomes_dropped": self._transport.stats.dropped,
             }
+        self._notify()
+        return status
 
     # -- calls ------------------------------------------------------------------------
 
     def choose_mode(self) -> LlmMode:
         """The mode for the next call: a probe while the probe budget lasts, else current."""
+        return self._choose()[0]
+
+    def _choose(self) -> tuple[LlmMode, bool]:
+        """The mode for the next call, and whether the call is a probe."""
         with self._lock:
             current = self._current()
+            chosen: tuple[LlmMode, bool] = (current.mode, False)
             if current.state == "half_open" and current.probe_mode and current.probe_calls:
                 epoch, sent = self._probe_round
                 if epoch != current.epoch:
@@ -220,8 +310,9 @@ class LlmClient:
                 if sent < current.probe_calls:
                     self._probe_round = (epoch, sent + 1)
                     self.stats.probes += 1
-                    return current.probe_mode
-            return current.mode
+                    chosen = (current.probe_mode, True)
+        self._notify()
+        return chosen
 
     def record(
         self,
@@ -250,6 +341,7 @@ class LlmClient:
             first_token_ms=None if first_token_ms is None else max(first_token_ms, 0.0),
         )
         self._transport.produce(self._outcomes, self._key, encode(outcome))
+        tripped = False
         with self._lock:
             self.stats.calls += 1
             self.stats.failures += not ok
@@ -259,16 +351,37 @@ class LlmClient:
             if transition is not None and transition.state == "open":
                 self._local_override = True
                 self.stats.local_trips += 1
+                tripped = True
                 log.warning("local breaker for %s: %s", self.model, transition.reason)
+            if transition is not None:
+                self._current()  # the listeners hear of it now
+        if self._metrics is not None:
+            try:
+                self._metrics.observe_call(
+                    self.model,
+                    mode,
+                    ok=ok,
+                    latency_s=outcome.latency_ms / 1000.0,
+                    first_token_s=None
+                    if outcome.first_token_ms is None
+                    else outcome.first_token_ms / 1000.0,
+                )
+                if tripped:
+                    self._metrics.observe_trip(self.model)
+            except Exception:
+                self.stats.sdk_errors += 1
+                log.exception("updating the LLM metrics failed")
+        self._notify()
 
-    def _chosen_mode(self) -> LlmMode:
+    def _chosen_mode(self) -> tuple[LlmMode, bool]:
+        """``_choose()``, never raising: on the SDK's own failure, the local breaker's mode."""
         try:
-            return self.choose_mode()
+            return self._choose()
         except Exception:
             self.stats.sdk_errors += 1
             log.exception("choosing the mode failed; serving in the local breaker's mode")
             with self._lock:
-                return self._local.mode
+                return self._local.mode, False
 
     def _recorded(
         self,
@@ -356,6 +469,12 @@ class LlmClient:
         what = "no answer" if first_token is None else "the stream did not end"
         exceeded = DeadlineExceeded(f"{what} within the {deadline_s:g} s deadline")
         self.stats.deadlines += 1
+        if self._metrics is not None:
+            try:
+                self._metrics.observe_deadline(self.model, mode)
+            except Exception:
+                self.stats.sdk_errors += 1
+                log.exception("counting a deadline failed")
         self._recorded(False, mode, started, exceeded, first_token)
         return exceeded
 
@@ -387,6 +506,7 @@ class LlmClient:
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
         deadline_s: float | None = None,
+        cache: bool | Caching = False,
     ) -> Callable[..., R]:
         """``generate(*args, mode=..., **kwargs)``, sync or async, timed and reported.
 
@@ -394,16 +514,24 @@ class LlmClient:
         lists for this function: which of its exceptions count as the model failing
         (``producers/llm_failures.py``); a name that does not resolve raises here.
         ``deadline_s`` replaces ``sdk.llm_deadline_s`` for this function (the module doc).
+        ``cache`` (True, or a ``Caching``) serves from the response cache: get-or-call
+        keyed by model, mode and prompt, stored with the TTL the control stream sets now.
         """
         policy = self._failure_policy(record, ignore)
         if deadline_s is not None and not (0 < deadline_s < float("inf")):
             raise ValueError(f"deadline_s is a positive number of seconds, got {deadline_s!r}")
+        caching = Caching() if cache is True else (cache or None)
         if inspect.iscoroutinefunction(generate):
             async_generate = cast(Callable[..., Awaitable[Any]], generate)
 
             @functools.wraps(generate)
             async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
-                mode = self._chosen_mode()
+                mode, probe = self._chosen_mode()
+                key = self._cache_key(caching, mode, args, kwargs)
+                if key is not None and not probe:
+                    found, value = self._cache_lookup(caching, key)
+                    if found:
+                        return value
                 deadline = self._deadline_s(deadline_s)
                 started = time.perf_counter()
                 timeout = asyncio.timeout(deadline)
@@ -419,13 +547,20 @@ class LlmClient:
                     self._recorded_error(policy, mode, started, exc)
                     raise
                 self._recorded(True, mode, started, None)
+                if key is not None:
+                    self._cache_store(caching, key, result)
                 return result
 
             return cast(Callable[..., R], wrapped_async)
 
         @functools.wraps(generate)
         def wrapped(*args: Any, **kwargs: Any) -> R:
-            mode = self._chosen_mode()
+            mode, probe = self._chosen_mode()
+            key = self._cache_key(caching, mode, args, kwargs)
+            if key is not None and not probe:
+                found, value = self._cache_lookup(caching, key)
+                if found:
+                    return cast(R, value)
             started = time.perf_counter()
             watch = self._watch(mode, started, self._deadline_s(deadline_s))
             try:
@@ -436,9 +571,69 @@ class LlmClient:
                 raise
             if watch.settle():
                 self._recorded(True, mode, started, None)
+            if key is not None:
+                self._cache_store(caching, key, result)
             return result
 
         return wrapped
+
+    def _cache_key(
+        self, caching: Caching | None, mode: LlmMode, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str | None:
+        """The cache key of a call (sha256 of model, mode and prompt), or None: not cached."""
+        if caching is None:
+            return None
+        try:
+            if caching.key is not None:
+                prompt = caching.key(*args, **kwargs)
+                if prompt is None:
+                    return None
+                prompt_bytes = prompt.encode()
+            else:
+                prompt_bytes = orjson.dumps([args, kwargs], option=orjson.OPT_SORT_KEYS)
+            digest = hashlib.sha256()
+            for part in (self.model.encode(), mode.encode(), prompt_bytes):
+                digest.update(len(part).to_bytes(8, "big"))
+                digest.update(part)
+            return digest.hexdigest()
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("no cache key for a call of %s; calling the model", self.model)
+            return None
+
+    def _cache_lookup(self, caching: Caching | None, key: str) -> tuple[bool, Any]:
+        """(True, the cached answer) on a hit; (False, None) on a miss or the cache's error."""
+        assert caching is not None
+        try:
+            stored = self.cache.get(key)
+            value = None if stored is None else caching.loads(stored)
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("reading the response cache failed; calling the model")
+            stored = None
+        hit = stored is not None
+        if hit:
+            self.stats.cache_hits += 1
+        else:
+            self.stats.cache_misses += 1
+        if self._metrics is not None:
+            try:
+                self._metrics.observe_cache(self.model, hit=hit)
+            except Exception:
+                self.stats.sdk_errors += 1
+                log.exception("counting a cache lookup failed")
+        return hit, value
+
+    def _cache_store(self, caching: Caching | None, key: str, result: Any) -> None:
+        """Store an answer with the TTL the control stream sets now; never raises."""
+        assert caching is not None
+        try:
+            with self._lock:
+                ttl_s = self._current().cache_ttl_s
+            self.cache.set(key, caching.dumps(result), ttl_s)
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("storing an answer in the response cache failed")
 
     @overload
     def wrap_stream(
@@ -518,7 +713,7 @@ class LlmClient:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Iterator[T]:
-        mode = self._chosen_mode()
+        mode, _ = self._chosen_mode()
         started = time.perf_counter()
         first: float | None = None
         watch = self._watch(mode, started, self._deadline_s(deadline_s), lambda: first)
@@ -551,7 +746,7 @@ class LlmClient:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> AsyncIterator[Any]:
-        mode = self._chosen_mode()
+        mode, _ = self._chosen_mode()
         deadline = self._deadline_s(deadline_s)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -606,6 +801,8 @@ class LlmClient:
         )
 
     def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.untrack_cache_size(self.model)
         self._deadlines.close()
         self._control.close()
         self._transport.close(self.settings.sdk.close_timeout_s)
