@@ -204,6 +204,28 @@ class RewardSettings(_Group):
     )
 
 
+LlmModeName = Literal["creative", "balanced", "fast"]
+
+
+class LlmModeSettings(_Group):
+    """What one generation mode sends to an OpenAI-compatible server (producers/llm_openai.py)."""
+
+    model: str | None = Field(
+        default=None, min_length=1, description="model id; None: the LlmClient's model"
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, allow_inf_nan=False, description="None: the server's"
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="None: the server's")
+
+
+_DEFAULT_LLM_MODES: dict[str, dict[str, Any]] = {
+    "creative": {"temperature": 0.9, "max_tokens": 1024},
+    "balanced": {"temperature": 0.7, "max_tokens": 768},
+    "fast": {"temperature": 0.3, "max_tokens": 256},
+}
+
+
 class SdkSettings(_Group):
     """Client SDK behaviour. Env: FRAGRANCE_OPS_SDK__<NAME>."""
 
@@ -234,6 +256,14 @@ class SdkSettings(_Group):
     cache_max_entries: int = Field(
         default=10_000, ge=1, description="the LLM client's in-process response cache size"
     )
+    llm_modes: dict[LlmModeName, LlmModeSettings] = Field(
+        default_factory=lambda: {mode: dict(v) for mode, v in _DEFAULT_LLM_MODES.items()},
+        validate_default=True,
+        description="the OpenAI-compatible and LiteLLM wrappers: per generation mode, the "
+        "model (None: the LlmClient's model; LiteLLM: a Router model group), temperature and "
+        "max_tokens sent; what is left out keeps its default (JSON in the environment, e.g. "
+        '{"fast": {"model": "qwen2.5-1.5b-instruct"}})',
+    )
     llm_deadline_s: float | None = Field(
         default=None,
         gt=0,
@@ -243,6 +273,18 @@ class SdkSettings(_Group):
         "calls are recorded at the deadline and return whenever they return; overridden per "
         "function by wrap(deadline_s=) and per call by LlmClient.deadline(); None: no deadline",
     )
+
+    @field_validator("llm_modes", mode="before")
+    @classmethod
+    def _every_mode(cls, value: Any) -> Any:
+        """A mode left out, or a field of a mode left out, keeps its default."""
+        if not isinstance(value, dict):
+            return value  # refused by the type
+        merged: dict[Any, Any] = {mode: dict(v) for mode, v in _DEFAULT_LLM_MODES.items()}
+        for mode, given in value.items():
+            default = merged.get(mode)
+            merged[mode] = default | given if default and isinstance(given, dict) else given
+        return merged
 
 
 class EntropySettings(_Group):
