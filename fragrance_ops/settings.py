@@ -260,7 +260,8 @@ class SdkSettings(_Group):
         default_factory=lambda: {mode: dict(v) for mode, v in _DEFAULT_LLM_MODES.items()},
         validate_default=True,
         description="the OpenAI-compatible and LiteLLM wrappers: per generation mode, the "
-        "model (None: the LlmClient's model; LiteLLM: a Router model group), temperature and "
+        "model (None: the LlmClient's model; LiteLLM: the model group, None: <model>-<mode>), "
+        "temperature and "
         "max_tokens sent; what is left out keeps its default (JSON in the environment, e.g. "
         '{"fast": {"model": "qwen2.5-1.5b-instruct"}})',
     )

@@ -373,6 +373,37 @@ class LlmClient:
                 log.exception("updating the LLM metrics failed")
         self._notify()
 
+    def report(
+        self,
+        mode: LlmMode,
+        *,
+        latency_ms: float,
+        error: BaseException | None = None,
+        first_token_ms: float | None = None,
+    ) -> None:
+        """Report a call made outside ``wrap`` (a LiteLLM callback, your own client).
+
+        ``error`` None: it succeeded; otherwise it is judged by the settings' failure policy
+        (``producers/llm_failures.py``): the caller's own errors are not published. Never
+        raises.
+        """
+        try:
+            verdict = "success" if error is None else self._failures.judge(error)
+            if verdict == "ignored":
+                self.stats.ignored += 1
+                return
+            detail = None if error is None else f"{type(error).__name__}: {error}"[:500]
+            self.record(
+                ok=verdict == "success",
+                mode=mode,
+                latency_ms=latency_ms,
+                error=detail if verdict == "failure" else None,
+                first_token_ms=first_token_ms,
+            )
+        except Exception:
+            self.stats.sdk_errors += 1
+            log.exception("reporting an outcome failed; the call itself is unaffected")
+
     def _chosen_mode(self) -> tuple[LlmMode, bool]:
         """``_choose()``, never raising: on the SDK's own failure, the local breaker's mode."""
         try:
