@@ -527,6 +527,14 @@ class BreakerSettings(_Group):
         description="LLM SDK: exceptions that are the caller's own (neither a failure nor a "
         "success; no outcome is published)",
     )
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-model values of the settings above, by model name, for the worker's "
+        'breaker and the SDK alike, e.g. {"qwen-fragrance": {"open_s": 60, '
+        '"failure_threshold": 5}} (JSON in the environment); a model not named, and a '
+        "setting not given, takes the values above; tick_interval_s is the worker's, not a "
+        "model's",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -534,7 +542,32 @@ class BreakerSettings(_Group):
             raise ValueError("breaker probe_failures_to_reopen must not exceed probe_calls")
         if self.rate_min_calls > self.rate_window:
             raise ValueError("breaker rate_min_calls must not exceed rate_window")
+        for model, values in self.models.items():
+            unknown = set(values) - _PER_MODEL_BREAKER
+            if unknown:
+                raise ValueError(
+                    f"breaker models.{model}: {', '.join(sorted(unknown))} cannot be set per model"
+                )
+            try:
+                self.for_model(model)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: "
+                    + e["msg"].removeprefix("Value error, ")
+                    for e in exc.errors()
+                )
+                raise ValueError(f"breaker models.{model}: {problems}") from None
         return self
+
+    def for_model(self, model: str) -> BreakerSettings:
+        """These settings with ``models[model]``'s values, if any."""
+        values = self.models.get(model)
+        if not values:
+            return self
+        return BreakerSettings.model_validate(self.model_dump(exclude={"models"}) | values)
+
+
+_PER_MODEL_BREAKER = frozenset(BreakerSettings.model_fields) - {"models", "tick_interval_s"}
 
 
 class RetuneSettings(_Group):

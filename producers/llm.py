@@ -132,7 +132,7 @@ class LlmClient:
         self._transport = transport if transport is not None else KafkaTransport(self.settings)
         self._clock = clock
         self._key = model.encode()
-        breaker = self.settings.breaker
+        breaker = self.settings.breaker.for_model(model)
         self._local = ModelBreaker(model, BreakerPolicy.from_settings(breaker))
         self._failures = FailurePolicy.from_names(
             breaker.record_exceptions, breaker.ignore_exceptions

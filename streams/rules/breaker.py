@@ -121,11 +121,12 @@ class BreakerPolicy:
 
     @classmethod
     def from_settings(cls, settings: BreakerSettings) -> BreakerPolicy:
-        # Not rule parameters: how often the worker calls on_tick, and which exceptions the
-        # LLM SDK reports as failures in the first place.
+        # Not rule parameters: how often the worker calls on_tick, which exceptions the LLM
+        # SDK reports as failures in the first place, and other models' values (a model's
+        # policy comes from ``settings.for_model(model)``).
         return cls(
             **settings.model_dump(
-                exclude={"tick_interval_s", "record_exceptions", "ignore_exceptions"}
+                exclude={"tick_interval_s", "record_exceptions", "ignore_exceptions", "models"}
             )
         )
 

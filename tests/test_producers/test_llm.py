@@ -155,6 +155,33 @@ def test_with_time_recovery_the_local_breaker_returns_to_creative_without_a_call
     assert llm.stats.probes == 0
 
 
+def test_the_local_breaker_and_failure_policy_take_the_model_s_own_settings() -> None:
+    settings = Settings(
+        breaker={
+            "models": {MODEL: {"failure_threshold": 5, "ignore_exceptions": ["builtins.KeyError"]}}
+        }
+    )
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, settings=settings, transport=transport)
+    other = LlmClient("other-model", settings=settings, transport=transport)
+    for client in (llm, other):
+        for _ in range(3):
+            client.record(ok=False, mode="creative", latency_ms=1.0, error="boom")
+    assert (llm.mode, other.mode) == ("creative", "balanced")
+    for _ in range(2):
+        llm.record(ok=False, mode="creative", latency_ms=1.0, error="boom")
+    assert llm.mode == "balanced"
+
+    def missing(prompt: str, *, mode: str) -> str:
+        raise KeyError(prompt)
+
+    with pytest.raises(KeyError):
+        llm.wrap(missing)("x")
+    with pytest.raises(KeyError):
+        other.wrap(missing)("x")
+    assert (llm.stats.ignored, other.stats.ignored) == (1, 0)
+
+
 def test_the_cache_ttl_follows_the_control_stream_for_new_entries() -> None:
     transport = InMemoryTransport()
     clock = Clock()

@@ -135,6 +135,36 @@ def test_time_recovery_returns_every_replica_to_creative_with_no_traffic(
     assert events[1]["ts"] >= events[0]["until"]
 
 
+def test_each_model_s_breaker_takes_its_own_settings(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+) -> None:
+    per_model = '{"qwen-fragrance": {"failure_threshold": 5}}'
+    with make_worker(BREAKER__MODELS=per_model):
+        # Clients with the plain settings: their local breakers trip at 3, so what the stream
+        # decides for qwen-fragrance shows in llm.control, not in the clients.
+        qwen = LlmClient(MODEL, settings=ops_settings)
+        other = LlmClient("other-model", settings=ops_settings)
+        for _ in range(3):
+            qwen.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+            other.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+        (first,) = control_events(kafka_bootstrap, ops_settings, 1)
+        assert (first["model"], first["mode"]) == ("other-model", "balanced")
+        topic = topic_name(Topic.LLM_CONTROL, ops_settings.kafka.topic_prefix)
+        with pytest.raises(AssertionError, match="condition not met"):  # not at 3 failures
+            consume_until(kafka_bootstrap, topic, lambda got: len(got) >= 2, 3)
+        for _ in range(2):  # the 4th and 5th, in creative (the mode the stream holds)
+            qwen.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+        events = control_events(kafka_bootstrap, ops_settings, 2)
+        for client in (qwen, other):
+            client.close()
+    by_model = {event["model"]: event for event in events}
+    assert (by_model[MODEL]["state"], by_model[MODEL]["mode"]) == ("open", "balanced")
+    assert "5 consecutive failures" in str(by_model[MODEL]["reason"])
+    assert "3 consecutive failures" in str(by_model["other-model"]["reason"])
+
+
 def test_a_downshift_survives_a_worker_sigkill_and_ends_on_time_once(
     make_worker: Callable[..., WorkerProcess],
     ops_settings: Settings,

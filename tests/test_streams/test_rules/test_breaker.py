@@ -395,6 +395,41 @@ def test_an_undecided_probe_round_is_renewed_with_a_fresh_budget() -> None:
     assert reopened.mode == "fast"
 
 
+# --- per-model settings ---------------------------------------------------------------------
+
+
+def test_a_model_s_own_values_override_the_group_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "FRAGRANCE_OPS_BREAKER__MODELS", '{"qwen-big": {"failure_threshold": 5, "open_s": 60}}'
+    )
+    settings = Settings().breaker
+    big = BreakerPolicy.from_settings(settings.for_model("qwen-big"))
+    assert (big.failure_threshold, big.open_s, big.ttl_closed_s) == (5, 60.0, 3600.0)
+    assert settings.for_model("qwen-small") is settings
+    assert BreakerPolicy.from_settings(settings.for_model("qwen-small")) == DEFAULTS
+    breaker = ModelBreaker("qwen-big", big)
+    assert fail_times(breaker, "creative", 4, 1000.0) is None
+    tripped = fail(breaker, "creative", 1000.0)
+    assert tripped is not None
+    assert tripped.until == 1060.0
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ({"m": {"tick_interval_s": 1.0}}, "tick_interval_s cannot be set per model"),
+        ({"m": {"no_such": 1}}, "no_such cannot be set per model"),
+        ({"m": {"open_s": 0}}, "models.m: open_s: Input should be greater than 0"),
+        ({"m": {"probe_calls": 1}}, "probe_failures_to_reopen must not exceed probe_calls"),
+    ],
+)
+def test_meaningless_per_model_values_are_refused_naming_the_model(
+    models: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        BreakerSettings(models=models)
+
+
 # --- time recovery (the guide's literal rule) -----------------------------------------------
 
 TIME = dataclasses.replace(DEFAULTS, recovery="time")
