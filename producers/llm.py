@@ -39,6 +39,17 @@ raises ``DeadlineExceeded`` (a ``TimeoutError``); a sync call is recorded at the
 by the client's watcher thread and returns (or raises) whenever it does, unchanged, its
 late outcome not recorded again.
 
+Cache (``wrap(..., cache=True)``, ``Caching``): get-or-call on ``self.cache``, keyed by the
+sha256 of model, mode and prompt, stored with the TTL the control stream sets at that
+moment; failures are not cached and probes always reach the model. The cache is called
+synchronously, in async wrappers too (``RedisCache`` bounds that to its short timeouts).
+
+Also: ``on_change(listener)`` for state changes, ``LlmClient(..., metrics=LlmMetrics())``
+for Prometheus (``producers/llm_metrics.py``, optional), ``report()`` for calls made
+outside ``wrap`` (the LiteLLM callback, ``producers/llm_litellm.py``), and the OpenAI
+wrapper in ``producers/llm_openai.py``; ``openai``, ``litellm`` and ``prometheus-client``
+are imported only by those modules.
+
 Nothing here raises into the caller because the operations layer is down: the wrapped
 function raises exactly what ``generate`` raises (or ``DeadlineExceeded`` at an async
 deadline), and nothing else.

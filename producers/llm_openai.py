@@ -21,12 +21,19 @@ The ``openai`` client retries 429 and 5xx itself (``max_retries``, 2 by default)
 the SDK sees the outcome; a deadline covers its retries too. ``max_retries=0`` lets the
 breaker see each failure. ``cache=True`` serves ``create`` from the response cache
 (``ChatCompletion`` stored as its JSON), keyed by mode, messages and arguments.
+
+Fallback to another model: ``OpenAIChat(llm, client, fallback=OpenAIChat(backup, client))``.
+While ``llm``'s breaker holds its model open (downshifted, not yet probing), calls go to the
+fallback when the fallback serves a better mode (down its own chain of fallbacks), reported
+under the fallback's model and breaker; once ``llm`` probes again (half-open) or recovers,
+calls come back to it. Without a fallback, the downshift alone applies.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -35,8 +42,11 @@ from fragrance_ops.settings import LlmModeSettings
 from producers.llm import Caching, LlmClient
 from producers.llm_failures import ExceptionSpec
 from schemas.events import LlmMode
+from streams.rules.breaker import MODES
 
 __all__ = ["AsyncOpenAIChat", "OpenAIChat", "mode_parameters"]
+
+log = logging.getLogger(__name__)
 
 #: Cached ``ChatCompletion``s travel as their JSON.
 COMPLETION_CACHING = Caching(
@@ -64,6 +74,8 @@ def _no_model(kwargs: Mapping[str, Any]) -> None:
 
 
 class _Chat:
+    fallback: Self | None
+
     def __init__(
         self,
         llm: LlmClient,
@@ -73,6 +85,7 @@ class _Chat:
         cache: bool,
         record: Iterable[ExceptionSpec] | None,
         ignore: Iterable[ExceptionSpec] | None,
+        fallback: Self | None,
     ) -> None:
         self.llm = llm
         self.modes: dict[LlmMode, LlmModeSettings] = dict(
@@ -81,9 +94,34 @@ class _Chat:
         self._options: dict[str, Any] = {"deadline_s": deadline_s, "record": record}
         self._options["ignore"] = ignore
         self._cache = COMPLETION_CACHING if cache else False
+        chain = fallback
+        while chain is not None:
+            if chain.llm.model == llm.model:
+                raise ValueError(f"the fallback chain of {llm.model} comes back to it")
+            chain = chain.fallback
+        self.fallback = fallback
+        self.fallbacks = 0  # calls served by the fallback
 
     def parameters(self, mode: LlmMode) -> dict[str, Any]:
         return mode_parameters(self.llm, self.modes, mode)
+
+    def serving(self) -> Self:
+        """This chat, or (down its chain) the fallback that serves the best mode while this
+        model's breaker holds it open; never raises."""
+        fallback = self.fallback
+        if fallback is None:
+            return self
+        try:
+            mine = self.llm.status()
+            if mine["state"] != "open":
+                return self  # closed, or half-open: probes and the rest go to this model
+            theirs = fallback.serving()
+            if MODES.index(theirs.llm.mode) < MODES.index(mine["mode"]):
+                self.fallbacks += 1
+                return theirs
+        except Exception:
+            log.exception("choosing a fallback failed; serving with %s", self.llm.model)
+        return self
 
 
 class OpenAIChat(_Chat):
@@ -99,9 +137,16 @@ class OpenAIChat(_Chat):
         cache: bool = False,
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
+        fallback: Self | None = None,
     ) -> None:
         super().__init__(
-            llm, modes=modes, deadline_s=deadline_s, cache=cache, record=record, ignore=ignore
+            llm,
+            modes=modes,
+            deadline_s=deadline_s,
+            cache=cache,
+            record=record,
+            ignore=ignore,
+            fallback=fallback,
         )
         self.client = client
         self._create = llm.wrap(self._complete, cache=self._cache, **self._options)
@@ -126,12 +171,12 @@ class OpenAIChat(_Chat):
     def create(self, messages: Any, **kwargs: Any) -> ChatCompletion:
         """One completion (``messages`` as the ``openai`` package takes them)."""
         _no_model(kwargs)
-        return self._create(messages, **kwargs)
+        return self.serving()._create(messages, **kwargs)
 
     def stream(self, messages: Any, **kwargs: Any) -> Iterator[ChatCompletionChunk]:
         """A streamed completion's chunks; the request is sent at the first ``next()``."""
         _no_model(kwargs)
-        return self._stream(messages, **kwargs)
+        return self.serving()._stream(messages, **kwargs)
 
 
 class AsyncOpenAIChat(_Chat):
@@ -147,9 +192,16 @@ class AsyncOpenAIChat(_Chat):
         cache: bool = False,
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
+        fallback: Self | None = None,
     ) -> None:
         super().__init__(
-            llm, modes=modes, deadline_s=deadline_s, cache=cache, record=record, ignore=ignore
+            llm,
+            modes=modes,
+            deadline_s=deadline_s,
+            cache=cache,
+            record=record,
+            ignore=ignore,
+            fallback=fallback,
         )
         self.client = client
         self._create = llm.wrap(self._complete, cache=self._cache, **self._options)
@@ -174,9 +226,9 @@ class AsyncOpenAIChat(_Chat):
     async def create(self, messages: Any, **kwargs: Any) -> ChatCompletion:
         """One completion (``messages`` as the ``openai`` package takes them)."""
         _no_model(kwargs)
-        return await self._create(messages, **kwargs)
+        return await self.serving()._create(messages, **kwargs)
 
     def stream(self, messages: Any, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:
         """A streamed completion's chunks (``async for``); sent at the first chunk asked."""
         _no_model(kwargs)
-        return self._stream(messages, **kwargs)
+        return self.serving()._stream(messages, **kwargs)

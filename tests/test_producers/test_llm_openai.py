@@ -139,6 +139,54 @@ def test_create_serves_from_the_cache_when_asked(server: ChatServer) -> None:
     assert len(server.requests) == 2
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_fallback_model_serves_while_the_model_is_held_open(server: ChatServer) -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    client = OpenAI(base_url=server.base_url, api_key="test", max_retries=0, timeout=10)
+    settings = Settings(breaker={"open_s": 10.0})
+    primary = LlmClient(MODEL, transport=transport, settings=settings, clock=clock)
+    backup = LlmClient("qwen-backup", transport=transport, settings=settings, clock=clock)
+    chat = OpenAIChat(primary, client, fallback=OpenAIChat(backup, client))
+    server.script(*[Reply(status=500)] * 3)
+    for _ in range(3):
+        with pytest.raises(InternalServerError):
+            chat.create(MESSAGES)
+    assert primary.status()["state"] == "open"
+    chat.create(MESSAGES)  # held open: the backup serves, in creative
+    assert (server.requests[-1]["model"], server.requests[-1]["temperature"]) == (
+        "qwen-backup",
+        0.9,
+    )
+    assert (outcomes(transport)[-1]["model"], chat.fallbacks) == ("qwen-backup", 1)
+    clock.now += 10.0  # half-open: probes (creative) go to the model again
+    chat.create(MESSAGES)
+    assert (server.requests[-1]["model"], server.requests[-1]["temperature"]) == (MODEL, 0.9)
+    assert outcomes(transport)[-1]["model"] == MODEL
+    with pytest.raises(ValueError, match="comes back to it"):
+        OpenAIChat(backup, client, fallback=OpenAIChat(primary, client, fallback=chat))
+
+
+def test_no_fallback_serves_a_worse_mode_than_the_model_s_own(server: ChatServer) -> None:
+    transport = InMemoryTransport()
+    client = OpenAI(base_url=server.base_url, api_key="test", max_retries=0, timeout=10)
+    primary = LlmClient(MODEL, transport=transport)
+    backup = LlmClient("qwen-backup", transport=transport)
+    for llm in (primary, backup):  # both downshifted to balanced
+        for _ in range(3):
+            llm.record(ok=False, mode="creative", latency_ms=1.0, error="boom")
+    chat = OpenAIChat(primary, client, fallback=OpenAIChat(backup, client))
+    chat.create(MESSAGES)
+    assert (server.requests[-1]["model"], chat.fallbacks) == (MODEL, 0)
+
+
 def test_the_async_client_creates_streams_and_is_cancelled_at_its_deadline(
     server: ChatServer,
 ) -> None:
