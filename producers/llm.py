@@ -67,7 +67,16 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
@@ -485,8 +494,7 @@ class LlmClient:
         It wins over ``wrap(deadline_s=)`` and ``sdk.llm_deadline_s``. A context variable:
         it applies to the current thread or task and to tasks started inside the block.
         """
-        if seconds is not None and not (seconds > 0 and seconds < float("inf")):
-            raise ValueError(f"a deadline is a positive number of seconds, got {seconds!r}")
+        _check_deadline(seconds)
         token = self._call_deadline.set(seconds)
         try:
             yield
@@ -560,8 +568,7 @@ class LlmClient:
         keyed by model, mode and prompt, stored with the TTL the control stream sets now.
         """
         policy = self._failure_policy(record, ignore)
-        if deadline_s is not None and not (0 < deadline_s < float("inf")):
-            raise ValueError(f"deadline_s is a positive number of seconds, got {deadline_s!r}")
+        _check_deadline(deadline_s)
         caching = Caching() if cache is True else (cache or None)
         if inspect.iscoroutinefunction(generate):
             async_generate = cast(Callable[..., Awaitable[Any]], generate)
@@ -610,6 +617,9 @@ class LlmClient:
             except Exception as exc:
                 if watch.settle():
                     self._recorded_error(policy, mode, started, exc)
+                raise
+            except BaseException:  # KeyboardInterrupt, SystemExit: not the model's outcome,
+                watch.settle()  # and no deadline failure for it later
                 raise
             if watch.settle():
                 self._recorded(True, mode, started, None)
@@ -685,7 +695,7 @@ class LlmClient:
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
         deadline_s: float | None = None,
-    ) -> Callable[..., AsyncIterator[T]]: ...
+    ) -> Callable[..., AsyncGenerator[T, None]]: ...
 
     @overload
     def wrap_stream(
@@ -695,7 +705,7 @@ class LlmClient:
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
         deadline_s: float | None = None,
-    ) -> Callable[..., AsyncIterator[T]]: ...
+    ) -> Callable[..., AsyncGenerator[T, None]]: ...
 
     @overload
     def wrap_stream(
@@ -705,7 +715,7 @@ class LlmClient:
         record: Iterable[ExceptionSpec] | None = None,
         ignore: Iterable[ExceptionSpec] | None = None,
         deadline_s: float | None = None,
-    ) -> Callable[..., Iterator[T]]: ...
+    ) -> Callable[..., Generator[T, None, None]]: ...
 
     def wrap_stream(
         self,
@@ -725,24 +735,24 @@ class LlmClient:
         ends: a success with ``first_token_ms`` (time to the first chunk) and
         ``latency_ms`` (the whole stream, the reader's time between chunks included); an
         exception before or between chunks is judged as ``wrap``'s are; a reader that
-        stops early (``break``, ``close()``) records a success, and the source stream is
-        closed. Deadlines cover the whole stream, as ``wrap``'s: an async stream raises
-        ``DeadlineExceeded`` at its deadline and its source is closed; a sync stream is
-        recorded at its deadline and its chunks keep coming.
+        stops early (``close()``; async: ``aclose()``, e.g. ``contextlib.aclosing``, as a
+        bare ``break`` leaves that to the event loop's finalizer) records a success, and
+        the source stream is closed. Deadlines cover the whole stream, as ``wrap``'s: an
+        async stream raises ``DeadlineExceeded`` at its deadline and its source is closed;
+        a sync stream is recorded at its deadline and its chunks keep coming.
         """
         policy = self._failure_policy(record, ignore)
-        if deadline_s is not None and not (0 < deadline_s < float("inf")):
-            raise ValueError(f"deadline_s is a positive number of seconds, got {deadline_s!r}")
+        _check_deadline(deadline_s)
         if inspect.isasyncgenfunction(generate) or inspect.iscoroutinefunction(generate):
 
             @functools.wraps(generate)
-            def wrapped_async(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            def wrapped_async(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
                 return self._async_stream(generate, policy, deadline_s, args, kwargs)
 
             return wrapped_async
 
         @functools.wraps(generate)
-        def wrapped(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Generator[Any, None, None]:
             return self._sync_stream(generate, policy, deadline_s, args, kwargs)
 
         return wrapped
@@ -754,14 +764,16 @@ class LlmClient:
         deadline_s: float | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> Iterator[T]:
+    ) -> Generator[T, None, None]:
         mode, _ = self._chosen_mode()
         started = time.perf_counter()
         first: float | None = None
         watch = self._watch(mode, started, self._deadline_s(deadline_s), lambda: first)
+        opened: Iterable[T] | None = None
         source: Iterator[T] | None = None
         try:
-            source = iter(generate(*args, mode=mode, **kwargs))
+            opened = generate(*args, mode=mode, **kwargs)
+            source = iter(opened)
             for chunk in source:
                 if first is None:
                     first = time.perf_counter()
@@ -774,9 +786,15 @@ class LlmClient:
             if watch.settle():
                 self._recorded_error(policy, mode, started, exc, first)
             raise
+        except BaseException:  # interrupted: no outcome, and no deadline failure later
+            watch.settle()
+            raise
         finally:
-            if source is not None:
-                _close(source)
+            # iter(openai.Stream) is a new generator: closing it alone leaves the HTTP
+            # response open until the garbage collector finds it, so close both.
+            for closable in (source, None if opened is source else opened):
+                if closable is not None:
+                    _close(closable)
         if watch.settle():
             self._recorded(True, mode, started, None, first)
 
@@ -787,18 +805,18 @@ class LlmClient:
         deadline_s: float | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         mode, _ = self._chosen_mode()
         deadline = self._deadline_s(deadline_s)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         when = None if deadline is None else loop.time() + deadline
         first: float | None = None
+        opened: Any = None
         source: AsyncIterator[Any] | None = None
         try:
-            opened = generate(*args, mode=mode, **kwargs)
-            if inspect.isawaitable(opened):
-                opened = await _within(opened, when, loop)
+            called = generate(*args, mode=mode, **kwargs)
+            opened = await _within(called, when, loop) if inspect.isawaitable(called) else called
             source = aiter(opened)
             while True:
                 try:
@@ -818,8 +836,10 @@ class LlmClient:
             self._recorded_error(policy, mode, started, exc, first)
             raise
         finally:
-            if source is not None:
-                await _aclose(source)
+            # As for sync streams: aiter(openai.AsyncStream) is a new async generator.
+            for closable in (source, None if opened is source else opened):
+                if closable is not None:
+                    await _aclose(closable)
         self._recorded(True, mode, started, None, first)
 
     # -- the response cache -----------------------------------------------------------
@@ -844,7 +864,11 @@ class LlmClient:
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.untrack_cache_size(self.model)
+            try:
+                self._metrics.untrack_cache_size(self.model)
+            except Exception:  # the client's threads and connections must close regardless
+                self.stats.sdk_errors += 1
+                log.exception("removing the cache size metric failed")
         self._deadlines.close()
         self._control.close()
         self._transport.close(self.settings.sdk.close_timeout_s)
@@ -854,6 +878,11 @@ class LlmClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_deadline(seconds: float | None) -> None:
+    if seconds is not None and not 0 < seconds < float("inf"):
+        raise ValueError(f"a deadline is a positive number of seconds, got {seconds!r}")
 
 
 class _Late(Exception):

@@ -32,7 +32,7 @@ calls come back to it. Without a fallback, the downshift alone applies.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Generator, Iterable, Mapping
 from typing import Any, Self, cast
 
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
@@ -173,7 +173,7 @@ class OpenAIChat(_Chat):
         _no_model(kwargs)
         return self.serving()._create(messages, **kwargs)
 
-    def stream(self, messages: Any, **kwargs: Any) -> Iterator[ChatCompletionChunk]:
+    def stream(self, messages: Any, **kwargs: Any) -> Generator[ChatCompletionChunk, None, None]:
         """A streamed completion's chunks; the request is sent at the first ``next()``."""
         _no_model(kwargs)
         return self.serving()._stream(messages, **kwargs)
@@ -228,7 +228,7 @@ class AsyncOpenAIChat(_Chat):
         _no_model(kwargs)
         return await self.serving()._create(messages, **kwargs)
 
-    def stream(self, messages: Any, **kwargs: Any) -> AsyncIterator[ChatCompletionChunk]:
+    def stream(self, messages: Any, **kwargs: Any) -> AsyncGenerator[ChatCompletionChunk, None]:
         """A streamed completion's chunks (``async for``); sent at the first chunk asked."""
         _no_model(kwargs)
         return self.serving()._stream(messages, **kwargs)
