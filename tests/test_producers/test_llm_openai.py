@@ -200,14 +200,17 @@ def test_the_async_client_creates_streams_and_is_cancelled_at_its_deadline(
 
     async def main() -> tuple[str, str]:
         client = AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
-        chat = AsyncOpenAIChat(llm, client, modes=modes, deadline_s=0.5)  # type: ignore[arg-type]
+        chat = AsyncOpenAIChat(llm, client, modes=modes)  # type: ignore[arg-type]
+        # The same chat with a deadline: only the hung call uses it, so a loaded machine
+        # cannot push the answered calls past it.
+        hurried = AsyncOpenAIChat(llm, client, modes=modes, deadline_s=0.3)  # type: ignore[arg-type]
         reply = await chat.create(MESSAGES)
         streamed = "".join(
             [chunk.choices[0].delta.content or "" async for chunk in chat.stream(MESSAGES)]
         )
-        server.script(Reply(delay_s=2.0))  # the server hangs
-        with pytest.raises(DeadlineExceeded):
-            await chat.create(MESSAGES)
+        server.script(Reply(delay_s=3.0))  # the server hangs
+        with pytest.raises(DeadlineExceeded, match=r"0\.3 s deadline"):
+            await hurried.create(MESSAGES)
         server.script(Reply(status=500))
         with pytest.raises(InternalServerError):
             await chat.create(MESSAGES)
