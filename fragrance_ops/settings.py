@@ -218,6 +218,10 @@ class LlmModeSettings(_Group):
     )
     max_tokens: int | None = Field(default=None, ge=1, description="None: the server's")
 
+    def sampling(self) -> dict[str, Any]:
+        """``temperature`` and ``max_tokens`` to send, those set (the rest: the server's)."""
+        return self.model_dump(include={"temperature", "max_tokens"}, exclude_none=True)
+
 
 _DEFAULT_LLM_MODES: dict[str, dict[str, Any]] = {
     "creative": {"temperature": 0.9, "max_tokens": 1024},

@@ -87,13 +87,7 @@ class LiteLLMOutcomes(CustomLogger):
     def request(self, llm: LlmClient) -> dict[str, Any]:
         """``model`` (the group), ``temperature`` and ``max_tokens`` for the next call."""
         mode = llm.choose_mode()
-        settings = self._modes[llm.model][mode]
-        params: dict[str, Any] = {"model": self.group(llm, mode)}
-        if settings.temperature is not None:
-            params["temperature"] = settings.temperature
-        if settings.max_tokens is not None:
-            params["max_tokens"] = settings.max_tokens
-        return params
+        return {"model": self.group(llm, mode)} | self._modes[llm.model][mode].sampling()
 
     # -- LiteLLM's hooks ---------------------------------------------------------------
 

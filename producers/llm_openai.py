@@ -60,12 +60,7 @@ def mode_parameters(
 ) -> dict[str, Any]:
     """``model``, and ``temperature`` and ``max_tokens`` when set, for a call in ``mode``."""
     chosen = modes[mode]
-    params: dict[str, Any] = {"model": chosen.model or llm.model}
-    if chosen.temperature is not None:
-        params["temperature"] = chosen.temperature
-    if chosen.max_tokens is not None:
-        params["max_tokens"] = chosen.max_tokens
-    return params
+    return {"model": chosen.model or llm.model} | chosen.sampling()
 
 
 def _no_model(kwargs: Mapping[str, Any]) -> None:
