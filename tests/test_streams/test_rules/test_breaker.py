@@ -478,6 +478,50 @@ def test_time_recovery_from_fast_goes_straight_to_creative_and_can_trip_again() 
     assert (again.state, again.mode, again.cache_ttl_s) == ("open", "balanced", 300.0)
 
 
+# As stored before recovery= and per-model settings existed (to_state at 2bc0914, version 1:
+# open at balanced until 1300 after 3 failures in creative and 1 in balanced, ids c0-c3).
+STORED_BEFORE_TIME_RECOVERY: dict[str, Any] = {
+    "version": 1,
+    "state": "open",
+    "mode": "balanced",
+    "until": 1300.0,
+    "probe_mode": None,
+    "epoch": 1,
+    "reason": "3 consecutive failures in creative: downshift to balanced",
+    "streak": [1, 0],
+    "window": "f",
+    "probes": [0, 0, 0],
+    "seen": "epgeVWvV1j9D8ACjb210TgVPfQ2eUFxdWH8gNy/NmcY=",
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "after_hold"),
+    [(DEFAULTS, ("half_open", "balanced", "creative")), (TIME, ("closed", "creative", None))],
+    ids=["probe", "time"],
+)
+def test_a_state_stored_before_time_recovery_reads_and_replays_the_same(
+    policy: BreakerPolicy, after_hold: tuple[str, str, str | None]
+) -> None:
+    def replay() -> list[Transition | None]:
+        breaker = ModelBreaker.from_state(MODEL, policy, dict(STORED_BEFORE_TIME_RECOVERY))
+        assert breaker.to_state() == STORED_BEFORE_TIME_RECOVERY  # nothing lost or added
+        return [
+            fail(breaker, "balanced", 1100.0, call_id="c3"),  # seen before the restart
+            fail(breaker, "balanced", 1100.0, call_id="c4"),  # streak 2 of 3: no trip
+            breaker.on_tick(1299.0),
+            breaker.on_tick(1300.0),
+        ]
+
+    first = replay()
+    assert first == replay()  # same state and inputs, same decisions
+    assert first[:3] == [None, None, None]
+    ended = first[3]
+    assert ended is not None
+    assert (ended.state, ended.mode, ended.probe_mode) == after_hold
+    assert ended.epoch == 2
+
+
 def test_a_probing_breaker_restored_under_time_recovery_closes_at_its_until() -> None:
     probing = opened_at_balanced(now=1000.0)
     assert probing.on_tick(1300.0) is not None  # half-open under probe recovery
