@@ -90,18 +90,21 @@ class DeadlineWatcher:
             if self._closed:  # the client is closed: calls still work, without a deadline
                 watch._watcher = None
                 return watch
+            if self._thread is None:
+                # Started before anything is queued: if no thread can start, this raises
+                # with the watcher unchanged (the call goes on unwatched, the next one retries).
+                thread = threading.Thread(
+                    target=self._run, name=f"llm-deadlines-{self._name}", daemon=True
+                )
+                thread.start()
+                self._thread = thread
             first = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._order), watch, on_expiry))
             self._armed += 1
             if len(self._heap) > _COMPACT_MIN and len(self._heap) > 4 * self._armed:
                 self._heap = [entry for entry in self._heap if entry[2]._state == _ARMED]
                 heapq.heapify(self._heap)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"llm-deadlines-{self._name}", daemon=True
-                )
-                self._thread.start()
-            elif first:
+            if first:
                 self._wake.notify()
         return watch
 

@@ -234,3 +234,30 @@ def test_the_watcher_fires_in_deadline_order_and_only_for_unsettled_calls() -> N
     assert watcher_threads("order-test") == []  # no thread outlives close()
     after_close = watcher.watch(0.01, lambda: fired.append("after close"))
     assert after_close.settle() is True  # unwatched: the call records itself
+
+
+def test_a_watcher_thread_that_cannot_start_costs_one_deadline_not_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient("no-thread-model", transport=transport)
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert llm.wrap(lambda prompt, *, mode: mode, deadline_s=0.05)("x") == "creative"
+    assert llm.stats.sdk_errors == 1  # the call went on unwatched
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+    def hanging(prompt: str, *, mode: str) -> str:
+        wait_until(lambda: len(outcomes(transport)) == 2)
+        return mode
+
+    llm.wrap(hanging, deadline_s=0.05)("x")  # the next call starts the thread and is watched
+    assert [o.get("error") for o in outcomes(transport)] == [
+        None,
+        "DeadlineExceeded: no answer within the 0.05 s deadline",
+    ]
+    llm.close()
