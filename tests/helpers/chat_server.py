@@ -45,6 +45,7 @@ class ChatServer:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.hung_up = threading.Event()  # a client closed a stream before its end
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         server = self
@@ -91,9 +92,13 @@ class ChatServer:
                 if pieces is None:
                     words = _text(body, reply).split(" ")
                     pieces = tuple(w if i == 0 else " " + w for i, w in enumerate(words))
-                for piece in pieces:
-                    self._event(_chunk(body, {"role": "assistant", "content": piece}, None))
-                    time.sleep(reply.chunk_delay_s)
+                try:
+                    for piece in pieces:
+                        self._event(_chunk(body, {"role": "assistant", "content": piece}, None))
+                        time.sleep(reply.chunk_delay_s)
+                except ConnectionError:
+                    server.hung_up.set()
+                    raise
                 if reply.cut:
                     self.wfile.write(b'40\r\ndata: {"id": "chatcmpl-1", "obj')  # half a chunk
                     self.wfile.flush()

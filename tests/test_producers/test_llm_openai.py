@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 
 import orjson
@@ -101,6 +102,22 @@ def test_a_streamed_answer_is_one_outcome_with_its_first_chunk_time(server: Chat
     assert isinstance(latency_ms, float)
     assert 100.0 <= first_token_ms < latency_ms
     assert latency_ms >= 200.0  # three chunks 50 ms apart after the first
+
+
+def test_a_reader_that_stops_early_releases_the_connection(server: ChatServer) -> None:
+    transport = InMemoryTransport()
+    chat = sync_chat(server, transport)
+    server.script(Reply(chunks=("amber",) * 10_000, chunk_delay_s=0.001))
+    gc.disable()  # the connection must be closed by the wrapper, not found by the collector
+    try:
+        stream = chat.stream(MESSAGES)
+        assert next(stream).choices[0].delta.content == "amber"
+        stream.close()
+        assert server.hung_up.wait(10)  # the server's next writes failed
+    finally:
+        gc.enable()
+    (outcome,) = outcomes(transport)
+    assert outcome["ok"] is True
 
 
 @pytest.mark.parametrize(
