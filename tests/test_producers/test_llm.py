@@ -5,53 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import orjson
 import pytest
 
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.response_cache import InProcessCache
-from schemas import LlmControl, Topic, encode
-from schemas.events import BreakerState, LlmMode
-
-MODEL = "qwen-fragrance"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def control(
-    state: BreakerState,
-    mode: LlmMode,
-    epoch: int,
-    *,
-    ttl: float = 300.0,
-    probe_mode: LlmMode | None = None,
-) -> bytes:
-    return encode(
-        LlmControl(
-            model=MODEL,
-            state=state,
-            mode=mode,
-            cache_ttl_s=ttl,
-            until=None if state == "closed" else 2_000.0,
-            reason="test",
-            ts=1.0,
-            epoch=epoch,
-            probe_mode=probe_mode,
-            probe_calls=3 if probe_mode else None,
-        )
-    )
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+from schemas import Topic
+from tests.helpers.llm import MODEL, Clock, control, outcomes
 
 
 def failing(prompt: str, *, mode: str) -> str:

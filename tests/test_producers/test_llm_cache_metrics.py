@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -18,43 +17,11 @@ from producers import InMemoryTransport
 from producers.llm import Caching, LlmClient
 from producers.llm_metrics import LlmMetrics
 from producers.response_cache import InProcessCache, RedisCache
-from schemas import LlmControl, Topic, encode
-from schemas.events import BreakerState, LlmMode
+from schemas import Topic
 from streams.rules.breaker import Transition
+from tests.helpers.llm import MODEL, Clock, control, outcomes
 
-MODEL = "qwen-fragrance"
 ROOT = Path(__file__).parents[2]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def control(
-    state: BreakerState, mode: LlmMode, epoch: int, ttl: float, probe: LlmMode | None = None
-) -> bytes:
-    return encode(
-        LlmControl(
-            model=MODEL,
-            state=state,
-            mode=mode,
-            cache_ttl_s=ttl,
-            until=None if state == "closed" else 2_000.0,
-            reason="test",
-            ts=1.0,
-            epoch=epoch,
-            probe_mode=probe,
-            probe_calls=3 if probe else None,
-        )
-    )
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
 
 
 class Model:
@@ -126,7 +93,7 @@ def test_probes_always_reach_the_model_and_refresh_the_cache() -> None:
     transport.deliver(
         Topic.LLM_CONTROL,
         MODEL.encode(),
-        control("half_open", "balanced", 1, 300.0, probe="creative"),
+        control("half_open", "balanced", 1, 300.0, probe_mode="creative"),
     )
     assert [generate("citrus") for _ in range(4)] == ["creative: citrus"] * 3 + ["balanced: citrus"]
     assert model.calls.count(("citrus", "creative")) == 4  # 3 probes called the model

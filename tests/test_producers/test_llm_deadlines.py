@@ -7,20 +7,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import orjson
 import pytest
 
 from fragrance_ops.settings import Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher
-from schemas import Topic
-
-MODEL = "qwen-fragrance"
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+from tests.helpers.llm import MODEL, outcomes
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:

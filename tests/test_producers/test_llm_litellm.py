@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable
 
-import orjson
 import pytest
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no fetch of the cost map
@@ -20,17 +19,12 @@ from fragrance_ops.settings import LlmModeSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_litellm import LiteLLMOutcomes
-from schemas import Topic
+from tests.helpers.llm import MODEL, outcomes
 
 # LiteLLM's own TypedDicts make pydantic warn when a Router builds them; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*`ReadOnly` qualifier:UserWarning")
 
-MODEL = "qwen-fragrance"
 MESSAGES = [{"role": "user", "content": "a fresh citrus accord"}]
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:

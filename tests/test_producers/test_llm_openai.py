@@ -6,7 +6,6 @@ import asyncio
 import gc
 from collections.abc import Iterator
 
-import orjson
 import pytest
 
 pytest.importorskip("openai", reason="the openai extra is not installed")
@@ -18,10 +17,9 @@ from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded
 from producers.llm_openai import AsyncOpenAIChat, OpenAIChat
-from schemas import Topic
 from tests.helpers.chat_server import ChatServer, Reply
+from tests.helpers.llm import MODEL, Clock, outcomes
 
-MODEL = "qwen-fragrance"
 MESSAGES = [{"role": "user", "content": "a fresh citrus accord"}]
 
 
@@ -29,10 +27,6 @@ MESSAGES = [{"role": "user", "content": "a fresh citrus accord"}]
 def server() -> Iterator[ChatServer]:
     with ChatServer() as chat_server:
         yield chat_server
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
 
 
 def sync_chat(server: ChatServer, transport: InMemoryTransport, **options: object) -> OpenAIChat:
@@ -154,14 +148,6 @@ def test_create_serves_from_the_cache_when_asked(server: ChatServer) -> None:
     assert len(server.requests) == 1
     chat.create([{"role": "user", "content": "another"}])
     assert len(server.requests) == 2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_fallback_model_serves_while_the_model_is_held_open(server: ChatServer) -> None:

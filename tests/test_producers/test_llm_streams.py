@@ -7,20 +7,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 
-import orjson
 import pytest
 
 from fragrance_ops.settings import Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded
-from schemas import Topic
-
-MODEL = "qwen-fragrance"
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+from tests.helpers.llm import MODEL, outcomes
 
 
 def ms(outcome: dict[str, object], name: str) -> float:
