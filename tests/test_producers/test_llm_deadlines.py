@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from fragrance_ops.settings import Settings
-from producers import InMemoryTransport
+from producers import InMemoryTransport, llm_deadlines
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher
 from tests.helpers.llm import MODEL, outcomes
@@ -234,15 +235,16 @@ def test_a_watcher_thread_that_cannot_start_costs_one_deadline_not_all(
 ) -> None:
     transport = InMemoryTransport()
     llm = LlmClient("no-thread-model", transport=transport)
-    start = threading.Thread.start
 
-    def refused(thread: threading.Thread) -> None:
-        raise RuntimeError("can't start new thread")
+    class Refused(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(threading.Thread, "start", refused)
-    assert llm.wrap(lambda prompt, *, mode: mode, deadline_s=0.05)("x") == "creative"
+    # Only the watcher's module sees threads refused; the rest of the process is unaffected.
+    with monkeypatch.context() as patch:
+        patch.setattr(llm_deadlines, "threading", types.SimpleNamespace(Thread=Refused))
+        assert llm.wrap(lambda prompt, *, mode: mode, deadline_s=0.05)("x") == "creative"
     assert llm.stats.sdk_errors == 1  # the call went on unwatched
-    monkeypatch.setattr(threading.Thread, "start", start)
 
     def hanging(prompt: str, *, mode: str) -> str:
         wait_until(lambda: len(outcomes(transport)) == 2)
