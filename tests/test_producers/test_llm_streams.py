@@ -213,6 +213,36 @@ def test_an_async_stream_is_cancelled_at_its_deadline_and_its_source_closed() ->
     assert llm.stats.deadlines == 1
 
 
+def test_a_cancelled_reader_closes_the_source_and_records_nothing() -> None:
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, transport=transport)
+    closed = []
+
+    async def main() -> list[str]:
+        answering = asyncio.Event()
+
+        async def stalling(prompt: str, *, mode: str) -> AsyncIterator[str]:
+            try:
+                yield "first"
+                answering.set()
+                await asyncio.sleep(10)
+                yield "never"
+            finally:
+                closed.append(True)
+
+        got: list[str] = []
+        reader = asyncio.create_task(collect(llm.wrap_stream(stalling)("x"), got))
+        await answering.wait()
+        reader.cancel()  # e.g. the user went away: neither the model's failure nor a success
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        return got
+
+    assert asyncio.run(main()) == ["first"]
+    assert closed == [True]
+    assert outcomes(transport) == []
+
+
 def test_a_failure_mid_async_stream_counts() -> None:
     transport = InMemoryTransport()
     llm = LlmClient(MODEL, transport=transport)
