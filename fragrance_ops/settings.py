@@ -204,6 +204,32 @@ class RewardSettings(_Group):
     )
 
 
+LlmModeName = Literal["creative", "balanced", "fast"]
+
+
+class LlmModeSettings(_Group):
+    """What one generation mode sends to an OpenAI-compatible server (producers/llm_openai.py)."""
+
+    model: str | None = Field(
+        default=None, min_length=1, description="model id; None: the LlmClient's model"
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, allow_inf_nan=False, description="None: the server's"
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="None: the server's")
+
+    def sampling(self) -> dict[str, Any]:
+        """``temperature`` and ``max_tokens`` to send, those set (the rest: the server's)."""
+        return self.model_dump(include={"temperature", "max_tokens"}, exclude_none=True)
+
+
+_DEFAULT_LLM_MODES: dict[str, dict[str, Any]] = {
+    "creative": {"temperature": 0.9, "max_tokens": 1024},
+    "balanced": {"temperature": 0.7, "max_tokens": 768},
+    "fast": {"temperature": 0.3, "max_tokens": 256},
+}
+
+
 class SdkSettings(_Group):
     """Client SDK behaviour. Env: FRAGRANCE_OPS_SDK__<NAME>."""
 
@@ -234,6 +260,36 @@ class SdkSettings(_Group):
     cache_max_entries: int = Field(
         default=10_000, ge=1, description="the LLM client's in-process response cache size"
     )
+    llm_modes: dict[LlmModeName, LlmModeSettings] = Field(
+        default_factory=lambda: {mode: dict(v) for mode, v in _DEFAULT_LLM_MODES.items()},
+        validate_default=True,
+        description="the OpenAI-compatible and LiteLLM wrappers: per generation mode, the "
+        "model (None: the LlmClient's model; LiteLLM: the model group, None: <model>-<mode>), "
+        "temperature and "
+        "max_tokens sent; what is left out keeps its default (JSON in the environment, e.g. "
+        '{"fast": {"model": "qwen2.5-1.5b-instruct"}})',
+    )
+    llm_deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="an LLM call (or stream) still running this long after it started "
+        "counts as the model failing then: async calls are cancelled (DeadlineExceeded), sync "
+        "calls are recorded at the deadline and return whenever they return; overridden per "
+        "function by wrap(deadline_s=) and per call by LlmClient.deadline(); None: no deadline",
+    )
+
+    @field_validator("llm_modes", mode="before")
+    @classmethod
+    def _every_mode(cls, value: Any) -> Any:
+        """A mode left out, or a field of a mode left out, keeps its default."""
+        if not isinstance(value, dict):
+            return value  # refused by the type
+        merged: dict[Any, Any] = {mode: dict(v) for mode, v in _DEFAULT_LLM_MODES.items()}
+        for mode, given in value.items():
+            default = merged.get(mode)
+            merged[mode] = default | given if default and isinstance(given, dict) else given
+        return merged
 
 
 class EntropySettings(_Group):
@@ -408,7 +464,8 @@ class BreakerSettings(_Group):
         default=None,
         gt=0,
         allow_inf_nan=False,
-        description="a successful call slower than this counts as a failure; None: never",
+        description="a successful call slower than this counts as a failure (a streamed "
+        "call: slower to its first chunk); None: never",
     )
     open_s: float = Field(
         default=300.0,
@@ -416,6 +473,13 @@ class BreakerSettings(_Group):
         allow_inf_nan=False,
         description="how long a downshift holds before probing the mode one step up; also "
         "how long a probe round may stay undecided before it is renewed",
+    )
+    recovery: Literal["probe", "time"] = Field(
+        default="probe",
+        description="how a downshift ends once open_s has passed: probe (half-open: probe "
+        "calls one mode up decide, step by step), or time (the operations guide's: back to "
+        "creative with ttl_closed_s at once, with no traffic at all; failures in creative "
+        "downshift again)",
     )
     probe_calls: int = Field(
         default=3,
@@ -467,6 +531,14 @@ class BreakerSettings(_Group):
         description="LLM SDK: exceptions that are the caller's own (neither a failure nor a "
         "success; no outcome is published)",
     )
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-model values of the settings above, by model name, for the worker's "
+        'breaker and the SDK alike, e.g. {"qwen-fragrance": {"open_s": 60, '
+        '"failure_threshold": 5}} (JSON in the environment); a model not named, and a '
+        "setting not given, takes the values above; tick_interval_s is the worker's, not a "
+        "model's",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -474,7 +546,32 @@ class BreakerSettings(_Group):
             raise ValueError("breaker probe_failures_to_reopen must not exceed probe_calls")
         if self.rate_min_calls > self.rate_window:
             raise ValueError("breaker rate_min_calls must not exceed rate_window")
+        for model, values in self.models.items():
+            unknown = set(values) - _PER_MODEL_BREAKER
+            if unknown:
+                raise ValueError(
+                    f"breaker models.{model}: {', '.join(sorted(unknown))} cannot be set per model"
+                )
+            try:
+                self.for_model(model)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: "
+                    + e["msg"].removeprefix("Value error, ")
+                    for e in exc.errors()
+                )
+                raise ValueError(f"breaker models.{model}: {problems}") from None
         return self
+
+    def for_model(self, model: str) -> BreakerSettings:
+        """These settings with ``models[model]``'s values, if any."""
+        values = self.models.get(model)
+        if not values:
+            return self
+        return BreakerSettings.model_validate(self.model_dump(exclude={"models"}) | values)
+
+
+_PER_MODEL_BREAKER = frozenset(BreakerSettings.model_fields) - {"models", "tick_interval_s"}
 
 
 class RetuneSettings(_Group):

@@ -317,6 +317,17 @@ class LlmOutcome(Event):
     call_id: Identifier | None = Field(
         default=None, description="set by the SDK, lets the stream drop duplicates"
     )
+    first_token_ms: NonNegative | None = Field(
+        default=None,
+        description="a streamed call: time to its first chunk (latency_ms is then the whole "
+        "stream's); null or absent for a call that is not streamed or failed before a chunk",
+    )
+
+    def response_ms(self) -> float:
+        """The latency the breaker judges (``slow_call_ms``): a stream's time to first
+        chunk, since its total depends on the answer's length and its reader; else the call's.
+        """
+        return self.latency_ms if self.first_token_ms is None else self.first_token_ms
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> LlmOutcome:

@@ -31,17 +31,25 @@ class Breakers:
     def __init__(self, ctx: ProcessorContext) -> None:
         self.ctx = ctx
         self.source = ctx.topic(Topic.LLM_OUTCOMES)
-        policy = BreakerPolicy.from_settings(ctx.settings.breaker)
+        self._policies: dict[str, BreakerPolicy] = {}
         table = StateTable(ctx.app, "llm-breakers", ctx.settings)
         self.live: LiveStates[ModelBreaker] = LiveStates(
             ctx,
             table,
             [self.source],
             name="llm-breakers",
-            new=lambda model: ModelBreaker(model, policy),
-            load=lambda model, state: ModelBreaker.from_state(model, policy, state),
+            new=lambda model: ModelBreaker(model, self.policy(model)),
+            load=lambda model, state: ModelBreaker.from_state(model, self.policy(model), state),
             dump=lambda breaker: breaker.to_state(),
         )
+
+    def policy(self, model: str) -> BreakerPolicy:
+        """The model's breaker numbers: ``breaker`` with its ``breaker.models`` values."""
+        policy = self._policies.get(model)
+        if policy is None:
+            settings = self.ctx.settings.breaker.for_model(model)
+            policy = self._policies[model] = BreakerPolicy.from_settings(settings)
+        return policy
 
     async def emit(
         self, transition: Transition | None, model_key: bytes, previous_mode: LlmMode
@@ -78,7 +86,7 @@ class Breakers:
         breaker = self.live.get(model_key, message.partition)
         previous_mode = breaker.mode
         transition = breaker.on_outcome(
-            outcome.ok, outcome.mode, outcome.latency_ms, self.ctx.now(), call_id=outcome.call_id
+            outcome.ok, outcome.mode, outcome.response_ms(), self.ctx.now(), call_id=outcome.call_id
         )
         self.live.applied(model_key, message)  # counters change without a transition too
         await self.emit(transition, model_key, previous_mode)

@@ -35,6 +35,11 @@ Transitions (``open_s`` is 300 s by default):
   decided nothing by then (no traffic, or probe outcomes lost) is renewed by a tick with a
   new epoch, so replicas get a fresh probe budget instead of waiting forever.
 
+Time recovery (``recovery="time"``, the operations guide's literal rule): the first tick at
+or after ``until`` of an open (or, from a state restored under ``probe``, half-open)
+breaker closes it: creative, ``ttl_closed_s``, no probe, no traffic needed. A failing model
+then trips again from creative after ``failure_threshold`` failures.
+
 With the defaults: 3 failures -> open/balanced/TTL 300; after 300 s -> half_open probing
 creative; 2 probe failures -> open/fast; after 300 s -> half_open probing balanced; 2 probe
 successes -> half_open at balanced probing creative; 2 more -> closed/creative/TTL 3,600.
@@ -96,6 +101,7 @@ class BreakerPolicy:
     rate_min_calls: int = 10
     slow_call_ms: float | None = None
     open_s: float = 300.0
+    recovery: Literal["probe", "time"] = "probe"
     probe_calls: int = 3
     probe_failures_to_reopen: int = 2
     ttl_closed_s: float = 3600.0
@@ -108,16 +114,19 @@ class BreakerPolicy:
             raise ValueError("probe_failures_to_reopen must lie within [1, probe_calls]")
         if not 1 <= self.rate_min_calls <= self.rate_window:
             raise ValueError("rate_min_calls must lie within [1, rate_window]")
+        if self.recovery not in ("probe", "time"):
+            raise ValueError(f"recovery must be 'probe' or 'time', got {self.recovery!r}")
         if self.failure_threshold < 1 or self.open_s <= 0 or self.dedupe_window < 0:
             raise ValueError("failure_threshold must be >= 1, open_s > 0 and dedupe_window >= 0")
 
     @classmethod
     def from_settings(cls, settings: BreakerSettings) -> BreakerPolicy:
-        # Not rule parameters: how often the worker calls on_tick, and which exceptions the
-        # LLM SDK reports as failures in the first place.
+        # Not rule parameters: how often the worker calls on_tick, which exceptions the LLM
+        # SDK reports as failures in the first place, and other models' values (a model's
+        # policy comes from ``settings.for_model(model)``).
         return cls(
             **settings.model_dump(
-                exclude={"tick_interval_s", "record_exceptions", "ignore_exceptions"}
+                exclude={"tick_interval_s", "record_exceptions", "ignore_exceptions", "models"}
             )
         )
 
@@ -256,10 +265,15 @@ class ModelBreaker:
         return self._open(cause, now)
 
     def on_tick(self, now: float) -> Transition | None:
-        """The worker's clock advanced: end the hold, or renew an undecided probe round."""
+        """The worker's clock advanced: end the hold (probing, or closing with
+        ``recovery="time"``), or renew an undecided probe round."""
         if self._until is None or now < self._until:
             return None
         open_s = self.policy.open_s
+        if self.policy.recovery == "time":
+            return self._change(
+                "closed", "creative", None, f"held {self._mode} for {open_s:g} s: recovered"
+            )
         if self._state == "open":
             up = step_up(self._mode)
             return self._change(

@@ -5,53 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import orjson
 import pytest
 
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.response_cache import InProcessCache
-from schemas import LlmControl, Topic, encode
-from schemas.events import BreakerState, LlmMode
-
-MODEL = "qwen-fragrance"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def control(
-    state: BreakerState,
-    mode: LlmMode,
-    epoch: int,
-    *,
-    ttl: float = 300.0,
-    probe_mode: LlmMode | None = None,
-) -> bytes:
-    return encode(
-        LlmControl(
-            model=MODEL,
-            state=state,
-            mode=mode,
-            cache_ttl_s=ttl,
-            until=None if state == "closed" else 2_000.0,
-            reason="test",
-            ts=1.0,
-            epoch=epoch,
-            probe_mode=probe_mode,
-            probe_calls=3 if probe_mode else None,
-        )
-    )
-
-
-def outcomes(transport: InMemoryTransport) -> list[dict[str, object]]:
-    return [orjson.loads(record.value) for record in transport.records(Topic.LLM_OUTCOMES)]
+from schemas import Topic
+from tests.helpers.llm import MODEL, Clock, control, outcomes
 
 
 def failing(prompt: str, *, mode: str) -> str:
@@ -140,6 +101,46 @@ def test_the_local_breaker_recovers_on_its_own_clock_without_the_stream() -> Non
     llm.record(ok=True, mode="creative", latency_ms=5.0)
     llm.record(ok=True, mode="creative", latency_ms=5.0)
     assert (llm.mode, llm.cache_ttl_s) == ("creative", 3600.0)
+
+
+def test_with_time_recovery_the_local_breaker_returns_to_creative_without_a_call() -> None:
+    transport = InMemoryTransport()
+    clock = Clock()
+    settings = Settings(breaker={"open_s": 10.0, "recovery": "time"})
+    llm = LlmClient(MODEL, settings=settings, transport=transport, clock=clock)
+    for _ in range(3):
+        llm.record(ok=False, mode="creative", latency_ms=5.0, error="boom")
+    assert (llm.mode, llm.cache_ttl_s) == ("balanced", 300.0)
+    clock.now += 10.0
+    assert (llm.mode, llm.cache_ttl_s, llm.status()["state"]) == ("creative", 3600.0, "closed")
+    assert llm.stats.probes == 0
+
+
+def test_the_local_breaker_and_failure_policy_take_the_model_s_own_settings() -> None:
+    settings = Settings(
+        breaker={
+            "models": {MODEL: {"failure_threshold": 5, "ignore_exceptions": ["builtins.KeyError"]}}
+        }
+    )
+    transport = InMemoryTransport()
+    llm = LlmClient(MODEL, settings=settings, transport=transport)
+    other = LlmClient("other-model", settings=settings, transport=transport)
+    for client in (llm, other):
+        for _ in range(3):
+            client.record(ok=False, mode="creative", latency_ms=1.0, error="boom")
+    assert (llm.mode, other.mode) == ("creative", "balanced")
+    for _ in range(2):
+        llm.record(ok=False, mode="creative", latency_ms=1.0, error="boom")
+    assert llm.mode == "balanced"
+
+    def missing(prompt: str, *, mode: str) -> str:
+        raise KeyError(prompt)
+
+    with pytest.raises(KeyError):
+        llm.wrap(missing)("x")
+    with pytest.raises(KeyError):
+        other.wrap(missing)("x")
+    assert (llm.stats.ignored, other.stats.ignored) == (1, 0)
 
 
 def test_the_cache_ttl_follows_the_control_stream_for_new_entries() -> None:

@@ -144,6 +144,15 @@ def test_llm_outcome_error_is_null_exactly_when_ok() -> None:
         decode(LlmOutcome, orjson.dumps(good | {"ok": False, "error": None}))
 
 
+def test_a_streamed_outcome_is_judged_by_its_first_chunk_and_older_ones_by_their_total() -> None:
+    base = {"model": "q", "ok": True, "mode": "fast", "latency_ms": 900.0, "ts": 1.0}
+    streamed = decode(LlmOutcome, orjson.dumps(base | {"first_token_ms": 40.0}))
+    assert (streamed.latency_ms, streamed.response_ms()) == (900.0, 40.0)
+    assert decode(LlmOutcome, orjson.dumps(base)).response_ms() == 900.0  # absent: the total
+    with pytest.raises(InvalidEvent):
+        decode(LlmOutcome, orjson.dumps(base | {"first_token_ms": -1.0}))
+
+
 @pytest.mark.parametrize("rating", [0, 5.5, "4", None])
 def test_ratings_must_be_numbers_from_1_to_5(rating: object) -> None:
     payload = orjson.dumps({"rating": rating, "user_id": "u", "formula_id": "f", "ts": 1.0})

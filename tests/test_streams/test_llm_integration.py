@@ -103,6 +103,68 @@ def test_three_failures_downshift_every_replica_and_probes_recover_step_by_step(
     assert [e["epoch"] for e in events] == [1, 2, 3, 4, 5, 6]
 
 
+def test_time_recovery_returns_every_replica_to_creative_with_no_traffic(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+) -> None:
+    settings = with_open_s(ops_settings, 2.0)
+    settings = settings.model_copy(
+        update={"breaker": settings.breaker.model_copy(update={"recovery": "time"})}
+    )
+    with make_worker(BREAKER__OPEN_S="2", BREAKER__RECOVERY="time"):
+        caller = LlmClient(MODEL, settings=settings)
+        idle = LlmClient(MODEL, settings=settings)  # never calls the model
+        for _ in range(3):
+            caller.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+        wait_for(lambda: following(idle, "open", "balanced"), 10, "the downshift")
+        # No call at all from here: the worker's timer ends the hold and publishes it (the
+        # replicas' own view of a stale decision would wait control_grace_s, 30 s).
+        wait_for(lambda: following(idle, "closed", "creative"), 10, "time recovery")
+        assert (idle.cache_ttl_s, caller.mode, caller.cache_ttl_s) == (3600.0, "creative", 3600.0)
+        events = control_events(kafka_bootstrap, settings, 2)
+        for client in (caller, idle):
+            client.close()
+    assert [(e["state"], e["mode"], e["cache_ttl_s"], e["epoch"]) for e in events] == [
+        ("open", "balanced", 300.0, 1),
+        ("closed", "creative", 3600.0, 2),
+    ]
+    assert events[1]["reason"] == "held balanced for 2 s: recovered"
+    assert isinstance(events[0]["until"], float)
+    assert isinstance(events[1]["ts"], float)
+    assert events[1]["ts"] >= events[0]["until"]
+
+
+def test_each_model_s_breaker_takes_its_own_settings(
+    make_worker: Callable[..., WorkerProcess],
+    ops_settings: Settings,
+    kafka_bootstrap: str,
+) -> None:
+    per_model = '{"qwen-fragrance": {"failure_threshold": 5}}'
+    with make_worker(BREAKER__MODELS=per_model):
+        # Clients with the plain settings: their local breakers trip at 3, so what the stream
+        # decides for qwen-fragrance shows in llm.control, not in the clients.
+        qwen = LlmClient(MODEL, settings=ops_settings)
+        other = LlmClient("other-model", settings=ops_settings)
+        for _ in range(3):
+            qwen.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+            other.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+        (first,) = control_events(kafka_bootstrap, ops_settings, 1)
+        assert (first["model"], first["mode"]) == ("other-model", "balanced")
+        topic = topic_name(Topic.LLM_CONTROL, ops_settings.kafka.topic_prefix)
+        with pytest.raises(AssertionError, match="condition not met"):  # not at 3 failures
+            consume_until(kafka_bootstrap, topic, lambda got: len(got) >= 2, 3)
+        for _ in range(2):  # the 4th and 5th, in creative (the mode the stream holds)
+            qwen.record(ok=False, mode="creative", latency_ms=10.0, error="boom")
+        events = control_events(kafka_bootstrap, ops_settings, 2)
+        for client in (qwen, other):
+            client.close()
+    by_model = {event["model"]: event for event in events}
+    assert (by_model[MODEL]["state"], by_model[MODEL]["mode"]) == ("open", "balanced")
+    assert "5 consecutive failures" in str(by_model[MODEL]["reason"])
+    assert "3 consecutive failures" in str(by_model["other-model"]["reason"])
+
+
 def test_a_downshift_survives_a_worker_sigkill_and_ends_on_time_once(
     make_worker: Callable[..., WorkerProcess],
     ops_settings: Settings,

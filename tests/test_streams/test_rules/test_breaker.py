@@ -395,6 +395,143 @@ def test_an_undecided_probe_round_is_renewed_with_a_fresh_budget() -> None:
     assert reopened.mode == "fast"
 
 
+# --- per-model settings ---------------------------------------------------------------------
+
+
+def test_a_model_s_own_values_override_the_group_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "FRAGRANCE_OPS_BREAKER__MODELS", '{"qwen-big": {"failure_threshold": 5, "open_s": 60}}'
+    )
+    settings = Settings().breaker
+    big = BreakerPolicy.from_settings(settings.for_model("qwen-big"))
+    assert (big.failure_threshold, big.open_s, big.ttl_closed_s) == (5, 60.0, 3600.0)
+    assert settings.for_model("qwen-small") is settings
+    assert BreakerPolicy.from_settings(settings.for_model("qwen-small")) == DEFAULTS
+    breaker = ModelBreaker("qwen-big", big)
+    assert fail_times(breaker, "creative", 4, 1000.0) is None
+    tripped = fail(breaker, "creative", 1000.0)
+    assert tripped is not None
+    assert tripped.until == 1060.0
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ({"m": {"tick_interval_s": 1.0}}, "tick_interval_s cannot be set per model"),
+        ({"m": {"no_such": 1}}, "no_such cannot be set per model"),
+        ({"m": {"open_s": 0}}, "models.m: open_s: Input should be greater than 0"),
+        ({"m": {"probe_calls": 1}}, "probe_failures_to_reopen must not exceed probe_calls"),
+    ],
+)
+def test_meaningless_per_model_values_are_refused_naming_the_model(
+    models: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        BreakerSettings(models=models)
+
+
+# --- time recovery (the guide's literal rule) -----------------------------------------------
+
+TIME = dataclasses.replace(DEFAULTS, recovery="time")
+
+
+def test_probe_recovery_is_the_default_and_the_environment_chooses_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert (Settings().breaker.recovery, DEFAULTS.recovery) == ("probe", "probe")
+    monkeypatch.setenv("FRAGRANCE_OPS_BREAKER__RECOVERY", "time")
+    assert ModelBreaker.from_settings(MODEL, Settings().breaker).policy == TIME
+    monkeypatch.setenv("FRAGRANCE_OPS_BREAKER__RECOVERY", "sometimes")
+    with pytest.raises(ValidationError):
+        Settings()
+    with pytest.raises(ValueError, match="recovery must be"):
+        BreakerPolicy(recovery="sometimes")  # type: ignore[arg-type]
+
+
+def test_time_recovery_returns_to_creative_after_open_s_with_no_traffic() -> None:
+    breaker = opened_at_balanced(TIME, now=1000.0)
+    assert breaker.on_tick(1299.9) is None
+    recovered = breaker.on_tick(1300.0)  # the first tick at until: no call was made
+    assert recovered is not None
+    assert (recovered.state, recovered.mode, recovered.cache_ttl_s, recovered.until) == (
+        "closed",
+        "creative",
+        3600.0,
+        None,
+    )
+    assert (recovered.probe_mode, recovered.probe_calls, recovered.epoch) == (None, None, 2)
+    assert recovered.reason == "held balanced for 300 s: recovered"
+    assert breaker.on_tick(5000.0) is None  # closed stays closed
+
+
+def test_time_recovery_from_fast_goes_straight_to_creative_and_can_trip_again() -> None:
+    breaker = opened_at_balanced(TIME, now=1000.0)
+    tripped = fail_times(breaker, "balanced", 3, 1100.0)  # a trip while degraded
+    assert tripped is not None
+    assert (tripped.mode, tripped.until) == ("fast", 1400.0)
+    assert breaker.on_tick(1300.0) is None  # the hold restarted at the second trip
+    recovered = breaker.on_tick(1400.0)
+    assert recovered is not None
+    assert (recovered.state, recovered.mode) == ("closed", "creative")
+    again = fail_times(breaker, "creative", 3, 1401.0)
+    assert again is not None
+    assert (again.state, again.mode, again.cache_ttl_s) == ("open", "balanced", 300.0)
+
+
+# As stored before recovery= and per-model settings existed (to_state at 2bc0914, version 1:
+# open at balanced until 1300 after 3 failures in creative and 1 in balanced, ids c0-c3).
+STORED_BEFORE_TIME_RECOVERY: dict[str, Any] = {
+    "version": 1,
+    "state": "open",
+    "mode": "balanced",
+    "until": 1300.0,
+    "probe_mode": None,
+    "epoch": 1,
+    "reason": "3 consecutive failures in creative: downshift to balanced",
+    "streak": [1, 0],
+    "window": "f",
+    "probes": [0, 0, 0],
+    "seen": "epgeVWvV1j9D8ACjb210TgVPfQ2eUFxdWH8gNy/NmcY=",
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "after_hold"),
+    [(DEFAULTS, ("half_open", "balanced", "creative")), (TIME, ("closed", "creative", None))],
+    ids=["probe", "time"],
+)
+def test_a_state_stored_before_time_recovery_reads_and_replays_the_same(
+    policy: BreakerPolicy, after_hold: tuple[str, str, str | None]
+) -> None:
+    def replay() -> list[Transition | None]:
+        breaker = ModelBreaker.from_state(MODEL, policy, dict(STORED_BEFORE_TIME_RECOVERY))
+        assert breaker.to_state() == STORED_BEFORE_TIME_RECOVERY  # nothing lost or added
+        return [
+            fail(breaker, "balanced", 1100.0, call_id="c3"),  # seen before the restart
+            fail(breaker, "balanced", 1100.0, call_id="c4"),  # streak 2 of 3: no trip
+            breaker.on_tick(1299.0),
+            breaker.on_tick(1300.0),
+        ]
+
+    first = replay()
+    assert first == replay()  # same state and inputs, same decisions
+    assert first[:3] == [None, None, None]
+    ended = first[3]
+    assert ended is not None
+    assert (ended.state, ended.mode, ended.probe_mode) == after_hold
+    assert ended.epoch == 2
+
+
+def test_a_probing_breaker_restored_under_time_recovery_closes_at_its_until() -> None:
+    probing = opened_at_balanced(now=1000.0)
+    assert probing.on_tick(1300.0) is not None  # half-open under probe recovery
+    restored_under_time = restored(probing, TIME)
+    assert restored_under_time.on_tick(1599.0) is None
+    closed = restored_under_time.on_tick(1600.0)
+    assert closed is not None
+    assert (closed.state, closed.mode, closed.cache_ttl_s) == ("closed", "creative", 3600.0)
+
+
 # --- trip options ---------------------------------------------------------------------------
 
 
