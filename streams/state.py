@@ -99,6 +99,6 @@ class StateWriter:
     async def delivered(self) -> None:
         """Wait until every state record written so far is on the broker."""
         failures, self._failures = self._failures, []
-        problem = await flushed(self._producer, self._timeout_s, failures)
+        problem = await flushed([self._producer], self._timeout_s, failures)
         if problem:
             raise StateDeliveryError(f"state records: {problem}")
