@@ -548,6 +548,14 @@ class RetuneSettings(_Group):
         "a window is checked after every rating from min_window on: at 0.95 a mean exactly "
         "on a threshold fired in about 11% of simulated windows, at 0.99 in 2.5%)",
     )
+    confidence_gate: bool = Field(
+        default=True,
+        description="judge a window by its confidence intervals (a rule fires on evidence); "
+        "false: the guide's literal rule, the window's point mean and sample variance "
+        "against the thresholds, so every window is decided at min_window counted ratings "
+        "(or at its timeout) and a statistic on its threshold's side by chance fires (about "
+        "half the windows whose true mean is exactly 3.0 raise entropy_coef)",
+    )
     per_user_cap: int = Field(
         default=5,
         ge=1,

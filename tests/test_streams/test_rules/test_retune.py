@@ -685,3 +685,61 @@ def test_the_issue_cases_fire_under_the_default_99_percent_confidence(
     assert closed, "no window closed"
     _index, verdict = closed[0]
     assert list(verdict.changes) == [parameter]
+
+
+# --- the guide's literal rule (no confidence gate) -------------------------------------------
+
+LITERAL = RetuneSettings(confidence_gate=False)
+# 100 ratings, mean 2.85 and sample variance 1.644: each just past its threshold, too close
+# for a 99% interval to clear it.
+NEAR_THRESHOLDS = shuffled({1: 20, 2: 20, 3: 25, 4: 25, 5: 10}, seed=9)
+
+
+def test_without_the_confidence_gate_the_guides_rule_gives_its_sample_output() -> None:
+    closed = feed(Retuner("r", LITERAL), stream(NEAR_THRESHOLDS))
+    assert len(closed) == 1
+    index, verdict = closed[0]
+    assert (index, verdict.size, verdict.closed_by) == (99, 100, "evidence")
+    # The operations guide's sample output after 100 ratings, from the defaults:
+    assert str(verdict.changes) == "{'entropy_coef': 0.02, 'learning_rate': 0.0001}"
+    assert statuses(verdict) == {
+        "low_mean": "fired",
+        "high_variance": "fired",
+        "high_mean": "not_fired",
+    }
+    assert (verdict.confidence, verdict.mean_interval, verdict.variance_interval) == (
+        None,
+        None,
+        None,
+    )
+    text = verdict.rationale
+    assert "mean 2.85, variance 1.644 (no confidence gate: the guide's literal rule)" in text
+    assert "low_mean (mean < 3) fired: mean 2.85 < 3: entropy_coef 0.01 -> 0.02" in text
+    assert "high_variance (variance > 1.5) fired: variance 1.644 > 1.5: learning_rate" in text
+    assert "high_mean (mean >= 4) not fired: mean 2.85 < 4" in text
+    command = verdict.command(issued_at=T0)
+    assert command is not None
+    assert command.changes == {"entropy_coef": 0.02, "learning_rate": 0.0001}
+    assert command.window["confidence"] is None
+    # With the gate (the default) the same 100 ratings are no evidence: the window goes on.
+    assert feed(Retuner("r", RetuneSettings()), stream(NEAR_THRESHOLDS)) == []
+
+
+def test_without_the_confidence_gate_the_thresholds_are_the_guides_comparisons() -> None:
+    # Mean exactly 3.0 and variance 0.505: "< 3" and "> 1.5" are false, nothing proposed.
+    verdict = only_verdict(Retuner("r", LITERAL), stream(STRADDLING[:100]))
+    assert statuses(verdict) == dict.fromkeys(
+        ("low_mean", "high_variance", "high_mean"), "not_fired"
+    )
+    assert verdict.changes == {}
+    # Mean exactly 4.0: ">= 4" fires.
+    verdict = only_verdict(Retuner("r", LITERAL), stream([3.0, 5.0] * 50))
+    assert statuses(verdict)["high_mean"] == "fired"
+    assert verdict.changes == {"clip_epsilon": 0.16}
+    # A variance equal to the threshold is not above it; a hair above fires.
+    values = [1.0, 2.0, 3.0, 4.0, 5.0] * 20  # sample variance 2.0202...
+    variance = statistics.variance(values)
+    for threshold, status in ((variance, "not_fired"), (variance - 1e-9, "fired")):
+        literal = RetuneSettings(confidence_gate=False, high_variance_threshold=threshold)
+        verdict = only_verdict(Retuner("r", literal), stream(values))
+        assert statuses(verdict)["high_variance"] == status
