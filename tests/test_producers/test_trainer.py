@@ -12,7 +12,16 @@ import pytest
 from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import CommandRejected, InMemoryTransport, KafkaTransport, TrainerClient
-from schemas import Command, InvalidEvent, SetEntropyCoef, StepMetric, Topic, decode, encode
+from schemas import (
+    Command,
+    InvalidEvent,
+    RewardStats,
+    SetEntropyCoef,
+    StepMetric,
+    Topic,
+    decode,
+    encode,
+)
 
 
 @pytest.fixture
@@ -166,3 +175,38 @@ def test_the_kafka_producer_uses_the_java_partitioner() -> None:
     transport = KafkaTransport(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1")))
     assert JAVA_COMPATIBLE_PARTITIONER == "murmur2_random"
     assert transport.close(0) >= 0
+
+
+def reward_stats(run_id: str, step: int, reward: float, count: int) -> bytes:
+    return encode(
+        RewardStats(
+            run_id=run_id,
+            step=step,
+            reward=reward,
+            normalized_reward=0.5,
+            mean=reward / 2,
+            std=1.0,
+            count=count,
+            ts=1.0,
+        )
+    )
+
+
+def test_the_newest_reward_stats_of_the_run_are_kept_without_waiting(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    assert client.reward_stats is None  # nothing published yet
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 1, 1.0, 1))
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 2, 3.0, 2))
+    transport.deliver(Topic.REWARD_STATS, b"run-2", reward_stats("run-2", 9, 9.0, 9))
+    transport.deliver(Topic.REWARD_STATS, b"run-1", b'{"run_id": "run-1"}')  # invalid: skipped
+    stats = client.reward_stats
+    assert stats is not None
+    assert (stats.step, stats.reward, stats.mean, stats.count) == (2, 3.0, 1.5, 2)
+    assert client.reward_stats == stats  # kept until newer ones arrive
+
+
+def test_a_client_not_reading_reward_stats_has_none(transport: InMemoryTransport) -> None:
+    client = TrainerClient("run-1", transport=transport, receive_reward_stats=False)
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 1, 1.0, 1))
+    assert client.reward_stats is None
