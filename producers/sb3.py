@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3 import A2C, DQN, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -111,7 +111,7 @@ class FragranceOpsCallback(BaseCallback):
             self._updates_seen = model._n_updates
             return
         optimizers = _optimizers(model)
-        clip_range = getattr(model, "clip_range", None) if isinstance(model, PPO) else None
+        clip_range = getattr(model, "clip_range", None)  # PPO and its kin (RecurrentPPO, ...)
         self._ops = TorchRunOps(
             self.client,
             _checkpointed(model),
