@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str | bytes | None]]
 _FULL_QUEUE_WAIT_S = 0.001
+# gzip at level 1: 200,000 reward-stats records cost 0.62 s of CPU to send, against 1.15 s at
+# librdkafka's default level (lz4: 0.31 s; uncompressed: 0.51 s, the larger requests).
+_LEVELS: dict[Codec, dict[str, int]] = {"gzip": {"compression.level": 1}}
 
 
 class OutputDeliveryError(RuntimeError):
@@ -77,7 +80,7 @@ class OutputProducer:
             producer = self._by_codec.get(codec)
             if producer is None:
                 producer = Producer(
-                    {**self._config, "compression.type": codec},
+                    {**self._config, "compression.type": codec, **_LEVELS.get(codec, {})},
                     logger=logging.getLogger("streams.librdkafka"),
                 )
                 self._by_codec[codec] = producer

@@ -1,8 +1,9 @@
 """A trainer in another language: Node.js with kafkajs, coded from the contract alone.
 
 kafkajs with its defaults reads uncompressed and gzip batches only; the worker's commands
-must reach it (``worker.output_topic_compression``), and its records, partitioned by
-kafkajs's default partitioner, must land where the worker and the Python SDK put the run's.
+and reward statistics must reach it (``worker.output_topic_compression``), and its records,
+partitioned by kafkajs's default partitioner, must land where the worker and the Python SDK
+put the run's.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def test_a_kafkajs_trainer_receives_its_rollback_and_acknowledges_it(
     assert report["restoredAt"] == 100
     assert report["attempt"] == 1
     assert [c["type"] for c in received].count("set_entropy_coef") >= 2  # start and resume
+
+    # Reward statistics (gzip) reach it too: the window after its newest steps.
+    assert report["rewardStatsRead"] > 200
+    assert report["rewardStats"]["run_id"] == RUN_ID
+    assert report["rewardStats"]["count"] > 200
 
     rollback_acks = [a for a in decoded(acks) if a["command_id"] == rollbacks[0]["command_id"]]
     assert [ack["status"] for ack in rollback_acks] == ["applied"]

@@ -5,8 +5,9 @@
 // It announces its run, reports a step's metrics (a simulated, slowly falling loss), saves a
 // checkpoint every INTERVAL steps (kept in memory), diverges once at SPIKE_STEP, applies the
 // worker's commands between steps and acknowledges each on trainer.acks. A rollback restores
-// the checkpoint and continues after its step under the next attempt. It stops AFTER steps
-// past the restored one and prints one JSON line: what it received and what it did.
+// the checkpoint and continues after its step under the next attempt. It also reads its
+// reward statistics. It stops AFTER steps past the restored one and prints one JSON line:
+// what it received and what it did.
 'use strict';
 
 const { Kafka, Partitioners, logLevel } = require('kafkajs');
@@ -43,13 +44,23 @@ async function main() {
   const handled = new Set(); // command ids already applied: each is applied once
   const pending = []; // commands read, applied between steps (in the training loop)
 
-  await consumer.subscribe({ topic: topic('trainer.commands'), fromBeginning: true });
+  let rewardStats = null; // the newest window statistics of this run (gzip-compressed)
+  let rewardStatsRead = 0;
+  await consumer.subscribe({
+    topics: [topic('trainer.commands'), topic('trainer.reward-stats')],
+    fromBeginning: true,
+  });
   await consumer.run({
-    eachMessage: async ({ message }) => {
+    eachMessage: async ({ topic: from, message }) => {
       if (message.key === null || message.key.toString() !== RUN_ID) return; // another run
-      const command = JSON.parse(message.value.toString());
-      received.push(command);
-      pending.push(command);
+      const value = JSON.parse(message.value.toString());
+      if (from === topic('trainer.reward-stats')) {
+        rewardStats = value;
+        rewardStatsRead += 1;
+        return;
+      }
+      received.push(value);
+      pending.push(value);
     },
   });
 
@@ -130,7 +141,8 @@ async function main() {
   }
   await sleep(1000); // a second rollback would arrive now
   while (pending.length > 0) await apply(pending.shift());
-  console.log(JSON.stringify({ received, restoredAt, attempt: run.attempt, step: run.step }));
+  const report = { received, restoredAt, attempt: run.attempt, step: run.step };
+  console.log(JSON.stringify({ ...report, rewardStats, rewardStatsRead }));
   await consumer.disconnect();
   await producer.disconnect();
 }
