@@ -13,9 +13,12 @@ Each command id is handled once and acknowledged on ``trainer.acks``; with ``app
 With ``security.require_signed_commands``, a command whose signature (``schemas/signing.py``)
 is missing or wrong is not applied: it is acknowledged ``rejected`` with the reason.
 
-The worker's reward statistics for the run (``trainer.reward-stats``: the step's normalized
-reward and the window's mean, std and count) are read in the background too; ``reward_stats``
-is the newest, without waiting (None until the first arrives).
+With ``receive_reward_stats=True`` the worker's reward statistics for the run
+(``trainer.reward-stats``: the step's normalized reward and the window's mean, std and count)
+are read in the background too, from the end of the partition (only the newest counts, so
+the history of the runs sharing it is never read); ``reward_stats`` is the newest, without
+waiting (None until the first arrives). Off by default: a second consumer per trainer,
+reading every run's statistics on the partition, is a cost only a loop that uses them pays.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class TrainerClient:
         transport: Transport | None = None,
         attempt: int = 0,
         receive_commands: bool = True,
-        receive_reward_stats: bool = True,
+        receive_reward_stats: bool = False,
         applied_log: Path | str | None = None,
     ) -> None:
         self.run_id = run_id
@@ -110,12 +113,13 @@ class TrainerClient:
             if receive_commands
             else None
         )
-        # Offsets are committed as stats are taken, so a restarted trainer skips those read.
+        # From the partition's end, newest record only, nothing committed.
         self._stats_reader = (
             self._transport.reader(
                 self._topics[Topic.REWARD_STATS],
                 self._key,
                 group_id=f"{self.settings.worker.app_id}.trainer.{run_id}.reward-stats",
+                latest_only=True,
             )
             if receive_reward_stats
             else None
@@ -202,11 +206,12 @@ class TrainerClient:
     def reward_stats(self) -> RewardStats | None:
         """The newest reward statistics the worker published for this run (the window after
         one step's reward: ``normalized_reward``, ``mean``, ``std``, ``count``), as read so
-        far in the background; None before the first. Never waits, never raises."""
+        far in the background since the client started (None before the first, and always
+        without ``receive_reward_stats``). Never waits, never raises: an invalid record is
+        skipped with a warning and the previous statistics are kept."""
         if self._stats_reader is None:
             return None
-        records = self._stats_reader.poll()
-        for record in records:
+        for record in self._stats_reader.poll():  # the newest record only
             try:
                 stats = decode(RewardStats, record.value)
             except InvalidEvent as exc:
@@ -214,8 +219,6 @@ class TrainerClient:
                 continue
             if stats.run_id == self.run_id:
                 self._reward_stats = stats
-        if records:
-            self._stats_reader.commit(records[-1])
         return self._reward_stats
 
     def on_command(self, command_type: str, handler: CommandHandler) -> None:

@@ -182,27 +182,37 @@ def test_malformed_metrics_are_dead_lettered_and_good_ones_processed(
     assert_matches_numpy(stats, rewards)
 
 
-def test_the_trainer_reads_the_newest_window_statistics_of_its_own_run(
-    make_worker: Callable[..., WorkerProcess], ops_settings: Settings
+def test_the_trainer_reads_the_newest_window_statistics_of_its_own_run_from_now_on(
+    make_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
 ) -> None:
-    rewards = make_rewards(3, {"reader": 300, "other": 300})
+    rewards = make_rewards(3, {"reader": 400, "other": 400})
+    stats_topic = topic_name(Topic.REWARD_STATS, ops_settings.kafka.topic_prefix)
     with make_worker():
-        other = TrainerClient("other", settings=ops_settings, receive_commands=False)
-        with TrainerClient("reader", settings=ops_settings) as client:
-            for step in range(300):
+        # History on the partition: 200 steps of this run (an earlier attempt), 400 of another.
+        history = {"reader": rewards["reader"][:200], "other": rewards["other"]}
+        publish(ops_settings, history, 0, 400)
+        consume_until(
+            kafka_bootstrap, stats_topic, lambda got: ("reader", 199) in distinct_steps(got)
+        )
+        with TrainerClient(
+            "reader", settings=ops_settings, receive_commands=False, receive_reward_stats=True
+        ) as client:
+            reader = client._stats_reader
+            assert reader is not None
+            assert reader.wait_caught_up(60)  # at the partition's end
+            assert client.reward_stats is None  # the history was not read
+            for step in range(200, 400):
                 client.log_step(step, loss=1.0, reward=float(rewards["reader"][step]))
-                other.log_step(step, loss=1.0, reward=float(rewards["other"][step]))
             client.flush()
-            other.close()
             deadline = time.monotonic() + 60
-            while (stats := client.reward_stats) is None or stats.step < 299:
+            while (stats := client.reward_stats) is None or stats.step < 399:
                 assert time.monotonic() < deadline, f"newest stats read: {stats}"
                 time.sleep(0.05)
-    # The worker's window (all 300 rewards), as the rule computes it, to the bit.
+    # The worker's window (all 400 rewards of the run), as the rule computes it, to the bit.
     window = RewardWindow(WINDOW)
     for step, reward in enumerate(rewards["reader"]):
         expected = window.add(float(reward), step=step)
     assert expected is not None
-    assert (stats.run_id, stats.reward, stats.count) == ("reader", expected.reward, 300)
+    assert (stats.run_id, stats.reward, stats.count) == ("reader", expected.reward, 400)
     assert (stats.mean, stats.std) == (expected.mean, expected.std)
     assert stats.normalized_reward == expected.normalized_reward
