@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
 
@@ -127,23 +127,36 @@ class OutputProducer:
 
         Callers hold every agent's lock (nothing is sent meanwhile), so the flush ends.
         """
-        failures, self._failures = self._failures, []
-        problem = await flushed(self._by_codec.values(), self._flush_timeout_s, failures)
+        problem = await flushed(list(self._by_codec.values()), self._flush_timeout_s, self)
         if problem:
             raise OutputDeliveryError(f"outputs: {problem}")
 
+    def take_failures(self) -> list[KafkaError]:
+        failures, self._failures = self._failures, []
+        return failures
 
-async def flushed(
-    producers: Iterable[Producer], timeout_s: float, failures: list[KafkaError]
-) -> str:
-    """Flush ``producers`` together off the event loop; what went wrong, with the delivery
-    failures reported since the last flush (empty: everything is on the broker)."""
+
+class _Failures(Protocol):
+    def take_failures(self) -> list[KafkaError]:
+        """The delivery failures reported since the last call."""
+        ...
+
+
+async def flushed(producers: Iterable[Producer], timeout_s: float, reports: _Failures) -> str:
+    """Flush ``producers`` together off the event loop; what went wrong, with every delivery
+    failure reported up to the end of the flush (empty: everything is on the broker).
+
+    The failures are taken after the flush: librdkafka reports a delivery (its callback)
+    only inside poll or flush, so a record that failed since the last poll is reported by
+    this very flush and must fail it.
+    """
     loop = asyncio.get_running_loop()
     remaining = sum(
         await asyncio.gather(
             *(loop.run_in_executor(None, producer.flush, timeout_s) for producer in producers)
         )
     )
+    failures = reports.take_failures()
     if not remaining and not failures:
         return ""
     return (
