@@ -743,3 +743,12 @@ def test_without_the_confidence_gate_the_thresholds_are_the_guides_comparisons()
         literal = RetuneSettings(confidence_gate=False, high_variance_threshold=threshold)
         verdict = only_verdict(Retuner("r", literal), stream(values))
         assert statuses(verdict)["high_variance"] == status
+
+
+def test_without_the_confidence_gate_a_mean_on_the_threshold_fires_about_half_the_time() -> None:
+    # 200 windows of 100 ratings drawn uniformly from 1..5: the true mean is exactly 3.0.
+    fired = 0
+    for seed in range(200):
+        verdict = only_verdict(Retuner("r", LITERAL), stream(sampled([1.0] * 5, 100, seed)))
+        fired += statuses(verdict)["low_mean"] == "fired"
+    assert 0.35 < fired / 200 < 0.65  # by chance alone: the setting's documented caveat
