@@ -63,11 +63,20 @@ class Divergence(BaseCallback):
     ``CallbackList``. ``restored`` is what the rollback that followed restored
     (``restorable_state``), taken before training went on from it."""
 
-    def __init__(self, ops_callback: FragranceOpsCallback, at_step: int, pace_s: float = 0.0):
+    def __init__(
+        self,
+        ops_callback: FragranceOpsCallback,
+        at_step: int,
+        pace_s: float = 0.0,
+        stop_after_step: int | None = None,
+    ):
         super().__init__()
         self.ops_callback = ops_callback
         self.at_step = at_step
         self.pace_s = pace_s  # per environment step once injected: lets a worker catch up
+        # Restored and past this operations step: learn() stops (its budget is then only a
+        # bound on how long the worker may take to answer, not a deadline it must meet).
+        self.stop_after_step = stop_after_step
         self.injected = False
         self.restored: dict[str, Any] | None = None
 
@@ -84,4 +93,7 @@ class Divergence(BaseCallback):
     def _on_step(self) -> bool:
         if self.injected and self.restored is None and self.pace_s:
             time.sleep(self.pace_s)
-        return True
+        stop = self.stop_after_step
+        return not (
+            self.restored is not None and stop is not None and self.ops_callback.ops.step > stop
+        )

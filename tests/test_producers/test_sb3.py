@@ -309,3 +309,23 @@ def test_with_the_default_rules_a2c_on_cartpole_is_never_rolled_back(
     assert announced["settings"] == {"anomaly.baseline": "median", "anomaly.patience": 3}
     assert operations.of_type("rollback") == []
     assert operations.of_type("halt") == []
+
+
+def test_with_the_guides_anomaly_rule_a_clean_a2c_run_is_rolled_back(tmp_path: Path) -> None:
+    # Why A2C gets its overrides: with the guide's rule (the previous loss as the baseline,
+    # acting on the first spike) a clean run's noisy loss is taken for a divergence (seeds
+    # 2 and 3 of 1-3 within 400 updates; seed 3 at update 296, a 4.6x "spike").
+    settings = settings_with(interval_steps=10)
+    transport = InMemoryTransport()
+    operations = InMemoryOperations(transport, settings)
+    client = TrainerClient("a2c-guide-rule", settings=settings, transport=transport)
+    guide_rule = {"anomaly.baseline": "previous", "anomaly.patience": 1}  # the defaults
+    callback = FragranceOpsCallback(client, tmp_path / "run", run_settings=guide_rule)
+    small_model("a2c", seed=3).learn(5 * 300, callback=callback)
+    (announced,) = published(transport, Topic.RUNS)
+    assert announced["settings"] == guide_rule
+    rollbacks = operations.of_type("rollback")
+    assert rollbacks, "the guide's rule took no clean update for a divergence"
+    first = rollbacks[0]
+    assert isinstance(first, Rollback)
+    assert "loss spike" in first.reason
