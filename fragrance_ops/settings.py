@@ -553,8 +553,9 @@ class RetuneSettings(_Group):
         description="judge a window by its confidence intervals (a rule fires on evidence); "
         "false: the guide's literal rule, the window's point mean and sample variance "
         "against the thresholds, so every window is decided at min_window counted ratings "
-        "(or at its timeout) and a statistic on its threshold's side by chance fires (about "
-        "half the windows whose true mean is exactly 3.0 raise entropy_coef)",
+        "(one closed by its timeout with fewer than timeout_min_ratings still proposes "
+        "nothing) and a statistic on its threshold's side by chance fires (about half the "
+        "windows whose true mean is exactly 3.0 raise entropy_coef)",
     )
     per_user_cap: int = Field(
         default=5,

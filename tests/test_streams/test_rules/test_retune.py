@@ -752,3 +752,18 @@ def test_without_the_confidence_gate_a_mean_on_the_threshold_fires_about_half_th
         verdict = only_verdict(Retuner("r", LITERAL), stream(sampled([1.0] * 5, 100, seed)))
         fired += statuses(verdict)["low_mean"] == "fired"
     assert 0.35 < fired / 200 < 0.65  # by chance alone: the setting's documented caveat
+
+
+def test_without_the_confidence_gate_a_timeout_with_few_ratings_still_proposes_nothing() -> None:
+    retuner = Retuner("r", LITERAL)
+    feed(retuner, stream([1.0, 2.0] * 5))  # mean 1.5 < 3 literally, but only 10 ratings
+    verdict = retuner.on_tick(T0 + 3600.0)
+    assert verdict is not None
+    assert verdict.changes == {}
+    assert verdict.undecided == ("low_mean", "high_variance", "high_mean")
+    # With 30 (timeout_min_ratings), the literal rule decides at the timeout.
+    retuner = Retuner("r", LITERAL)
+    feed(retuner, stream([1.0, 2.0] * 15))
+    verdict = retuner.on_tick(T0 + 3600.0)
+    assert verdict is not None
+    assert verdict.changes == {"entropy_coef": 0.02}
