@@ -34,8 +34,8 @@ SPIKE_STEP = 130
 
 @pytest.fixture(scope="session")
 def node_trainer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trainer's directory with kafkajs installed from npm (the version package-lock
-    pins)."""
+    """The trainer's directory with kafkajs installed by npm ci (the version and integrity
+    package-lock pins; from npm's cache when it has them, else from the registry)."""
     npm = shutil.which("npm")
     if shutil.which("node") is None or npm is None:
         pytest.skip("node and npm are needed for the kafkajs trainer (.ci/run installs them)")
@@ -43,7 +43,7 @@ def node_trainer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("package.json", "package-lock.json", "trainer.js"):
         shutil.copy(TRAINER_SOURCE / name, directory / name)
     installed = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        [npm, "ci", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"],
         cwd=directory,
         capture_output=True,
         text=True,
@@ -85,7 +85,9 @@ def test_a_kafkajs_trainer_receives_its_rollback_and_acknowledges_it(
             check=False,
         )
         assert trainer.returncode == 0, trainer.stderr
-        report = orjson.loads(trainer.stdout.strip().splitlines()[-1])
+        lines = trainer.stdout.strip().splitlines()
+        assert lines, f"the trainer printed no report: {trainer.stderr}"
+        report = orjson.loads(lines[-1])
         acks = consume_until(
             kafka_bootstrap,
             topic_name(Topic.ACKS, prefix),
