@@ -42,6 +42,15 @@ class _Group(BaseModel):
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Codec = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+OutputTopic = Literal["trainer.commands", "llm.control", "trainer.reward-stats", "ops.dead-letter"]
+# Output topics read by clients in any language: kafkajs, the most used Node.js client,
+# reads gzip and uncompressed batches only (snappy, lz4 and zstd need codec plugins).
+CLIENT_READABLE_COMPRESSION: dict[OutputTopic, Codec] = {
+    "trainer.commands": "none",
+    "llm.control": "none",
+    "trainer.reward-stats": "gzip",
+}
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
@@ -143,7 +152,19 @@ class WorkerSettings(_Group):
     output_linger_ms: float = Field(
         default=1.0, ge=0, description="output producer batching delay (librdkafka linger.ms)"
     )
-    output_compression: str = Field(default="lz4", description="output producer compression")
+    output_compression: Codec = Field(
+        default="lz4",
+        description="output compression of the topics output_topic_compression does not "
+        "name (dead letters, re-keyed ratings) and of the tables' changelogs",
+    )
+    output_topic_compression: dict[OutputTopic, Codec] = Field(
+        default_factory=lambda: dict(CLIENT_READABLE_COMPRESSION),
+        description="compression per output topic (contract names, without the prefix); "
+        "entries given are merged over these defaults. The topics other clients read "
+        "(commands, llm.control, reward-stats) default to a codec every common Kafka client "
+        "reads without a plugin (kafkajs reads only gzip): none for the low-volume ones, gzip "
+        "for reward-stats (one record per metric)",
+    )
     output_flush_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -194,6 +215,11 @@ class WorkerSettings(_Group):
         "Tansu's ListOffsets(LATEST) returns the last batch's first offset + 1, so table "
         "recovery needs one record per batch",
     )
+
+    @field_validator("output_topic_compression", mode="before")
+    @classmethod
+    def _over_client_readable_defaults(cls, value: object) -> object:
+        return {**CLIENT_READABLE_COMPRESSION, **value} if isinstance(value, dict) else value
 
 
 class RewardSettings(_Group):
@@ -618,6 +644,15 @@ class RetuneSettings(_Group):
         "only when its statistic's interval lies wholly beyond the threshold (0.99 because "
         "a window is checked after every rating from min_window on: at 0.95 a mean exactly "
         "on a threshold fired in about 11% of simulated windows, at 0.99 in 2.5%)",
+    )
+    confidence_gate: bool = Field(
+        default=True,
+        description="judge a window by its confidence intervals (a rule fires on evidence); "
+        "false: the guide's literal rule, the window's point mean and sample variance "
+        "against the thresholds, so every window is decided at min_window counted ratings "
+        "(one closed by its timeout with fewer than timeout_min_ratings still proposes "
+        "nothing) and a statistic on its threshold's side by chance fires (about half the "
+        "windows whose true mean is exactly 3.0 raise entropy_coef)",
     )
     per_user_cap: int = Field(
         default=5,

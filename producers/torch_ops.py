@@ -15,6 +15,12 @@ it (the abandoned trajectory), so ``step`` moves back and the run continues unde
 param group), the clip epsilon and the entropy coefficient, unless ``approve_retune``
 refuses it (then the ack says ``rejected``). ``prune_checkpoints`` deletes the files the stream says
 to; ``halt`` sets ``halted``. Every command is acknowledged with what changed.
+
+A loop with several optimizers (an actor's and a critic's) passes the others as
+``more_optimizers``: checkpointed, restored and retuned with the first. A loop without an
+entropy coefficient the operations layer may set (no entropy term, or one it learns) says
+why in ``entropy_coef_rejected``: ``set_entropy_coef`` and retunes of it are then rejected
+with that reason, and no ``entropy_coef`` is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import copy
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +93,14 @@ class TorchRunOps:
         start_step: int = 0,
         clip_epsilon: float | None = None,
         approve_retune: Callable[[Retune], bool] | None = None,
+        more_optimizers: Sequence[torch.optim.Optimizer] = (),
+        entropy_coef_rejected: str | None = None,
     ) -> None:
         self.client = client
         self.model = model
         self.optimizer = optimizer
+        self.more_optimizers = list(more_optimizers)
+        self.entropy_coef_rejected = entropy_coef_rejected
         self.store = CheckpointStore(checkpoint_dir)
         # Applied command ids survive a trainer restart next to the checkpoints they refer to.
         client.record_applied_in(self.store.directory / APPLIED_LOG_NAME)
@@ -174,23 +184,33 @@ class TorchRunOps:
     def _restore(self, state: dict[str, Any]) -> None:
         """Load a checkpoint into the run, all or nothing: a checkpoint that does not fit
         (another model's shapes, missing keys) leaves the run exactly as it was."""
+        optimizers = [self.optimizer, *self.more_optimizers]
         snapshot = (
             copy.deepcopy(self.model.state_dict()),
-            copy.deepcopy(self.optimizer.state_dict()),
+            [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers],
             capture_rng(),
         )
         try:
+            saved_optimizers = [state["optimizer"], *state.get("more_optimizers", [])]
+            if len(saved_optimizers) != len(optimizers):
+                raise ValueError(
+                    f"{len(saved_optimizers)} optimizers, this run has {len(optimizers)}"
+                )
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            for optimizer, saved in zip(optimizers, saved_optimizers, strict=True):
+                optimizer.load_state_dict(saved)
             restore_rng(state["rng"])
-            entropy_coef, step = float(state["entropy_coef"]), int(state["step"])
+            step = int(state["step"])
+            entropy_coef = float(state["entropy_coef"]) if "entropy_coef" in state else None
             clip_epsilon = float(state["clip_epsilon"]) if "clip_epsilon" in state else None
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             self.model.load_state_dict(snapshot[0])
-            self.optimizer.load_state_dict(snapshot[1])
+            for optimizer, saved in zip(optimizers, snapshot[1], strict=True):
+                optimizer.load_state_dict(saved)
             restore_rng(snapshot[2])
             raise CheckpointRejected(f"the checkpoint does not fit this run: {exc}") from None
-        self.entropy_coef = entropy_coef
+        if entropy_coef is not None:
+            self.entropy_coef = entropy_coef
         if clip_epsilon is not None:
             self.clip_epsilon = clip_epsilon
         # Retunes reflect user feedback, not the abandoned trajectory: they survive.
@@ -206,6 +226,7 @@ class TorchRunOps:
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "more_optimizers": [optimizer.state_dict() for optimizer in self.more_optimizers],
                 "step": self.step,
                 "attempt": self.client.attempt,
                 **self.hyperparameters(),
@@ -218,7 +239,9 @@ class TorchRunOps:
 
     def hyperparameters(self) -> dict[str, float]:
         """The values a retune may change, as the loop uses them now."""
-        values = {"entropy_coef": self.entropy_coef, "learning_rate": self.learning_rate}
+        values = {"learning_rate": self.learning_rate}
+        if self.entropy_coef_rejected is None:
+            values["entropy_coef"] = self.entropy_coef
         if self.clip_epsilon is not None:
             values["clip_epsilon"] = self.clip_epsilon
         return values
@@ -226,8 +249,9 @@ class TorchRunOps:
     def _set_hyperparameters(self, values: dict[str, float]) -> None:
         for name, value in values.items():
             if name == "learning_rate":
-                for group in self.optimizer.param_groups:
-                    group["lr"] = value
+                for optimizer in (self.optimizer, *self.more_optimizers):
+                    for group in optimizer.param_groups:
+                        group["lr"] = value
             elif name == "clip_epsilon":
                 self.clip_epsilon = value
             else:
@@ -235,6 +259,8 @@ class TorchRunOps:
 
     def _set_entropy_coef(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, SetEntropyCoef)
+        if self.entropy_coef_rejected is not None:
+            raise CommandRejected(self.entropy_coef_rejected)
         before, self.entropy_coef = self.entropy_coef, command.entropy_coef
         return {"before": {"entropy_coef": before}, "after": {"entropy_coef": self.entropy_coef}}
 
@@ -263,6 +289,8 @@ class TorchRunOps:
         """Apply a retune proposal (or refuse it when ``approve_retune`` says no)."""
         assert isinstance(command, Retune)
         before = self.hyperparameters()
+        if "entropy_coef" in command.changes and self.entropy_coef_rejected is not None:
+            raise CommandRejected(self.entropy_coef_rejected)
         unknown = set(command.changes) - set(before)
         if unknown:
             raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")

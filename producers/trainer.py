@@ -12,6 +12,13 @@ Each command id is handled once and acknowledged on ``trainer.acks``; with ``app
 (``TorchRunOps`` sets one in the run's checkpoint directory) that holds across restarts.
 With ``security.require_signed_commands``, a command whose signature (``schemas/signing.py``)
 is missing or wrong is not applied: it is acknowledged ``rejected`` with the reason.
+
+With ``receive_reward_stats=True`` the worker's reward statistics for the run
+(``trainer.reward-stats``: the step's normalized reward and the window's mean, std and count)
+are read in the background too, from the end of the partition (only the newest counts, so
+the history of the runs sharing it is never read); ``reward_stats`` is the newest, without
+waiting (None until the first arrives). Off by default: a second consumer per trainer,
+reading every run's statistics on the partition, is a cost only a loop that uses them pays.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from schemas import (
     CommandAck,
     Event,
     InvalidEvent,
+    RewardStats,
     RunAnnounced,
     StepMetric,
     Topic,
+    decode,
     decode_command,
     encode,
     topic_name,
@@ -75,6 +84,7 @@ class TrainerClient:
         transport: Transport | None = None,
         attempt: int = 0,
         receive_commands: bool = True,
+        receive_reward_stats: bool = False,
         applied_log: Path | str | None = None,
     ) -> None:
         self.run_id = run_id
@@ -103,6 +113,18 @@ class TrainerClient:
             if receive_commands
             else None
         )
+        # From the partition's end, newest record only, nothing committed.
+        self._stats_reader = (
+            self._transport.reader(
+                self._topics[Topic.REWARD_STATS],
+                self._key,
+                group_id=f"{self.settings.worker.app_id}.trainer.{run_id}.reward-stats",
+                latest_only=True,
+            )
+            if receive_reward_stats
+            else None
+        )
+        self._reward_stats: RewardStats | None = None
         self._closed = False
 
     def record_applied_in(self, path: Path | str) -> None:
@@ -179,6 +201,25 @@ class TrainerClient:
                 run_id=self.run_id, step=step, uri=uri, ts=time.time(), attempt=self.attempt
             )
         )
+
+    @property
+    def reward_stats(self) -> RewardStats | None:
+        """The newest reward statistics the worker published for this run (the window after
+        one step's reward: ``normalized_reward``, ``mean``, ``std``, ``count``), as read so
+        far in the background since the client started (None before the first, and always
+        without ``receive_reward_stats``). Never waits, never raises: an invalid record is
+        skipped with a warning and the previous statistics are kept."""
+        if self._stats_reader is None:
+            return None
+        for record in self._stats_reader.poll():  # the newest record only
+            try:
+                stats = decode(RewardStats, record.value)
+            except InvalidEvent as exc:
+                log.warning("ignoring invalid reward stats at offset %d: %s", record.offset, exc)
+                continue
+            if stats.run_id == self.run_id:
+                self._reward_stats = stats
+        return self._reward_stats
 
     def on_command(self, command_type: str, handler: CommandHandler) -> None:
         """Register the handler for one command type (set_entropy_coef, rollback, ...)."""
@@ -287,8 +328,9 @@ class TrainerClient:
         if self._closed:
             return
         self._closed = True
-        if self._commands is not None:
-            self._commands.close()
+        for reader in (self._commands, self._stats_reader):
+            if reader is not None:
+                reader.close()
         self._transport.close(self.settings.sdk.close_timeout_s)
 
     def __enter__(self) -> TrainerClient:

@@ -6,6 +6,11 @@ client code is usable and testable without a broker.
 
 Neither ever blocks or raises into the caller because Kafka is unreachable: the producer
 buffers up to a bound, then drops and counts; the command reader logs and retries.
+
+A reader made with ``latest_only`` is for a value where only the newest counts (the run's
+reward statistics): it starts at the end of the partition whatever was committed (no
+history is read), keeps only the newest record of its key until ``poll`` takes it, and
+prefetches at most ``_LATEST_PREFETCH_KB``; its caller does not commit.
 """
 
 from __future__ import annotations
@@ -18,13 +23,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, redacted
 from fragrance_ops.settings import Settings
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("producers.librdkafka")
+# A reader waits at most this long on Kafka at a time, so close() stops it about as fast.
+_METADATA_TIMEOUT_S = 1.0
+_POLL_TIMEOUT_S = 0.2
+_CONSUME_BATCH = 500
+_LATEST_PREFETCH_KB = 1024
 
 
 RecordHeaders = tuple[tuple[str, bytes | None], ...]
@@ -75,7 +93,9 @@ class Transport(Protocol):
 
     def flush(self, timeout_s: float) -> int: ...
 
-    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader: ...
+    def reader(
+        self, topic: str, key: bytes, group_id: str, *, latest_only: bool = False
+    ) -> CommandReader: ...
 
     def close(self, timeout_s: float) -> int: ...
 
@@ -145,8 +165,10 @@ class KafkaTransport:
     def flush(self, timeout_s: float) -> int:
         return int(self._producer.flush(timeout_s))
 
-    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader:
-        return _KafkaKeyReader(self._base, topic, key, group_id)
+    def reader(
+        self, topic: str, key: bytes, group_id: str, *, latest_only: bool = False
+    ) -> CommandReader:
+        return _KafkaKeyReader(self._base, topic, key, group_id, latest_only=latest_only)
 
     def close(self, timeout_s: float) -> int:
         remaining = self.flush(timeout_s)
@@ -165,19 +187,28 @@ class _KafkaKeyReader:
     deadlocked here); ``commit`` just leaves the offset for it.
     """
 
-    def __init__(self, base: dict[str, Any], topic: str, key: bytes, group_id: str) -> None:
+    def __init__(
+        self,
+        base: dict[str, Any],
+        topic: str,
+        key: bytes,
+        group_id: str,
+        *,
+        latest_only: bool = False,
+    ) -> None:
         self._topic = topic
         self._key = key
-        self._consumer = Consumer(
-            {
-                **base,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-            },
-            logger=_librdkafka_log,
-        )
+        self._latest_only = latest_only
+        config: dict[str, Any] = {
+            **base,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+        }
+        if latest_only:
+            config["queued.max.messages.kbytes"] = _LATEST_PREFETCH_KB
+        self._consumer = Consumer(config, logger=_librdkafka_log)
         self._caught_up = threading.Event()
         self._buffer: list[Record] = []
         self._partition_number = -1
@@ -185,13 +216,15 @@ class _KafkaKeyReader:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._warn = _Throttled()
-        self._thread = threading.Thread(target=self._run, name=f"commands-{topic}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"reader-{topic}-{key.decode(errors='replace')}", daemon=True
+        )
         self._thread.start()
 
     def _partition(self) -> int:
         from producers.partitioning import partition_for_key
 
-        metadata = self._consumer.list_topics(self._topic, timeout=5.0)
+        metadata = self._consumer.list_topics(self._topic, timeout=_METADATA_TIMEOUT_S)
         partitions = metadata.topics[self._topic].partitions
         if not partitions:
             raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
@@ -203,34 +236,50 @@ class _KafkaKeyReader:
             try:
                 if not assigned:
                     self._partition_number = self._partition()
-                    self._consumer.assign([TopicPartition(self._topic, self._partition_number)])
+                    self._consumer.assign([self._start()])
                     assigned = True
                 self._commit_pending()
-                message = self._consumer.poll(0.2)
+                messages = self._consumer.consume(_CONSUME_BATCH, _POLL_TIMEOUT_S)
             except (KafkaException, KeyError) as exc:
                 self._warn("command reader for %s waiting for Kafka: %s", self._topic, exc)
-                self._stopped.wait(1.0)
+                self._stopped.wait(_METADATA_TIMEOUT_S)
                 continue
-            if message is None:
+            mine: list[Message] = []
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        self._caught_up.set()
+                    else:
+                        self._warn("command reader error: %s", error.str())
+                    continue
+                if message.key() != self._key:
+                    continue
+                mine.append(message)
+            if self._latest_only:
+                mine = mine[-1:]
+            taken = [
+                Record(
+                    self._topic,
+                    self._key,
+                    message.value() or b"",
+                    message.offset() or 0,
+                    _headers(message),
+                )
+                for message in mine
+            ]
+            if not taken:
                 continue
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._caught_up.set()
-                else:
-                    self._warn("command reader error: %s", error.str())
-                continue
-            if message.key() != self._key:
-                continue
-            record = Record(
-                self._topic,
-                self._key,
-                message.value() or b"",
-                message.offset() or 0,
-                _headers(message),
-            )
             with self._lock:
-                self._buffer.append(record)
+                if self._latest_only:
+                    self._buffer = taken
+                else:
+                    self._buffer.extend(taken)
+
+    def _start(self) -> TopicPartition:
+        if self._latest_only:
+            return TopicPartition(self._topic, self._partition_number, OFFSET_END)
+        return TopicPartition(self._topic, self._partition_number)  # the committed offset
 
     def poll(self) -> list[Record]:
         with self._lock:
@@ -307,8 +356,10 @@ class InMemoryTransport:
     def flush(self, timeout_s: float) -> int:
         return 0
 
-    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader:
-        return _InMemoryReader(self, topic, key, group_id)
+    def reader(
+        self, topic: str, key: bytes, group_id: str, *, latest_only: bool = False
+    ) -> CommandReader:
+        return _InMemoryReader(self, topic, key, group_id, latest_only)
 
     def close(self, timeout_s: float) -> int:
         return 0
@@ -320,15 +371,21 @@ class _InMemoryReader:
     topic: str
     key: bytes
     group_id: str
+    latest_only: bool = False
     _position: int = -1
 
     def __post_init__(self) -> None:
-        self._position = self.transport._committed.get((self.topic, self.key, self.group_id), 0)
+        if self.latest_only:
+            self._position = len(self.transport._topics[self.topic])
+        else:
+            committed = self.transport._committed
+            self._position = committed.get((self.topic, self.key, self.group_id), 0)
 
     def poll(self) -> list[Record]:
         records = self.transport._topics[self.topic][self._position :]
         self._position += len(records)
-        return [record for record in records if record.key == self.key]
+        mine = [record for record in records if record.key == self.key]
+        return mine[-1:] if self.latest_only else mine
 
     def commit(self, record: Record) -> None:
         self.transport._committed[(self.topic, self.key, self.group_id)] = record.offset + 1

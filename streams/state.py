@@ -98,7 +98,10 @@ class StateWriter:
 
     async def delivered(self) -> None:
         """Wait until every state record written so far is on the broker."""
-        failures, self._failures = self._failures, []
-        problem = await flushed(self._producer, self._timeout_s, failures)
+        problem = await flushed([self._producer], self._timeout_s, self)
         if problem:
             raise StateDeliveryError(f"state records: {problem}")
+
+    def take_failures(self) -> list[KafkaError]:
+        failures, self._failures = self._failures, []
+        return failures

@@ -15,6 +15,12 @@ bound < 3.0; ``high_variance``: lower bound > 1.5; ``high_mean``: lower bound >=
 fired* when the interval lies wholly on the other side, and is *undecided* when the interval
 straddles the threshold. Undecided rules propose nothing; the verdict names them.
 
+The guide's literal rule, as an option: with ``confidence_gate`` off, each rule compares the
+window's point mean or sample variance with its threshold, exactly as the guide states
+(``mean < 3.0``, ``variance > 1.5``, ``mean >= 4.0``). Every rule is then decided as soon as
+the window has two ratings, so a window closes on evidence at ``min_window`` (the guide's
+100) and the verdict carries no confidence or intervals (``None``).
+
 Intervals, without scipy (``statistics.NormalDist`` gives the normal quantile ``z``):
 
 - mean: Student's t interval ``mean +- t(df) * s / sqrt(n)``, df = n - 1. ``t_quantile`` uses
@@ -280,7 +286,8 @@ class RuleOutcome:
     parameter: str  # what it changes when it fires
     condition: str  # e.g. "mean < 3"
     status: RuleStatus
-    interval: Interval | None  # the statistic's interval (None: fewer than two ratings)
+    interval: Interval | None  # the statistic's interval (None: fewer than two ratings, or
+    # no confidence gate)
     before: float | None  # fired: the run's current value
     after: float | None  # fired and not a no-op at the bound: the proposed value
     reason: str
@@ -299,7 +306,7 @@ class WindowVerdict:
     duplicates: int  # ignored while the window was open
     capped: int  # ignored while the window was open: over the per-user cap
     users: int  # distinct users among the counted ratings
-    confidence: float
+    confidence: float | None  # None: no confidence gate, the guide's literal rule
     mean: float
     variance: float | None  # sample variance (n - 1); None for one rating
     mean_interval: Interval | None
@@ -567,8 +574,13 @@ class Retuner:
         return None
 
     def _intervals(self) -> tuple[Interval, Interval]:
+        """The intervals the rules judge: confidence intervals, or without the confidence
+        gate the point statistics themselves (zero-width)."""
         n, variance = len(self._ratings), self._sums.variance()
         assert variance is not None  # callers ensure n >= 2
+        if not self._settings.confidence_gate:
+            mean = self._sums.mean()
+            return (mean, mean), (variance, variance)
         confidence = self._settings.confidence
         return (
             mean_interval(self._sums.mean(), variance, n, confidence),
@@ -586,6 +598,7 @@ class Retuner:
         n = len(self._ratings)
         mean, variance = self._sums.mean(), self._sums.variance()
         mean_ci, variance_ci = self._intervals() if n >= 2 else (None, None)
+        gated = settings.confidence_gate
         too_few = closed_by == "timeout" and n < settings.timeout_min_ratings
         thresholds = _thresholds(settings)
         current = self.current()
@@ -605,16 +618,19 @@ class Retuner:
             else:
                 status = rule.judge(interval, threshold)
                 shown = _fmt_interval(interval)
+                judged = (
+                    f"interval {shown} wholly" if gated else f"{rule.statistic} {_fmt(interval[0])}"
+                )
                 if status == "undecided":
                     reason = f"undecided: interval {shown} straddles {_fmt(threshold)}"
                 elif status == "not_fired":
                     other = _OTHER_SIDE[rule.comparison]
-                    reason = f"not fired: interval {shown} wholly {other} {_fmt(threshold)}"
+                    reason = f"not fired: {judged} {other} {_fmt(threshold)}"
                 else:
                     before = current[rule.parameter]
                     proposed = _proposal(rule.parameter, before, settings)
                     moves = proposed > before if rule.raises else proposed < before
-                    reason = f"fired: interval {shown} wholly {rule.comparison} {_fmt(threshold)}"
+                    reason = f"fired: {judged} {rule.comparison} {_fmt(threshold)}"
                     if moves:
                         after = changes[rule.parameter] = proposed
                         reason += f": {rule.parameter} {_fmt(before)} -> {_fmt(proposed)}"
@@ -628,7 +644,7 @@ class Retuner:
                     parameter=rule.parameter,
                     condition=condition,
                     status=status,
-                    interval=interval,
+                    interval=interval if gated else None,
                     before=before,
                     after=after,
                     reason=reason,
@@ -645,11 +661,11 @@ class Retuner:
             duplicates=self._duplicates,
             capped=self._capped,
             users=len(self._users),
-            confidence=settings.confidence,
+            confidence=settings.confidence if gated else None,
             mean=mean,
             variance=variance,
-            mean_interval=mean_ci,
-            variance_interval=variance_ci,
+            mean_interval=mean_ci if gated else None,
+            variance_interval=variance_ci if gated else None,
             rules=tuple(outcomes),
             changes=changes,
             rationale="",
@@ -699,7 +715,7 @@ class Retuner:
 
 def _rationale(verdict: WindowVerdict) -> str:
     """One line a human can act on: the window, its statistics and each rule's outcome."""
-    percent = f"{100.0 * verdict.confidence:g}%"
+    percent = f"{100.0 * (verdict.confidence or 0.0):g}%"
     head = (
         f"window {verdict.window_id} closed by {verdict.closed_by} with {verdict.size} ratings "
         f"from {verdict.users} users ({verdict.duplicates} duplicates and {verdict.capped} over "
@@ -707,9 +723,12 @@ def _rationale(verdict: WindowVerdict) -> str:
     )
     if verdict.mean_interval is not None:
         head += f" ({percent} CI {_fmt_interval(verdict.mean_interval)})"
-    if verdict.variance is not None and verdict.variance_interval is not None:
+    if verdict.variance is not None:
         head += f", variance {_fmt(verdict.variance)}"
+    if verdict.variance_interval is not None:
         head += f" ({percent} CI {_fmt_interval(verdict.variance_interval)})"
+    if verdict.confidence is None:
+        head += " (no confidence gate: the guide's literal rule)"
     parts = [head]
     parts.extend(
         f"{outcome.rule} ({outcome.condition}) {outcome.reason}" for outcome in verdict.rules

@@ -266,8 +266,10 @@ class RecordingTransport:
     def flush(self, timeout_s: float) -> int:
         return self._inner.flush(timeout_s)
 
-    def reader(self, topic: str, key: bytes, group_id: str) -> CommandReader:
-        return self._inner.reader(topic, key, group_id)
+    def reader(
+        self, topic: str, key: bytes, group_id: str, *, latest_only: bool = False
+    ) -> CommandReader:
+        return self._inner.reader(topic, key, group_id, latest_only=latest_only)
 
     def close(self, timeout_s: float) -> int:
         return self._inner.close(timeout_s)

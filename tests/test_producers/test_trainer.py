@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 
 import orjson
@@ -12,7 +13,16 @@ import pytest
 from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import CommandRejected, InMemoryTransport, KafkaTransport, TrainerClient
-from schemas import Command, InvalidEvent, SetEntropyCoef, StepMetric, Topic, decode, encode
+from schemas import (
+    Command,
+    InvalidEvent,
+    RewardStats,
+    SetEntropyCoef,
+    StepMetric,
+    Topic,
+    decode,
+    encode,
+)
 
 
 @pytest.fixture
@@ -166,3 +176,63 @@ def test_the_kafka_producer_uses_the_java_partitioner() -> None:
     transport = KafkaTransport(Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1")))
     assert JAVA_COMPATIBLE_PARTITIONER == "murmur2_random"
     assert transport.close(0) >= 0
+
+
+def reward_stats(run_id: str, step: int, reward: float, count: int) -> bytes:
+    return encode(
+        RewardStats(
+            run_id=run_id,
+            step=step,
+            reward=reward,
+            normalized_reward=0.5,
+            mean=reward / 2,
+            std=1.0,
+            count=count,
+            ts=1.0,
+        )
+    )
+
+
+def test_the_newest_reward_stats_of_the_run_are_kept_without_waiting(
+    transport: InMemoryTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 0, 5.0, 1))  # before
+    client = TrainerClient("run-1", transport=transport, receive_reward_stats=True)
+    assert client.reward_stats is None  # read from the end: the history is not
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 1, 1.0, 1))
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 2, 3.0, 2))
+    transport.deliver(Topic.REWARD_STATS, b"run-2", reward_stats("run-2", 9, 9.0, 9))
+    stats = client.reward_stats
+    assert stats is not None
+    assert (stats.step, stats.reward, stats.mean, stats.count) == (2, 3.0, 1.5, 2)
+    assert client.reward_stats == stats  # kept until newer ones arrive
+    transport.deliver(Topic.REWARD_STATS, b"run-1", b'{"run_id": "run-1"}')  # invalid
+    assert client.reward_stats == stats
+    assert "ignoring invalid reward stats" in caplog.text
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 3, 4.0, 3))
+    newest = client.reward_stats
+    assert newest is not None
+    assert newest.step == 3
+
+
+def test_reward_stats_are_read_only_when_asked_for(transport: InMemoryTransport) -> None:
+    client = TrainerClient("run-1", transport=transport)  # the default: no second reader
+    transport.deliver(Topic.REWARD_STATS, b"run-1", reward_stats("run-1", 1, 1.0, 1))
+    assert client.reward_stats is None
+
+
+def test_an_unreachable_broker_never_blocks_the_reward_stats_and_close_stops_the_readers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        sdk=SdkSettings(close_timeout_s=0.5),
+    )
+    caplog.set_level(logging.WARNING)
+    run_id = "run-stats-unreachable"
+    with TrainerClient(run_id, settings=settings, receive_reward_stats=True) as client:
+        client.log_step(0, loss=1.0, reward=1.0)
+        assert client.reward_stats is None
+        readers = [t for t in threading.enumerate() if t.name.endswith(f"-{run_id}")]
+        assert len(readers) == 2  # commands and reward stats
+    assert not any(reader.is_alive() for reader in readers)  # close() joined both

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from schemas import Topic, topic_name
+from streams.rules.reward_window import RewardWindow
 from tests.helpers.kafka import consume_until
 from tests.helpers.reference import window_stats
 
@@ -178,3 +180,39 @@ def test_malformed_metrics_are_dead_lettered_and_good_ones_processed(
     assert len(stats) == 10_000
     assert len(distinct_steps(stats)) == 10_000
     assert_matches_numpy(stats, rewards)
+
+
+def test_the_trainer_reads_the_newest_window_statistics_of_its_own_run_from_now_on(
+    make_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
+) -> None:
+    rewards = make_rewards(3, {"reader": 400, "other": 400})
+    stats_topic = topic_name(Topic.REWARD_STATS, ops_settings.kafka.topic_prefix)
+    with make_worker():
+        # History on the partition: 200 steps of this run (an earlier attempt), 400 of another.
+        history = {"reader": rewards["reader"][:200], "other": rewards["other"]}
+        publish(ops_settings, history, 0, 400)
+        consume_until(
+            kafka_bootstrap, stats_topic, lambda got: ("reader", 199) in distinct_steps(got)
+        )
+        with TrainerClient(
+            "reader", settings=ops_settings, receive_commands=False, receive_reward_stats=True
+        ) as client:
+            reader = client._stats_reader
+            assert reader is not None
+            assert reader.wait_caught_up(60)  # at the partition's end
+            assert client.reward_stats is None  # the history was not read
+            for step in range(200, 400):
+                client.log_step(step, loss=1.0, reward=float(rewards["reader"][step]))
+            client.flush()
+            deadline = time.monotonic() + 60
+            while (stats := client.reward_stats) is None or stats.step < 399:
+                assert time.monotonic() < deadline, f"newest stats read: {stats}"
+                time.sleep(0.05)
+    # The worker's window (all 400 rewards of the run), as the rule computes it, to the bit.
+    window = RewardWindow(WINDOW)
+    for step, reward in enumerate(rewards["reader"]):
+        expected = window.add(float(reward), step=step)
+    assert expected is not None
+    assert (stats.run_id, stats.reward, stats.count) == ("reader", expected.reward, 400)
+    assert (stats.mean, stats.std) == (expected.mean, expected.std)
+    assert stats.normalized_reward == expected.normalized_reward

@@ -685,3 +685,85 @@ def test_the_issue_cases_fire_under_the_default_99_percent_confidence(
     assert closed, "no window closed"
     _index, verdict = closed[0]
     assert list(verdict.changes) == [parameter]
+
+
+# --- the guide's literal rule (no confidence gate) -------------------------------------------
+
+LITERAL = RetuneSettings(confidence_gate=False)
+# 100 ratings, mean 2.85 and sample variance 1.644: each just past its threshold, too close
+# for a 99% interval to clear it.
+NEAR_THRESHOLDS = shuffled({1: 20, 2: 20, 3: 25, 4: 25, 5: 10}, seed=9)
+
+
+def test_without_the_confidence_gate_the_guides_rule_gives_its_sample_output() -> None:
+    closed = feed(Retuner("r", LITERAL), stream(NEAR_THRESHOLDS))
+    assert len(closed) == 1
+    index, verdict = closed[0]
+    assert (index, verdict.size, verdict.closed_by) == (99, 100, "evidence")
+    # The operations guide's sample output after 100 ratings, from the defaults:
+    assert str(verdict.changes) == "{'entropy_coef': 0.02, 'learning_rate': 0.0001}"
+    assert statuses(verdict) == {
+        "low_mean": "fired",
+        "high_variance": "fired",
+        "high_mean": "not_fired",
+    }
+    assert (verdict.confidence, verdict.mean_interval, verdict.variance_interval) == (
+        None,
+        None,
+        None,
+    )
+    text = verdict.rationale
+    assert "mean 2.85, variance 1.644 (no confidence gate: the guide's literal rule)" in text
+    assert "low_mean (mean < 3) fired: mean 2.85 < 3: entropy_coef 0.01 -> 0.02" in text
+    assert "high_variance (variance > 1.5) fired: variance 1.644 > 1.5: learning_rate" in text
+    assert "high_mean (mean >= 4) not fired: mean 2.85 < 4" in text
+    command = verdict.command(issued_at=T0)
+    assert command is not None
+    assert command.changes == {"entropy_coef": 0.02, "learning_rate": 0.0001}
+    assert command.window["confidence"] is None
+    # With the gate (the default) the same 100 ratings are no evidence: the window goes on.
+    assert feed(Retuner("r", RetuneSettings()), stream(NEAR_THRESHOLDS)) == []
+
+
+def test_without_the_confidence_gate_the_thresholds_are_the_guides_comparisons() -> None:
+    # Mean exactly 3.0 and variance 0.505: "< 3" and "> 1.5" are false, nothing proposed.
+    verdict = only_verdict(Retuner("r", LITERAL), stream(STRADDLING[:100]))
+    assert statuses(verdict) == dict.fromkeys(
+        ("low_mean", "high_variance", "high_mean"), "not_fired"
+    )
+    assert verdict.changes == {}
+    # Mean exactly 4.0: ">= 4" fires.
+    verdict = only_verdict(Retuner("r", LITERAL), stream([3.0, 5.0] * 50))
+    assert statuses(verdict)["high_mean"] == "fired"
+    assert verdict.changes == {"clip_epsilon": 0.16}
+    # A variance equal to the threshold is not above it; a hair above fires.
+    values = [1.0, 2.0, 3.0, 4.0, 5.0] * 20  # sample variance 2.0202...
+    variance = statistics.variance(values)
+    for threshold, status in ((variance, "not_fired"), (variance - 1e-9, "fired")):
+        literal = RetuneSettings(confidence_gate=False, high_variance_threshold=threshold)
+        verdict = only_verdict(Retuner("r", literal), stream(values))
+        assert statuses(verdict)["high_variance"] == status
+
+
+def test_without_the_confidence_gate_a_mean_on_the_threshold_fires_about_half_the_time() -> None:
+    # 200 windows of 100 ratings drawn uniformly from 1..5: the true mean is exactly 3.0.
+    fired = 0
+    for seed in range(200):
+        verdict = only_verdict(Retuner("r", LITERAL), stream(sampled([1.0] * 5, 100, seed)))
+        fired += statuses(verdict)["low_mean"] == "fired"
+    assert 0.35 < fired / 200 < 0.65  # by chance alone: the setting's documented caveat
+
+
+def test_without_the_confidence_gate_a_timeout_with_few_ratings_still_proposes_nothing() -> None:
+    retuner = Retuner("r", LITERAL)
+    feed(retuner, stream([1.0, 2.0] * 5))  # mean 1.5 < 3 literally, but only 10 ratings
+    verdict = retuner.on_tick(T0 + 3600.0)
+    assert verdict is not None
+    assert verdict.changes == {}
+    assert verdict.undecided == ("low_mean", "high_variance", "high_mean")
+    # With 30 (timeout_min_ratings), the literal rule decides at the timeout.
+    retuner = Retuner("r", LITERAL)
+    feed(retuner, stream([1.0, 2.0] * 15))
+    verdict = retuner.on_tick(T0 + 3600.0)
+    assert verdict is not None
+    assert verdict.changes == {"entropy_coef": 0.02}
