@@ -7,6 +7,7 @@ and recording stand-ins where a client would need a broker to do anything.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -33,7 +34,8 @@ from fragrance_ops.kafka import confluent_config, faust_credentials, redacted
 from fragrance_ops.settings import Settings
 from fragrance_ops.status import collect_status
 from producers import KafkaTransport
-from schemas import Topic
+from schemas import Topic, topic_name
+from streams.output import OutputProducer
 
 SASL_PASSWORD = "sasl-pw-9f8e7d6c"
 KEY_PASSWORD = "key-pw-1a2b3c4d"
@@ -249,14 +251,18 @@ def test_every_client_and_the_worker_get_the_security_settings(
     transport = KafkaTransport(settings)
     transport.reader(Topic.COMMANDS, b"run-1", "group").close()
     transport.close(0)
-    app = create_app(settings)  # the worker: Faust (aiokafka), its output and state producers
+    app = create_app(settings)  # the worker: Faust (aiokafka), its state producer
+    # The worker's output producers, one per codec, exist from their first record.
+    output = OutputProducer(settings)
+    for topic in (Topic.COMMANDS, Topic.REWARD_STATS, Topic.DEAD_LETTER):  # none, gzip, lz4
+        asyncio.run(output.send(topic_name(topic, settings.kafka.topic_prefix), b"k", b"v"))
     kinds = [kind for kind, _ in recorded.configs]
     assert sorted(kinds) == [
         "admin",
         "reader",
         "sdk-producer",
         "status",
-        "worker-output",
+        *["worker-output"] * 3,
         "worker-state",
     ]
     for kind, config in recorded.configs:
