@@ -776,6 +776,12 @@ class MetricsSettings(_Group):
         description="runs that get their own run_id label on per-run gauges; later runs "
         "share the label value 'other', so the series count stays bounded",
     )
+    stale_run_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a run with no metric for longer is reported stale by status (the "
+        "RunSilent alert in deploy/prometheus/alerts.yml uses the same 300 s)",
+    )
     lag_interval_s: float = Field(
         default=5.0, gt=0, description="how often consumer lag is measured"
     )

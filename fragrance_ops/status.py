@@ -4,7 +4,9 @@
   compacted, so this is a full read of small data);
 - each training run: its newest metric (step, attempt, loss, reward, entropy coefficient)
   and its newest command, from the last ``tail`` records of each partition of
-  ``trainer.metrics`` and ``trainer.commands`` (runs silent for longer are not listed).
+  ``trainer.metrics`` and ``trainer.commands`` (runs silent for longer are not listed);
+  whether it is halted (its newest halt command not followed by an accepted resume on
+  ``ops.replies``) and whether it is stale (no metric for ``metrics.stale_run_after_s``).
 
 Reads up to the high watermarks taken at the start, with a consumer that joins no group
 and commits nothing.
@@ -92,6 +94,9 @@ def collect_status(
         commands = _decoded(
             read_values(consumer, topic_name(Topic.COMMANDS, prefix), tail, timeout_s)
         )
+        replies = _decoded(
+            read_values(consumer, topic_name(Topic.OPERATOR_REPLIES, prefix), tail, timeout_s)
+        )
     finally:
         consumer.close()
     now = time.time()
@@ -122,7 +127,10 @@ def collect_status(
                 loss=event.get("loss"),
                 reward=event.get("reward"),
                 entropy_coef=event.get("entropy_coef"),
+                last_metric_ts=event.get("ts"),
             )
+    halted_at: dict[str, float] = {}  # run -> when its newest halt was issued
+    resumed_at: dict[str, float] = {}  # run -> when its newest accepted resume was answered
     for event in commands:
         run = runs.setdefault(str(event.get("run_id")), {})
         run["last_command"] = {
@@ -132,6 +140,18 @@ def collect_status(
         }
         if event.get("type") == "set_entropy_coef" and run.get("entropy_coef") is None:
             run["entropy_coef"] = event.get("entropy_coef")
+        if event.get("type") == "halt" and isinstance(event.get("issued_at"), float | int):
+            halted_at[str(event.get("run_id"))] = event["issued_at"]
+    for event in replies:
+        if event.get("action") == "resume" and event.get("accepted") is True:
+            resumed_at[str(event.get("run_id"))] = event.get("ts", 0.0)
+    stale_after = settings.metrics.stale_run_after_s
+    for run_id, run in runs.items():
+        halt = halted_at.get(run_id)
+        run["halted"] = halt is not None and halt > resumed_at.get(run_id, -1.0)
+        seen = run.get("last_metric_ts")
+        run["silent_s"] = max(0.0, now - seen) if isinstance(seen, float | int) else None
+        run["stale"] = run["silent_s"] is None or run["silent_s"] > stale_after
     return {"models": models, "runs": runs, "at": now}
 
 
@@ -151,10 +171,15 @@ def render(status: dict[str, Any]) -> str:
     for run_id, run in sorted(status["runs"].items()):
         command = run.get("last_command")
         entropy = run.get("entropy_coef")
+        flags = [flag for flag in ("halted", "stale") if run.get(flag)]
+        silent = run.get("silent_s")
+        if run.get("stale") and silent is not None:
+            flags[-1] = f"stale: silent for {silent:.0f}s"
         lines.append(
             f"  {run_id}: step {run.get('step')} (attempt {run.get('attempt', 0)}), "
             f"entropy_coef {entropy if entropy is not None else '?'}, "
             f"last command {command['type'] if command else 'none'}"
+            + (f" [{', '.join(flags)}]" if flags else "")
         )
     if not status["runs"]:
         lines.append("  (none reported)")

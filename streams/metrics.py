@@ -99,6 +99,14 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.run_last_metric = Gauge(
+            "fragrance_ops_run_last_metric_timestamp_seconds",
+            "when the worker last read a metric of the run (its clock, Unix seconds): "
+            "time() minus it is how long the run has been silent (alert RunSilent)",
+            ["run_id"],
+            registry=registry,
+        )
+
         # The LLM breaker (operations guide, Monitoring).
         self.breaker_downgrades = Counter(
             "fragrance_ops_breaker_downgrades",
@@ -163,6 +171,7 @@ class WorkerMetrics:
         (their new owner exports them), so no dashboard or alert sees a stale value."""
         for gauge in (
             self.rl_values,
+            self.run_last_metric,
             self.breaker_state,
             self.breaker_mode,
             self.cache_ttl,

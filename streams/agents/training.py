@@ -317,8 +317,10 @@ class TrainingAgent:
         for algorithm, updates in self._updates.items():
             metrics.rl_updates.labels(algorithm).inc(updates)
         self._updates.clear()
+        now = self.ctx.now()
         for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
+            metrics.run_last_metric.labels(label).set(now)
             for name in RL_GAUGE_NAMES:
                 value = getattr(metric, name)
                 if value is not None:

@@ -16,6 +16,7 @@ from tests.test_deploy.support import (
 ALERTS = {
     "RollbackStorm",
     "RunHalted",
+    "RunSilent",
     "BreakerOpenTooLong",
     "ConsumerLagGrowing",
     "DeadLetters",

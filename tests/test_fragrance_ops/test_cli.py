@@ -18,7 +18,16 @@ from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import free_port
 from fragrance_ops.brokers.base import LOCALHOST
 from fragrance_ops.settings import KafkaSettings
-from schemas import TOPIC_SPECS, LlmControl, SetEntropyCoef, StepMetric, encode, topic_name
+from schemas import (
+    TOPIC_SPECS,
+    Halt,
+    LlmControl,
+    OperatorReply,
+    SetEntropyCoef,
+    StepMetric,
+    encode,
+    topic_name,
+)
 from tests.helpers.kafka import produce_records
 
 
@@ -231,10 +240,26 @@ def test_status_reports_breakers_and_runs_from_the_topics(
         StepMetric(run_id="run-s", step=step, loss=0.5, reward=1.0, ts=1.0, entropy_coef=0.009)
         for step in range(5)
     ]
+    now = time.time()
+    # run-h: active and halted; run-r: halted, then resumed by an operator.
+    metrics += [StepMetric(run_id=run, step=9, loss=0.5, reward=1.0, ts=now) for run in "hr"]
     commands = [
-        SetEntropyCoef(command_id="c", run_id="run-s", issued_at=1.0, entropy_coef=0.009, step=4)
+        SetEntropyCoef(command_id="c", run_id="run-s", issued_at=1.0, entropy_coef=0.009, step=4),
+        *(Halt(command_id=f"h{run}", run_id=run, issued_at=2.0, reason="x") for run in "hr"),
     ]
-    for events in (controls, metrics, commands):
+    replies = [
+        OperatorReply(
+            request_id="q",
+            run_id="r",
+            action="resume",
+            accepted=True,
+            detail="resumed",
+            requested_by="alice",
+            reason="fixed",
+            ts=3.0,
+        )
+    ]
+    for events in (controls, metrics, commands, replies):
         produce_records(
             kafka_bootstrap,
             topic_name(events[0].TOPIC, topic_prefix),
@@ -252,6 +277,10 @@ def test_status_reports_breakers_and_runs_from_the_topics(
     run = status["runs"]["run-s"]
     assert (run["step"], run["entropy_coef"]) == (4, 0.009)
     assert run["last_command"]["type"] == "set_entropy_coef"
+    halted = {run_id: (run["halted"], run["stale"]) for run_id, run in status["runs"].items()}
+    assert halted == {"run-s": (False, True), "h": (True, False), "r": (False, False)}
     text = run_cli("status", env=env, timeout=60).stdout
     assert "qwen: open, mode balanced, cache TTL 300s" in text
     assert "run-s: step 4 (attempt 0), entropy_coef 0.009, last command set_entropy_coef" in text
+    assert "h: step 9 (attempt 0), entropy_coef ?, last command halt [halted]" in text
+    assert "[stale: silent for " in text

@@ -77,6 +77,12 @@ def test_prometheus_scrapes_training_breaker_and_dead_letter_metrics(
         eventually(prometheus, 'fragrance_ops_cache_ttl_seconds{model="qwen"}', 300)
         eventually(prometheus, 'fragrance_ops_rl_value{run_id="prom-run",name="loss"}', 1.49)
         eventually(prometheus, 'fragrance_ops_rl_updates_total{algorithm="ppo"}', 50)
+        # When the worker last read the run's metrics: within the last minute, on its clock.
+        eventually(
+            prometheus,
+            'time() - fragrance_ops_run_last_metric_timestamp_seconds{run_id="prom-run"} < bool 60',
+            1,
+        )
         eventually(prometheus, 'fragrance_ops_commands_total{type="set_entropy_coef"}', 1)
         # A run names its algorithm when it announces itself (unannounced runs count as PPO).
         with TrainerClient("grpo-run", settings=ops_settings, receive_commands=False) as grpo:
