@@ -31,7 +31,7 @@ from producers import TrainerClient
 from producers.hf_trainer import FragranceOpsCallback
 from schemas import Topic, topic_name
 from tests.helpers.kafka import consume_until
-from tests.helpers.sb3 import states_equal
+from tests.helpers.states import states_equal
 
 pytestmark = pytest.mark.integration
 
