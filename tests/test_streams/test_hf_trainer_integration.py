@@ -36,7 +36,9 @@ from tests.helpers.states import states_equal
 pytestmark = pytest.mark.integration
 
 INTERVAL = 10
-INJECT_AFTER = 25  # corrupted after step 25 was reported: step 26 diverges
+# Corrupted after step 28 was reported: step 29 diverges, and the checkpoint saved after it
+# (global step 30, operations step 29) holds the diverged weights: the rollback deletes it.
+INJECT_AFTER = 28
 STOP_AFTER = 45
 VOCAB = 32
 
@@ -147,6 +149,12 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_trainer_checkpoint
         commands = consume_until(
             kafka_bootstrap, topic_name(Topic.COMMANDS, prefix), lambda got: len(got) >= 1, 30
         )
+        announced = consume_until(
+            kafka_bootstrap,
+            topic_name(Topic.CHECKPOINTS, prefix),
+            lambda got: any(b'checkpoint-30"' in (m.value() or b"") for m in got),
+            30,
+        )
     decoded = [orjson.loads(message.value()) for message in commands]
     rollbacks = [command for command in decoded if command["type"] == "rollback"]
     assert len(rollbacks) == 1, rollbacks
@@ -171,6 +179,9 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_trainer_checkpoint
     assert {ack["status"] for ack in entropy_acks} == {"rejected"}
     assert "has no entropy_coef" in entropy_acks[0]["detail"]
     # The abandoned trajectory's checkpoints are gone; training went on from step 20.
+    diverged = output_dir / "checkpoint-30"
+    assert diverged.resolve().as_uri() in {orjson.loads(m.value())["uri"] for m in announced}
+    assert not diverged.exists()
     for directory in output_dir.glob("checkpoint-*"):
         marker = orjson.loads((directory / "fragrance-ops.json").read_bytes())
         assert marker["attempt"] == 1 or marker["step"] <= 19, (directory.name, marker)

@@ -33,7 +33,9 @@ pytestmark = [
 ]
 
 INTERVAL = 10
-INJECT_AFTER = 25  # corrupted after step 25 was reported: step 26 diverges
+# Corrupted after step 28 was reported: step 29 diverges, and the checkpoint saved after it
+# (global step 30, operations step 29) holds the diverged weights: the rollback deletes it.
+INJECT_AFTER = 28
 STOP_AFTER = 45
 
 
@@ -146,7 +148,10 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
             kafka_bootstrap, topic_name(Topic.COMMANDS, prefix), lambda got: len(got) >= 1, 30
         )
         announced = consume_until(
-            kafka_bootstrap, topic_name(Topic.CHECKPOINTS, prefix), lambda got: len(got) >= 2, 30
+            kafka_bootstrap,
+            topic_name(Topic.CHECKPOINTS, prefix),
+            lambda got: any(b"step%3D30.ckpt" in (m.value() or b"") for m in got),
+            30,
         )
     decoded = [orjson.loads(message.value()) for message in commands]
     rollbacks = [command for command in decoded if command["type"] == "rollback"]
@@ -167,6 +172,9 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
     assert [ack["status"] for ack in rollback_acks] == ["applied"]
     assert rollback_acks[0]["after"] == {"step": 19, "attempt": 1}
     # The abandoned trajectory's checkpoints are gone; training went on from step 20.
+    diverged = checkpoint_dir / "epoch=1-step=30.ckpt"
+    assert diverged.resolve().as_uri() in {orjson.loads(m.value())["uri"] for m in announced}
+    assert not diverged.exists()
     for path in checkpoint_dir.glob("*.ckpt"):
         ops_state = torch.load(path, weights_only=True)["callbacks"][callback.state_key]
         assert ops_state["attempt"] == 1 or ops_state["step"] <= 19, (path.name, ops_state)
