@@ -164,6 +164,15 @@ class FrameworkRunOps(ABC):
         self.client.checkpoint_saved(step, resolved.as_uri())
         return True
 
+    def resume(self, step: int, attempt: int) -> None:
+        """The framework resumed the run from its checkpoint of operations step ``step``
+        (saved under ``attempt``): continue after it under a new attempt, never reusing
+        one (the stream ignores steps it has already seen for an attempt)."""
+        self.step = step + 1
+        self.last_checkpoint_step = step
+        last = max(attempt, self.client.attempt, read_attempt(self._attempt_file))
+        self.begin_attempt(last + 1)
+
     def begin_attempt(self, attempt: int) -> None:
         self.client.attempt = attempt
         write_attempt(self._attempt_file, attempt)

@@ -38,6 +38,9 @@ records its operations step and attempt. A rollback target the Trainer's own rot
   scheduler's base rates scaled alike) and the entropy coefficient;
 - ``halt`` sets ``control.should_training_stop``.
 
+A run resumed from one of its checkpoints (``train(resume_from_checkpoint=...)``, in a new
+process after a crash) continues after the checkpoint's operations step under a new attempt.
+
 Needs the ``transformers`` extra.
 """
 
@@ -103,6 +106,10 @@ class FragranceOpsCallback(TrainerCallback):
             self.client, _output_dir(args), kwargs["model"], kwargs["optimizer"],
             kwargs["lr_scheduler"], start_step=state.global_step,
         )  # fmt: skip
+        marker = _output_dir(args) / f"{CHECKPOINT_PREFIX}{state.global_step}" / MARKER_NAME
+        if state.global_step > 0 and marker.is_file():  # train(resume_from_checkpoint=...)
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            self._ops.resume(int(saved["step"]), int(saved["attempt"]))
         self.client.announce(self.run_settings, algorithm=self.algorithm)
 
     def on_log(

@@ -42,6 +42,9 @@ Between steps the callback applies the commands that arrived:
   and the entropy coefficient;
 - ``halt`` sets ``trainer.should_stop``.
 
+A run resumed from one of its checkpoints (``trainer.fit(..., ckpt_path=path)``, in a new
+process after a crash) continues after the checkpoint's operations step under a new attempt.
+
 Needs the ``lightning`` extra.
 """
 
@@ -86,6 +89,7 @@ class FragranceOpsCallback(pl.Callback):
         self._losses: list[float] = []
         self._global_step_seen = 0
         self._wrapped: CheckpointIO | None = None
+        self._resumed_from: dict[str, Any] | None = None
 
     @property
     def ops(self) -> FrameworkRunOps:
@@ -104,8 +108,9 @@ class FragranceOpsCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._global_step_seen = trainer.global_step
-        if self.ops.step == 0:
-            self.ops.step = trainer.global_step
+        resumed, self._resumed_from = self._resumed_from, None
+        if resumed is not None and "step" in resumed:  # fit(ckpt_path=...) after a restart
+            self.ops.resume(int(resumed["step"]), int(resumed.get("attempt", 0)))
 
     def on_train_batch_end(
         self,
@@ -136,6 +141,11 @@ class FragranceOpsCallback(pl.Callback):
         if self._ops is None:
             return {}
         return {"step": self._ops.checkpoint_step, "attempt": self.client.attempt}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning resumes a run from a checkpoint (``fit(ckpt_path=...)``): training goes
+        on after its operations step, under a new attempt."""
+        self._resumed_from = dict(state_dict)
 
     def _loss(self, trainer: pl.Trainer, outputs: Any) -> float:
         if self.loss_key is not None:

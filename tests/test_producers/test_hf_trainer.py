@@ -22,6 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.hf_trainer import FragranceOpsCallback
 from schemas import Halt, Retune, Rollback, Topic, encode
@@ -74,6 +75,7 @@ def run(
     at_step: int = 5,
     max_steps: int = 20,
     observe_at: int | None = None,
+    resume_from: Path | None = None,
 ) -> tuple[FragranceOpsCallback, Trainer, Deliver]:
     torch.manual_seed(0)
     config = GPT2Config(
@@ -96,7 +98,7 @@ def run(
         callbacks=[callback, deliver],
     )
     with client:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     return callback, trainer, deliver
 
 
@@ -215,3 +217,42 @@ def test_unsafe_or_foreign_rollback_targets_are_rejected_and_training_continues(
     ), ack["detail"]
     assert trainer.state.global_step == 20
     assert callback.client.attempt == 0
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_under_a_new_attempt(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    other_run = Halt(command_id="h-0", reason="x", **{**COMMON, "run_id": "other-run"})
+    run(tmp_path, transport, lambda: encode(other_run), max_steps=10)
+    # A new process: the Trainer resumes from checkpoint-10 (operations step 9).
+    callback, _, _ = run(
+        tmp_path, transport, lambda: encode(other_run), max_steps=13,
+        resume_from=tmp_path / "run-1" / "checkpoint-10",
+    )  # fmt: skip
+    reported = [(m["step"], m["attempt"]) for m in metrics(transport)]
+    assert reported == [(step, 0) for step in range(10)] + [(10, 1), (11, 1), (12, 1)]
+    assert callback.client.attempt == 1
+
+
+def test_an_unreachable_broker_never_stops_training(tmp_path: Path) -> None:
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
+        sdk=SdkSettings(close_timeout_s=0.5),
+    )
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    rows = [(start + torch.arange(16)) % VOCAB for start in range(VOCAB)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run-1"), max_steps=12, per_device_train_batch_size=8,
+        logging_steps=1, save_steps=5, report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    client = TrainerClient("run-1", settings=settings)
+    callback = FragranceOpsCallback(client)
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config),
+        args=args,
+        train_dataset=[{"input_ids": row, "labels": row} for row in rows],  # type: ignore[arg-type]
+        callbacks=[callback],
+    )
+    with client:
+        trainer.train()
+    assert trainer.state.global_step == 12
+    assert callback.ops.step == 12

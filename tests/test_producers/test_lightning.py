@@ -80,6 +80,7 @@ def run(
     max_steps: int = 20,
     module: pl.LightningModule | None = None,
     settings: Settings | None = None,
+    ckpt_path: Path | None = None,
     **options: Any,
 ) -> tuple[FragranceOpsCallback, pl.Trainer, Deliver | None]:
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def run(
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     with client:
-        trainer.fit(module or Regression(), data)
+        trainer.fit(module or Regression(), data, ckpt_path=ckpt_path)
     return callback, trainer, deliver
 
 
@@ -280,3 +281,17 @@ def test_an_unreachable_broker_never_stops_training(tmp_path: Path) -> None:
         trainer.fit(Regression(), data)
     assert trainer.global_step == 12
     assert callback.ops.step == 12
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch")
+def test_a_run_resumed_from_its_checkpoint_continues_under_a_new_attempt(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    run(tmp_path, transport, max_steps=10)
+    # A new process: Lightning restores the checkpoint of global step 10 (operations step 9).
+    callback, _, _ = run(
+        tmp_path, transport, max_steps=13, ckpt_path=tmp_path / "run-1" / "epoch=1-step=10.ckpt"
+    )
+    reported = [(m["step"], m["attempt"]) for m in metrics(transport)]
+    assert reported == [(step, 0) for step in range(10)] + [(10, 1), (11, 1), (12, 1)]
+    assert callback.client.attempt == 1
