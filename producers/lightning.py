@@ -45,7 +45,10 @@ Between steps the callback applies the commands that arrived:
 A run resumed from one of its checkpoints (``trainer.fit(..., ckpt_path=path)``, in a new
 process after a crash) continues after the checkpoint's operations step under a new attempt.
 
-Needs the ``lightning`` extra.
+Needs the ``lightning`` extra. The callback is a ``lightning.pytorch`` callback: a module
+written against the standalone ``pytorch_lightning`` package (the same code, released
+together, kept for old imports) belongs to another class hierarchy, which Lightning refuses
+to mix.
 """
 
 from __future__ import annotations
