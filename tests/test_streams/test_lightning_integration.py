@@ -145,7 +145,10 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
         )
         time.sleep(2)  # would a second rollback follow? give the worker time to say so
         commands = consume_until(
-            kafka_bootstrap, topic_name(Topic.COMMANDS, prefix), lambda got: len(got) >= 1, 30
+            kafka_bootstrap,
+            topic_name(Topic.COMMANDS, prefix),
+            lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
+            30,
         )
         announced = consume_until(
             kafka_bootstrap,
