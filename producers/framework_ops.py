@@ -25,6 +25,10 @@ their callbacks share, around the framework's checkpointing:
 - ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory;
 - ``halt`` sets ``halted`` and calls the subclass's ``stop``.
 
+One process trains the run: under distributed training every rank would report its steps
+and only rank 0's checkpoints would be announced, and a rollback would restore one rank;
+that is not supported yet.
+
 The framework's own step counter (Lightning's ``global_step``, the Trainer's
 ``state.global_step``) keeps counting across a rollback, as the budget of updates made, so
 new checkpoints never overwrite old names; the operations ``step`` goes back.

@@ -25,7 +25,7 @@ from transformers import (
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.hf_trainer import FragranceOpsCallback
-from schemas import Halt, Retune, Rollback, Topic, encode
+from schemas import Halt, PruneCheckpoints, Retune, Rollback, Topic, encode
 from tests.helpers.states import states_equal
 
 COMMON = {"run_id": "run-1", "issued_at": 1.0}
@@ -256,3 +256,22 @@ def test_an_unreachable_broker_never_stops_training(tmp_path: Path) -> None:
         trainer.train()
     assert trainer.state.global_step == 12
     assert callback.ops.step == 12
+
+
+def test_prune_deletes_the_named_checkpoint_directories_inside_output_dir_only(
+    tmp_path: Path,
+) -> None:
+    transport = InMemoryTransport()
+    outside = tmp_path / "checkpoint-1"
+    outside.mkdir()
+    pruned = tmp_path / "run-1" / "checkpoint-5"
+    command = PruneCheckpoints(
+        command_id="p-1", steps=[4, 0], uris=[pruned.as_uri(), outside.as_uri()], **COMMON
+    )
+    run(tmp_path, transport, lambda: encode(command), at_step=6, max_steps=12)
+    (ack,) = acks(transport, "prune_checkpoints")
+    assert ack["status"] == "applied"
+    assert ack["after"] == {"deleted": [pruned.as_uri()]}
+    assert not pruned.exists()
+    assert outside.is_dir()
+    assert (tmp_path / "run-1" / "checkpoint-10" / "model.safetensors").is_file()

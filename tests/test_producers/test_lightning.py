@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.lightning import FragranceOpsCallback
-from schemas import Halt, Retune, Rollback, SetEntropyCoef, Topic, encode
+from schemas import Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef, Topic, encode
 from tests.helpers.states import states_equal
 
 pytestmark = [
@@ -295,3 +295,24 @@ def test_a_run_resumed_from_its_checkpoint_continues_under_a_new_attempt(tmp_pat
     reported = [(m["step"], m["attempt"]) for m in metrics(transport)]
     assert reported == [(step, 0) for step in range(10)] + [(10, 1), (11, 1), (12, 1)]
     assert callback.client.attempt == 1
+
+
+def test_prune_deletes_the_named_checkpoints_inside_the_run_directory_only(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    run_dir = tmp_path / "run-1"
+    outside = tmp_path / "outside.ckpt"
+    outside.write_bytes(b"not ours")
+    pruned = run_dir / "epoch=0-step=5.ckpt"
+    command = PruneCheckpoints(
+        command_id="p-1",
+        steps=[4, 0, 0],
+        uris=[pruned.as_uri(), outside.as_uri(), "../outside.ckpt"],
+        **COMMON,
+    )
+    run(tmp_path, transport, command=lambda: encode(command), at_step=6, max_steps=12)
+    (ack,) = acks(transport)
+    assert ack["status"] == "applied"
+    assert ack["after"] == {"deleted": [pruned.as_uri()]}
+    assert not pruned.exists()
+    assert outside.read_bytes() == b"not ours"
+    assert (run_dir / "epoch=1-step=10.ckpt").exists()
