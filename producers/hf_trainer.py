@@ -15,7 +15,7 @@ with the mean of the previous ones, hiding a divergence from the worker. At each
 log the callback reports:
 
 - ``loss``: the logged loss (the Trainer's mean over the logging interval);
-- ``reward``: the logged value named ``reward_key`` when given (TRL's GRPO and RLOO log
+- ``reward``: the logged value named ``reward_key`` when given (TRL's GRPO logs
   ``"reward"``; a log without it raises ``KeyError``, a configuration error); otherwise
   minus the loss, so that a supervised or language-model run is judged by its loss alone;
 - the learning rate and, when the model has an ``entropy_coef`` attribute, that
