@@ -24,13 +24,31 @@ class CheckpointRejected(ValueError):
     """A checkpoint reference that the store refuses to load or delete."""
 
 
+def confine(uri: str, directory: Path) -> Path:
+    """The existing path a checkpoint URI (``file:`` or a plain path, relative to
+    ``directory``) names, resolved with symlinks followed, if it lies inside ``directory``;
+    otherwise ``CheckpointRejected`` with the reason."""
+    root = directory.resolve(strict=True)
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise CheckpointRejected(f"unsupported checkpoint URI scheme {parsed.scheme!r}")
+    raw = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+    candidate = raw if raw.is_absolute() else directory / raw
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise CheckpointRejected(f"checkpoint {uri!r} does not exist ({exc})") from None
+    if not resolved.is_relative_to(root):
+        raise CheckpointRejected(f"checkpoint {uri!r} resolves outside the run's directory {root}")
+    return resolved
+
+
 class CheckpointStore:
     """``<directory>/step-<step>.pt`` files for one run."""
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._root = self.directory.resolve(strict=True)
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"step-{step:09d}.pt"
@@ -60,19 +78,7 @@ class CheckpointStore:
 
     def resolve(self, uri: str) -> Path:
         """The file a URI names, if it is a checkpoint inside this run's directory."""
-        parsed = urlparse(uri)
-        if parsed.scheme not in ("", "file"):
-            raise CheckpointRejected(f"unsupported checkpoint URI scheme {parsed.scheme!r}")
-        raw = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-        candidate = raw if raw.is_absolute() else self.directory / raw
-        try:
-            resolved = candidate.resolve(strict=True)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise CheckpointRejected(f"checkpoint {uri!r} does not exist ({exc})") from None
-        if not resolved.is_relative_to(self._root):
-            raise CheckpointRejected(
-                f"checkpoint {uri!r} resolves outside the run's directory {self._root}"
-            )
+        resolved = confine(uri, self.directory)
         if not resolved.is_file() or not _NAME.match(resolved.name):
             raise CheckpointRejected(f"{uri!r} is not a checkpoint file of this store")
         return resolved

@@ -53,7 +53,6 @@ Needs the ``sb3`` extra (stable-baselines3) and the ``torch`` extra.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +64,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import ConstantSchedule
 
 from producers.torch_ops import TorchRunOps
-from producers.trainer import TrainerClient
-from schemas import DEFAULT_ALGORITHM
+from producers.trainer import TrainerClient, algorithm_label
 
 SUPPORTED = "PPO, A2C, SAC, TD3, DDPG, DQN and on-policy algorithms logging PPO's keys"
 
@@ -264,10 +262,3 @@ def _set_entropy_coef(model: BaseAlgorithm, value: float) -> None:
     elif isinstance(model, SAC) and model.ent_coef_optimizer is None:
         model.ent_coef = value
         model.ent_coef_tensor = torch.tensor(value, device=model.device)
-
-
-def algorithm_label(class_name: str) -> str:
-    """The contract's algorithm name for a model class (``PPO`` -> ``ppo``); a name the
-    contract cannot carry (a long or non-ASCII subclass name) falls back to PPO's."""
-    label = re.sub(r"[^a-z0-9_-]", "", class_name.lower()).lstrip("0123456789_-")[:32]
-    return label or DEFAULT_ALGORITHM

@@ -80,6 +80,31 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
 
 
+def read_attempt(path: Path) -> int:
+    """The newest attempt written to ``path`` (0 when none was)."""
+    try:
+        return int(path.read_text(encoding="ascii"))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def write_attempt(path: Path, attempt: int) -> None:
+    """Attempts must never repeat (the stream ignores steps it has seen for an attempt), so
+    the newest one is written down (atomically, fsynced) before any metric of it is
+    published."""
+    temp = path.with_suffix(".tmp")
+    with temp.open("w", encoding="ascii") as file:
+        file.write(str(attempt))
+        file.flush()
+        os.fsync(file.fileno())
+    temp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
 class TorchRunOps:
     """Ties a ``TrainerClient`` to a model and optimizer."""
 
@@ -160,26 +185,11 @@ class TorchRunOps:
         return int(state["step"])
 
     def _last_attempt(self) -> int:
-        try:
-            return int(self._attempt_file.read_text(encoding="ascii"))
-        except (FileNotFoundError, ValueError):
-            return 0
+        return read_attempt(self._attempt_file)
 
     def _begin_attempt(self, attempt: int) -> None:
-        """Attempts must never repeat (the stream ignores steps it has seen for an attempt),
-        so the newest one is written down before any metric of it is published."""
         self.client.attempt = attempt
-        temp = self._attempt_file.with_suffix(".tmp")
-        with temp.open("w", encoding="ascii") as file:
-            file.write(str(attempt))
-            file.flush()
-            os.fsync(file.fileno())
-        temp.replace(self._attempt_file)
-        directory = os.open(self._attempt_file.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
+        write_attempt(self._attempt_file, attempt)
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Load a checkpoint into the run, all or nothing: a checkpoint that does not fit

@@ -24,6 +24,7 @@ reading every run's statistics on the partition, is a cost only a loop that uses
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -338,3 +339,10 @@ class TrainerClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def algorithm_label(class_name: str) -> str:
+    """The contract's algorithm name for a model class (``PPO`` -> ``ppo``); a name the
+    contract cannot carry (a long or non-ASCII subclass name) falls back to PPO's."""
+    label = re.sub(r"[^a-z0-9_-]", "", class_name.lower()).lstrip("0123456789_-")[:32]
+    return label or DEFAULT_ALGORITHM

@@ -17,7 +17,8 @@ from producers import InMemoryTransport, TrainerClient
 from producers.sb3 import FragranceOpsCallback, algorithm_label
 from schemas import Halt, Retune, Rollback, SetEntropyCoef, Topic, encode
 from tests.helpers.operations import InMemoryOperations
-from tests.helpers.sb3 import ALGORITHMS, Divergence, small_model, states_equal
+from tests.helpers.sb3 import ALGORITHMS, Divergence, small_model
+from tests.helpers.states import states_equal
 
 N_STEPS = 64
 

@@ -18,7 +18,8 @@ from producers import TrainerClient
 from producers.sb3 import FragranceOpsCallback
 from schemas import Topic, topic_name
 from tests.helpers.kafka import consume_until
-from tests.helpers.sb3 import Divergence, small_model, states_equal
+from tests.helpers.sb3 import Divergence, small_model
+from tests.helpers.states import states_equal
 
 pytestmark = pytest.mark.integration
 

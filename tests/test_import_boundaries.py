@@ -1,0 +1,57 @@
+"""The worker, the CLI and the LLM and rating SDKs never import a training framework: torch,
+Lightning, transformers and Stable-Baselines3 are optional extras for trainers only."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+FRAMEWORKS = (
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "stable_baselines3",
+)
+
+NO_FRAMEWORK = (
+    "streams.app",
+    "streams.runtime",
+    "fragrance_ops.cli",
+    "fragrance_ops.operator",
+    "producers",
+    "producers.trainer",
+    "producers.llm",
+    "producers.llm_openai",
+    "producers.llm_litellm",
+    "producers.ratings",
+    "schemas",
+)
+
+
+def imported_frameworks(module: str) -> list[str]:
+    """The frameworks loaded, in a fresh interpreter, by importing ``module``."""
+    program = f"import sys, {module}\nprint(sorted(n for n in {FRAMEWORKS!r} if n in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=120
+    )
+    return list(ast.literal_eval(result.stdout))
+
+
+@pytest.mark.parametrize("module", NO_FRAMEWORK)
+def test_the_worker_and_the_service_sdks_import_no_training_framework(module: str) -> None:
+    assert imported_frameworks(module) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "framework"),
+    [("producers.lightning", "lightning"), ("producers.hf_trainer", "transformers")],
+)
+def test_the_framework_callbacks_do_import_theirs(module: str, framework: str) -> None:
+    # The check above would pass on a broken probe; this shows the probe sees an import.
+    assert framework in imported_frameworks(module)
