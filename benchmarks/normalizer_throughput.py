@@ -30,8 +30,8 @@ from harness import broker, fresh_settings, running_worker
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.settings import SdkSettings, Settings
 from producers import KafkaTransport, TrainerClient
+from rules.reward_window import RewardWindow
 from schemas import Topic, topic_name
-from streams.rules.reward_window import RewardWindow
 
 
 def fill(settings: Settings, events: int, runs: int) -> float:

@@ -41,8 +41,8 @@ from harness import (
 from fragrance_ops.settings import Settings
 from producers import KafkaTransport, RatingClient, TrainerClient
 from producers.llm import LlmClient
+from rules.reward_window import RewardWindow
 from schemas import Topic, topic_name
-from streams.rules.reward_window import RewardWindow
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 CHECKPOINT_EVERY = 50

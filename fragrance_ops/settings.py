@@ -456,7 +456,7 @@ class CheckpointSettings(_Group):
 
 
 class BreakerSettings(_Group):
-    """LLM circuit breaker, one per model (guide section 3; streams/rules/breaker.py).
+    """LLM circuit breaker, one per model (guide section 3; rules/breaker.py).
 
     Env: FRAGRANCE_OPS_BREAKER__<NAME>.
     """
@@ -601,7 +601,7 @@ _PER_MODEL_BREAKER = frozenset(BreakerSettings.model_fields) - {"models", "tick_
 
 
 class RetuneSettings(_Group):
-    """Feedback retuning from user ratings (guide section 4; streams/rules/retune.py).
+    """Feedback retuning from user ratings (guide section 4; rules/retune.py).
 
     Env: FRAGRANCE_OPS_RETUNE__<NAME>.
     """

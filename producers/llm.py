@@ -11,7 +11,7 @@ publishes every state change on the compacted ``llm.control``; the client follow
 its model, so all replicas serve in the same mode. A new client reads the current state
 before its first call (up to ``sdk.control_wait_s``).
 
-Local fast path: the client runs the same breaker rule (``streams.rules.breaker``) on its
+Local fast path: the client runs the same breaker rule (``rules.breaker``) on its
 own calls. When it trips locally (3 failures by default) the client downshifts at once,
 before the stream's decision arrives, and converges to the shared state with the next
 ``llm.control`` event. If Kafka is unreachable the local breaker alone decides, on the
@@ -87,9 +87,9 @@ from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
 from producers.llm_failures import ExceptionSpec, FailurePolicy, exception_types
 from producers.response_cache import InProcessCache, ResponseCache
 from producers.transport import KafkaTransport, Transport
+from rules.breaker import BreakerPolicy, ModelBreaker, Transition
 from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode, topic_name
 from schemas.events import LlmMode
-from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
 
 if TYPE_CHECKING:
     from producers.llm_metrics import LlmMetrics

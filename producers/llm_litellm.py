@@ -34,8 +34,8 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from fragrance_ops.settings import LlmModeSettings
 from producers.llm import LlmClient
+from rules.breaker import MODES
 from schemas.events import LlmMode
-from streams.rules.breaker import MODES
 
 __all__ = ["LiteLLMOutcomes"]
 

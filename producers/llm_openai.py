@@ -41,8 +41,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from fragrance_ops.settings import LlmModeSettings
 from producers.llm import Caching, LlmClient
 from producers.llm_failures import ExceptionSpec
+from rules.breaker import MODES
 from schemas.events import LlmMode
-from streams.rules.breaker import MODES
 
 __all__ = ["AsyncOpenAIChat", "OpenAIChat", "mode_parameters"]
 

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 
 from fragrance_ops.kafka import faust_credentials, require_bootstrap
 from fragrance_ops.settings import Settings
+from rules.commands import COMMAND_TYPES
 from schemas import Topic, topic_name
 from streams.agents import feedback, llm, training
 from streams.context import ProcessorContext, RunSettingsCache
@@ -23,7 +24,6 @@ from streams.dead_letter import DeadLetterSink
 from streams.faust_fixes import LeanMonitor, WorkerApp
 from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer
-from streams.rules.commands import COMMAND_TYPES
 from streams.runtime import AgentRuntime
 from streams.state import StateWriter
 from streams.watchdog import watch_partitions

@@ -295,7 +295,7 @@ def in_produced_order(
     up): handed over partition after partition, the checkpoints would be read a thousand
     steps behind the metrics. One trainer produces all of its run's topics, so its clock
     orders them as it sent them; the rules still decide the same whatever the order
-    (``streams.rules.training``), this keeps the waits they allow for short.
+    (``rules.training``), this keeps the waits they allow for short.
     """
     if len(parts) == 1:
         return list(parts[0][1])

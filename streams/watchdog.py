@@ -5,7 +5,7 @@ what the group has not committed yet (as Kafka's own tools report it); the watch
 compares them with the consumer's fetch positions, and watches every agent's batch in
 progress, and crashes the worker when ``StallDetector`` says either has made no progress
 for too long
-(``streams/rules/progress.py`` says why: a known Faust consumer hang after a broker
+(``rules/progress.py`` says why: a known Faust consumer hang after a broker
 restart). A supervisor (Kubernetes, Compose's restart policy, systemd) restarts it; a
 restart resumes at the committed offsets.
 """
@@ -20,8 +20,8 @@ from collections.abc import Hashable, Mapping
 
 from faust.types import TP
 
+from rules.progress import StallDetector
 from streams.context import ProcessorContext
-from streams.rules.progress import StallDetector
 
 log = logging.getLogger(__name__)
 

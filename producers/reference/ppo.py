@@ -42,7 +42,7 @@ REFERENCE_RUN_SETTINGS: dict[str, bool | int | float | str] = {
 """Announced with the run, an example of per-run overrides: minibatch losses are noisy, so
 judge against the median of recent steps and act on 3 anomalous steps in a row (a real
 divergence lasts; one odd minibatch does not). The defaults alone (the spread floor in
-``streams/rules/anomaly.py``) also leave clean runs untouched
+``rules/anomaly.py``) also leave clean runs untouched
 (``tests/test_producers/test_reference.py``)."""
 
 

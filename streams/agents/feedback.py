@@ -1,6 +1,6 @@
 """``feedback.ratings`` -> rating windows per target run -> ``retune`` commands.
 
-Per rating the agent decodes it, adds it to its target's window (``streams.rules.retune``)
+Per rating the agent decodes it, adds it to its target's window (``rules.retune``)
 and, when a window closes, forwards the proposal as a ``retune`` command on
 ``trainer.commands`` (nothing when no rule fired; a log line and the
 ``fragrance_ops_feedback_windows_total{result}`` metric say why). A timer closes windows
@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 
 from fragrance_ops.settings import Settings
+from rules.retune import Retuner, WindowVerdict, retune_target
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, origin_header, register_live_agent
-from streams.rules.retune import Retuner, WindowVerdict, retune_target
 from streams.runtime import InputRecord
 from streams.state import StateTable
 

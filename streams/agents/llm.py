@@ -1,7 +1,7 @@
 """``llm.outcomes`` -> one circuit breaker per model -> ``llm.control`` (compacted).
 
 Per batch the agent decodes each outcome, calls the model's breaker
-(``streams.rules.breaker``) and forwards each transition as an ``LlmControl`` event; the
+(``rules.breaker``) and forwards each transition as an ``LlmControl`` event; the
 runtime's checkpoints write each touched breaker's state once they are acknowledged. A
 timer (``breaker.tick_interval_s``) drives recovery from the worker's clock, so a held
 breaker goes half-open on time with no traffic at all. Breakers stay live in memory between
@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+from rules.breaker import BreakerPolicy, ModelBreaker, Transition
 from schemas import LlmControl, LlmOutcome, Topic, decode
 from schemas.events import LlmMode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, register_live_agent
 from streams.metrics import MODE_VALUES, STATE_VALUES
-from streams.rules.breaker import BreakerPolicy, ModelBreaker, Transition
 from streams.runtime import InputRecord
 from streams.state import StateTable
 

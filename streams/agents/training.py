@@ -21,6 +21,8 @@ import orjson
 from pydantic import ValidationError
 
 from fragrance_ops.settings import Settings
+from rules.reward_window import RewardWindow
+from rules.training import RequestAnswer, RunOperations
 from schemas import (
     DEFAULT_ALGORITHM,
     CheckpointSaved,
@@ -37,8 +39,6 @@ from schemas import (
 from schemas.signing import SIGNATURE_REJECTIONS, SignatureError, verify
 from streams.context import ProcessorContext
 from streams.live import input_origin
-from streams.rules.reward_window import RewardWindow
-from streams.rules.training import RequestAnswer, RunOperations
 from streams.runtime import InputRecord
 from streams.state import StateTable, StateWriter
 

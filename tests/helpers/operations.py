@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fragrance_ops.settings import Settings, run_overrides
 from producers import InMemoryTransport, Record
+from rules.training import RunOperations
 from schemas import (
     CheckpointSaved,
     CommandAck,
@@ -17,7 +18,6 @@ from schemas import (
     encode,
     topic_name,
 )
-from streams.rules.training import RunOperations
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Expectations are never written down by hand: every scenario feeds the inputs it actually
 published (recorded at the producer, in the order the producer sent them) through the pure
-rules in ``streams.rules`` and compares the worker's outputs on the contract topics with
+rules in ``rules`` and compares the worker's outputs on the contract topics with
 what the rules say a crash-free run produces.
 """
 
@@ -28,6 +28,10 @@ from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.partitioning import partition_for_key
 from producers.transport import CommandReader, DeliveryStats, KafkaTransport
+from rules.breaker import BreakerPolicy, ModelBreaker
+from rules.retune import Retuner, retune_target
+from rules.reward_window import RewardWindow
+from rules.training import RunOperations
 from schemas import (
     CheckpointSaved,
     Command,
@@ -42,10 +46,6 @@ from schemas import (
     encode,
     topic_name,
 )
-from streams.rules.breaker import BreakerPolicy, ModelBreaker
-from streams.rules.retune import Retuner, retune_target
-from streams.rules.reward_window import RewardWindow
-from streams.rules.training import RunOperations
 
 # --- profiles -------------------------------------------------------------------------------
 

@@ -29,8 +29,8 @@ from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import RatingClient
 from producers.llm import LlmClient
+from rules.breaker import BreakerPolicy
 from schemas import Topic, topic_name
-from streams.rules.breaker import BreakerPolicy
 from tests.test_faults.support import (
     FIGURES,
     PROFILE,

@@ -36,8 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fragrance_ops.brokers.base import free_port
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
+from rules.training import APPLIED_RETUNES_KEPT
 from schemas import CommandAck, RunAnnounced, StepMetric, Topic, encode, topic_name
-from streams.rules.training import APPLIED_RETUNES_KEPT
 from tests.helpers.kafka import produce_records
 from tests.test_faults.support import (
     FIGURES,

@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 
 from fragrance_ops.settings import Settings, run_overrides
 from fragrance_ops.worker_process import WorkerProcess
+from rules.breaker import BreakerPolicy
+from rules.commands import retuned_entropy_command_id
 from schemas import (
     DEFAULT_MAX_EVENT_BYTES,
     CheckpointSaved,
@@ -40,8 +42,6 @@ from schemas import (
     decode,
     topic_name,
 )
-from streams.rules.breaker import BreakerPolicy
-from streams.rules.commands import retuned_entropy_command_id
 from tests.helpers.kafka import produce_records
 from tests.test_faults.support import (
     FIGURES,

@@ -1,7 +1,7 @@
 """The stall watchdog's crash path, with a real worker: it crashes with the reason logged,
 and a worker started after it processes everything (nothing was lost).
 
-What counts as a stall is the rule's business (``tests/test_streams/test_rules/
+What counts as a stall is the rule's business (``tests/test_rules/
 test_progress.py``). A stall cannot be made on demand with a healthy broker and Faust, so
 the watchdog is made impatient instead (``worker.stall_timeout_s`` 0.5 s) and commits
 rare (every 10 s): once the group has committed, records fetched and processed stay

@@ -17,8 +17,8 @@ from producers import InMemoryTransport
 from producers.llm import Caching, LlmClient
 from producers.llm_metrics import LlmMetrics
 from producers.response_cache import InProcessCache, RedisCache
+from rules.breaker import Transition
 from schemas import Topic
-from streams.rules.breaker import Transition
 from tests.helpers.llm import MODEL, Clock, control, outcomes
 
 ROOT = Path(__file__).parents[2]

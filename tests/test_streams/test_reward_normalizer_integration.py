@@ -14,8 +14,8 @@ from confluent_kafka import Message, Producer
 from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
+from rules.reward_window import RewardWindow
 from schemas import Topic, topic_name
-from streams.rules.reward_window import RewardWindow
 from tests.helpers.kafka import consume_until
 from tests.helpers.reference import window_stats
 

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.events import COMMAND_TYPES as SCHEMA_COMMAND_TYPES
-from streams.rules.commands import (
+from rules.commands import (
     COMMAND_TYPES,
     command_id,
     entropy_command_id,
@@ -19,6 +18,7 @@ from streams.rules.commands import (
     retuned_entropy_command_id,
     rollback_command_id,
 )
+from schemas.events import COMMAND_TYPES as SCHEMA_COMMAND_TYPES
 
 
 def test_ids_are_stable_across_versions() -> None:

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fragrance_ops.settings import AnomalySettings
-from streams.rules import Position
+from rules import Position
 
 _STATE_VERSION = 1
 

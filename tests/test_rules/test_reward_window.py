@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.rules.reward_window import RewardWindow
+from rules.reward_window import RewardWindow
 from tests.helpers.reference import window_stats
 
 finite_rewards = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fragrance_ops.settings import EntropySettings, Settings, run_overrides
-from streams.rules.entropy_schedule import EntropyEmitter, EntropySchedule
+from rules.entropy_schedule import EntropyEmitter, EntropySchedule
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,10 @@ import math
 import orjson
 
 from fragrance_ops.settings import Settings, run_overrides
+from rules.training import RunOperations
 from schemas import CommandAck, Halt, OperatorRequest, Rollback, SetEntropyCoef
 from schemas.events import OperatorAction
-from streams.rules.training import RunOperations
-from tests.test_streams.test_rules.test_training import RUN, checkpoint, feed, metric
+from tests.test_rules.test_training import RUN, checkpoint, feed, metric
 
 NO_COOLDOWN = {"anomaly.cooldown_steps": 0}
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fragrance_ops.settings import AnomalySettings, Settings
-from streams.rules.anomaly import AnomalyDetector, Verdict
+from rules.anomaly import AnomalyDetector, Verdict
 
 NO_WARMUP = AnomalySettings(warmup_steps=0)
 

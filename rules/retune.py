@@ -92,8 +92,8 @@ from statistics import NormalDist
 from typing import Any, Literal, cast
 
 from fragrance_ops.settings import RetuneSettings
+from rules.commands import retune_command_id
 from schemas.events import Rating, RetunableName, Retune
-from streams.rules.commands import retune_command_id
 
 RATING_MIN = 1.0
 RATING_MAX = 5.0

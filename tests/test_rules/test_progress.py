@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.rules.progress import Stall, StallDetector
+from rules.progress import Stall, StallDetector
 
 
 def test_a_partition_with_records_waiting_and_no_progress_stalls_after_the_timeout() -> None:

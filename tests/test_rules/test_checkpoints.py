@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fragrance_ops.settings import CheckpointSettings, Settings
-from streams.rules.checkpoints import Checkpoint, CheckpointLedger, RollbackBudget
+from rules.checkpoints import Checkpoint, CheckpointLedger, RollbackBudget
 
 DEFAULTS = CheckpointSettings()
 

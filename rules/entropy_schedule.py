@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fragrance_ops.settings import EntropySettings
-from streams.rules import Position
+from rules import Position
 
 _STATE_VERSION = 1
 

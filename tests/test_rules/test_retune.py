@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fragrance_ops.settings import RetuneSettings, Settings
-from schemas import Rating, Retune, decode_command, encode
-from streams.rules.commands import retune_command_id
-from streams.rules.retune import (
+from rules.commands import retune_command_id
+from rules.retune import (
     RatingOutcome,
     Retuner,
     WindowVerdict,
@@ -28,6 +27,7 @@ from streams.rules.retune import (
     t_quantile,
     variance_interval,
 )
+from schemas import Rating, Retune, decode_command, encode
 
 SETTINGS = RetuneSettings(confidence=0.95)  # the data below was drawn for 95% intervals
 T0 = 1_700_000_000.0  # the worker's clock at the first rating

@@ -50,6 +50,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fragrance_ops.settings import Settings
+from rules import Position
+from rules.anomaly import AnomalyDetector, Verdict
+from rules.checkpoints import CheckpointLedger, RollbackBudget
+from rules.commands import (
+    entropy_command_id,
+    halt_command_id,
+    operator_command_id,
+    prune_command_id,
+    retuned_entropy_command_id,
+    rollback_command_id,
+)
+from rules.entropy_schedule import EntropyEmitter
 from schemas import (
     CheckpointSaved,
     CommandAck,
@@ -63,18 +75,6 @@ from schemas import (
 )
 from schemas.events import float_to_wire
 from schemas.signing import SIGNATURE_REJECTIONS
-from streams.rules import Position
-from streams.rules.anomaly import AnomalyDetector, Verdict
-from streams.rules.checkpoints import CheckpointLedger, RollbackBudget
-from streams.rules.commands import (
-    entropy_command_id,
-    halt_command_id,
-    operator_command_id,
-    prune_command_id,
-    retuned_entropy_command_id,
-    rollback_command_id,
-)
-from streams.rules.entropy_schedule import EntropyEmitter
 
 _STATE_VERSION = 1
 APPLIED_RETUNES_KEPT = 32

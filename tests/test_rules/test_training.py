@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from fragrance_ops.settings import Settings, run_overrides
+from rules.training import HELD_BACK_MAX, RunOperations
 from schemas import (
     CheckpointSaved,
     CommandAck,
@@ -18,7 +19,6 @@ from schemas import (
     SetEntropyCoef,
     StepMetric,
 )
-from streams.rules.training import HELD_BACK_MAX, RunOperations
 
 RUN = "run-1"
 

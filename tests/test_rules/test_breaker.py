@@ -13,9 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fragrance_ops.settings import BreakerSettings, Settings
-from schemas import LlmControl, decode, encode
-from schemas.events import LlmMode
-from streams.rules.breaker import (
+from rules.breaker import (
     MODES,
     BreakerPolicy,
     ModelBreaker,
@@ -23,6 +21,8 @@ from streams.rules.breaker import (
     step_down,
     step_up,
 )
+from schemas import LlmControl, decode, encode
+from schemas.events import LlmMode
 
 MODEL = "qwen"
 DEFAULTS = BreakerPolicy()

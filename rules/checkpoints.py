@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fragrance_ops.settings import CheckpointSettings
-from streams.rules import Position
+from rules import Position
 
 _STATE_VERSION = 2  # 2: checkpoints ordered by (attempt, step) instead of the trainer's ts
 _MAX_INTERVALS = 1024
