@@ -22,7 +22,9 @@ their callbacks share, around the framework's checkpointing:
   computes it from ``base_lrs`` (``LambdaLR``, the transformers schedules, cosine, ...) has
   them scaled by the same factor, so the schedule continues from the new value instead of
   overwriting it at its next step. A retuned learning rate survives a rollback;
-- ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory;
+- ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory,
+  except the one the run last restored and the newest announced one (the next rollback's
+  likely target): those are kept and named in the ack;
 - ``halt`` sets ``halted`` and calls the subclass's ``stop``.
 
 One process trains the run: under distributed training every rank would report its steps
@@ -79,6 +81,8 @@ class FrameworkRunOps(ABC):
         self.retuned: dict[str, float] = {}
         # Announced checkpoints of this process: their resolved path and step.
         self.saved: dict[Path, int] = {}
+        # The checkpoint the last rollback restored: never pruned.
+        self.restored_from: Path | None = None
         self.entropy_owner = entropy_owner
         self.entropy_coef_rejected = (
             None
@@ -214,6 +218,7 @@ class FrameworkRunOps(ABC):
         except CheckpointRejected as exc:
             raise CommandRejected(str(exc)) from None
         restored = command.checkpoint_step
+        self.restored_from = path
         if "learning_rate" in self.retuned:  # user feedback, not the abandoned trajectory
             self.set_learning_rate(self.retuned["learning_rate"])
         for saved, step in list(self.saved.items()):
@@ -226,11 +231,24 @@ class FrameworkRunOps(ABC):
         return {"before": before, "after": {"step": restored, "attempt": self.client.attempt}}
 
     def _delete(self, path: Path) -> None:
+        """Delete a checkpoint; a failure is logged, never raised (the rollback or prune
+        that asked has already changed the run, or must go on with the other paths)."""
         self.saved.pop(path, None)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("checkpoint %s not deleted: %s", path, exc)
+
+    def _protected(self) -> set[Path]:
+        """The checkpoints a prune keeps: the last one restored and the newest announced."""
+        protected = {self.restored_from} if self.restored_from is not None else set()
+        protected.update(
+            path for path, step in self.saved.items() if step == self.last_checkpoint_step
+        )
+        return protected
 
     def _retune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, Retune)
@@ -258,15 +276,23 @@ class FrameworkRunOps(ABC):
 
     def _prune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, PruneCheckpoints)
-        deleted = []
+        deleted, kept = [], []
+        protected = self._protected()
         for uri in command.uris:
             try:
                 path = self.checkpoint_path(uri)
             except CheckpointRejected:
                 continue
+            if path in protected:
+                kept.append(uri)
+                continue
             self._delete(path)
             deleted.append(uri)
-        return {"after": {"deleted": deleted}}
+        after: dict[str, Any] = {"deleted": deleted}
+        if kept:
+            log.warning("prune kept %s: restored from or newest", kept)
+            after["kept"] = kept
+        return {"after": after}
 
     def _halt(self, command: Command) -> None:
         assert isinstance(command, Halt)

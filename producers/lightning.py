@@ -224,7 +224,7 @@ class _LightningRunOps(FrameworkRunOps):
             strategy.load_optimizer_state_dict(checkpoint)
             for scheduler, saved in zip(schedulers, saved_schedulers, strict=True):
                 scheduler.load_state_dict(saved)
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # a partial load is undone, whatever failed
             self._module.load_state_dict(snapshot[0])
             for optimizer, saved in zip(optimizers, snapshot[1], strict=True):
                 optimizer.load_state_dict(saved)
@@ -252,6 +252,10 @@ class _AnnouncingCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        # fit(ckpt_path=...) passes None, which torch.load turns into False when
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: ask for weights_only unless the caller
+        # explicitly chose otherwise.
+        weights_only = True if weights_only is None else weights_only
         if map_location is None:
             return self.wrapped.load_checkpoint(path, weights_only=weights_only)
         return self.wrapped.load_checkpoint(path, map_location, weights_only=weights_only)
