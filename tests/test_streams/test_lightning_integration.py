@@ -142,6 +142,7 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
             topic_name(Topic.ACKS, prefix),
             lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
             30,
+            to_end=True,
         )
         time.sleep(2)  # would a second rollback follow? give the worker time to say so
         commands = consume_until(
@@ -149,6 +150,7 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
             topic_name(Topic.COMMANDS, prefix),
             lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
             30,
+            to_end=True,  # a second rollback, if any, is read too
         )
         announced = consume_until(
             kafka_bootstrap,
@@ -184,6 +186,8 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
     assert callback.ops.step > STOP_AFTER
     assert len(divergence.losses_after) >= STOP_AFTER - 20
     assert all(math.isfinite(loss) for loss in divergence.losses_after)
-    assert max(divergence.losses_after) < min(divergence.losses_diverged)
+    # Against the anomaly step's loss: how far later diverged steps got depends on how long
+    # the worker took to answer (the optimizer may bring the loss down meanwhile).
+    assert max(divergence.losses_after) < divergence.losses_diverged[0]
     # The worker's entropy schedule reached the module's coefficient.
     assert module.entropy_coef == pytest.approx(0.01)
