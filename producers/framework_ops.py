@@ -39,7 +39,6 @@ new checkpoints never overwrite old names; the operations ``step`` goes back.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -49,7 +48,14 @@ from typing import Any
 import torch
 
 from producers.checkpoints import CheckpointRejected, confine
-from producers.torch_ops import APPLIED_LOG_NAME, ATTEMPT_FILE_NAME, read_attempt, write_attempt
+from producers.torch_ops import (
+    APPLIED_LOG_NAME,
+    ATTEMPT_FILE_NAME,
+    publish_step,
+    read_attempt,
+    retune_changes,
+    write_attempt,
+)
 from producers.trainer import CommandRejected, TrainerClient
 from schemas import Command, Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef
 
@@ -142,17 +148,7 @@ class FrameworkRunOps(ABC):
 
     def report(self, *, loss: float, reward: float, **metrics: float) -> None:
         """Publish the finished operations step, apply the commands that arrived, advance."""
-        step = self.step
-        self.client.log_step(
-            step,
-            loss=loss,
-            reward=reward,
-            checkpoint_step=self.last_checkpoint_step,
-            **self.hyperparameters(),
-            **metrics,
-        )
-        if self.step == step:  # not rolled back by a command applied in log_step
-            self.step = step + 1
+        publish_step(self, loss=loss, reward=reward, **metrics)
 
     @property
     def checkpoint_step(self) -> int:
@@ -253,14 +249,7 @@ class FrameworkRunOps(ABC):
     def _retune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, Retune)
         before = self.hyperparameters()
-        if "entropy_coef" in command.changes and self.entropy_coef_rejected is not None:
-            raise CommandRejected(self.entropy_coef_rejected)
-        unknown = set(command.changes) - set(before)
-        if unknown:
-            raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
-        changes = {str(name): float(value) for name, value in command.changes.items()}
-        if not all(math.isfinite(value) for value in changes.values()):
-            raise CommandRejected(f"non-finite values in {changes}")
+        changes = retune_changes(command, before, self.entropy_coef_rejected)
         for name, value in changes.items():
             if name == "learning_rate":
                 self.set_learning_rate(value)
