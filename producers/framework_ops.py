@@ -23,8 +23,8 @@ their callbacks share, around the framework's checkpointing:
   them scaled by the same factor, so the schedule continues from the new value instead of
   overwriting it at its next step. A retuned learning rate survives a rollback;
 - ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory,
-  except the one the run last restored and the newest announced one (the next rollback's
-  likely target): those are kept and named in the ack;
+  except the one the run last restored, the newest announced one (the next rollback's
+  likely target) and the command's ``protected_step``: those are kept and named in the ack;
 - ``halt`` sets ``halted`` and calls the subclass's ``stop``.
 
 One process trains the run: under distributed training every rank would report its steps
@@ -238,11 +238,14 @@ class FrameworkRunOps(ABC):
         except OSError as exc:
             log.warning("checkpoint %s not deleted: %s", path, exc)
 
-    def _protected(self) -> set[Path]:
-        """The checkpoints a prune keeps: the last one restored and the newest announced."""
+    def _protected(self, protected_step: int | None) -> set[Path]:
+        """The checkpoints a prune keeps: the last one restored, the newest announced and
+        the one of the step the command itself protects."""
         protected = {self.restored_from} if self.restored_from is not None else set()
         protected.update(
-            path for path, step in self.saved.items() if step == self.last_checkpoint_step
+            path
+            for path, step in self.saved.items()
+            if step in (self.last_checkpoint_step, protected_step)
         )
         return protected
 
@@ -266,7 +269,7 @@ class FrameworkRunOps(ABC):
     def _prune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, PruneCheckpoints)
         deleted, kept = [], []
-        protected = self._protected()
+        protected = self._protected(command.protected_step)
         for uri in command.uris:
             try:
                 path = self.checkpoint_path(uri)

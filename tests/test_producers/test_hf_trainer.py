@@ -260,24 +260,30 @@ def test_an_unreachable_broker_never_stops_training(tmp_path: Path) -> None:
     assert callback.ops.step == 12
 
 
+@pytest.mark.parametrize("protected_step", [None, 4])
 def test_prune_deletes_the_named_checkpoint_directories_inside_output_dir_only(
-    tmp_path: Path,
+    tmp_path: Path, protected_step: int | None
 ) -> None:
     transport = InMemoryTransport()
     outside = tmp_path / "checkpoint-1"
     outside.mkdir()
-    pruned = tmp_path / "run-1" / "checkpoint-5"
+    pruned = tmp_path / "run-1" / "checkpoint-5"  # operations step 4
     newest = tmp_path / "run-1" / "checkpoint-10"  # operations step 9, the newest when pruned
     command = PruneCheckpoints(
         command_id="p-1",
         steps=[4, 9, 0],
         uris=[pruned.as_uri(), newest.as_uri(), outside.as_uri()],
+        protected_step=protected_step,
         **COMMON,
     )
     run(tmp_path, transport, lambda: encode(command), at_step=10, max_steps=14)
     (ack,) = acks(transport, "prune_checkpoints")
     assert ack["status"] == "applied"
-    assert ack["after"] == {"deleted": [pruned.as_uri()], "kept": [newest.as_uri()]}
-    assert not pruned.exists()
+    if protected_step is None:
+        assert ack["after"] == {"deleted": [pruned.as_uri()], "kept": [newest.as_uri()]}
+        assert not pruned.exists()
+    else:
+        assert ack["after"] == {"deleted": [], "kept": [pruned.as_uri(), newest.as_uri()]}
+        assert (pruned / "model.safetensors").is_file()
     assert outside.is_dir()
     assert (newest / "model.safetensors").is_file()
