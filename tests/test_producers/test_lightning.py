@@ -342,3 +342,21 @@ def test_checkpoints_lightning_loads_itself_are_loaded_weights_only(tmp_path: Pa
     wrapper.load_checkpoint(tmp_path / "a.ckpt")
     wrapper.load_checkpoint(tmp_path / "a.ckpt", "cpu", weights_only=None)
     assert calls == [True, True]
+
+
+class SkipsBatches(Regression):
+    """Returns None for every third batch: Lightning skips it (no optimizer step)."""
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> Any:
+        return None if batch_idx % 3 == 2 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`:UserWarning")
+def test_a_batch_training_step_skips_is_not_an_error(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    callback, trainer, _ = run(tmp_path, transport, max_steps=10, module=SkipsBatches())
+    assert trainer.global_step == 10
+    # Lightning still counts a skipped batch as a step; 8 batches an epoch, 2 of them skipped:
+    # 6 reported in the first epoch and 2 in the second.
+    assert [m["step"] for m in metrics(transport)] == list(range(8))
+    assert callback.ops.step == 8
