@@ -3,6 +3,7 @@ config (no downloads), commands delivered in process."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class Deliver(TrainerCallback):
             self.observed = {
                 "model": {k: v.clone() for k, v in kwargs["model"].state_dict().items()},
                 "lr": kwargs["optimizer"].param_groups[0]["lr"],
+                "optimizer": copy.deepcopy(kwargs["optimizer"].state_dict()),
+                "scheduler": copy.deepcopy(kwargs["lr_scheduler"].state_dict()),
             }
 
 
@@ -179,6 +182,9 @@ def test_a_rollback_restores_weights_optimizer_and_scheduler_from_the_directory(
     assert deliver.observed["lr"] == saved_lr
     saved = load_file(target / "model.safetensors")
     assert states_equal({k: deliver.observed["model"][k] for k in saved}, saved)
+    for part, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")):
+        saved_state = torch.load(target / name, weights_only=True)
+        assert states_equal(deliver.observed[part], saved_state), part
     reported = metrics(transport)
     assert [(m["step"], m["attempt"]) for m in reported[-3:]] == [(10, 1), (11, 1), (12, 1)]
     assert callback.ops.step == 13
