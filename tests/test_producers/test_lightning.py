@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,9 @@ def test_a_rollback_restores_the_checkpoint_and_continues_under_a_new_attempt(
             if trainer.global_step == 13:  # the rollback was applied in this step's report
                 restored["net"] = {k: v.clone() for k, v in module.state_dict().items()}
                 restored["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+                restored["optimizer"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+                scheduler = trainer.lr_scheduler_configs[0].scheduler
+                restored["scheduler"] = copy.deepcopy(scheduler.state_dict())
 
     torch.manual_seed(0)
     client = TrainerClient("run-1", transport=transport)
@@ -227,6 +231,8 @@ def test_a_rollback_restores_the_checkpoint_and_continues_under_a_new_attempt(
     saved = torch.load(target, weights_only=True)
     assert states_equal(saved["state_dict"], restored["net"])
     assert restored["lr"] == saved["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert states_equal(saved["optimizer_states"][0], restored["optimizer"])
+    assert states_equal(saved["lr_schedulers"][0], restored["scheduler"])
     (ack,) = acks(transport)
     assert ack["status"] == "applied", ack
     assert ack["after"] == {"step": 9, "attempt": 1}
