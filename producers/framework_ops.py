@@ -22,7 +22,9 @@ their callbacks share, around the framework's checkpointing:
   computes it from ``base_lrs`` (``LambdaLR``, the transformers schedules, cosine, ...) has
   them scaled by the same factor, so the schedule continues from the new value instead of
   overwriting it at its next step. A retuned learning rate survives a rollback;
-- ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory;
+- ``prune_checkpoints`` deletes the named checkpoints that are confined to the directory,
+  except the one the run last restored, the newest announced one (the next rollback's
+  likely target) and the command's ``protected_step``: those are kept and named in the ack;
 - ``halt`` sets ``halted`` and calls the subclass's ``stop``.
 
 One process trains the run: under distributed training every rank would report its steps
@@ -37,7 +39,6 @@ new checkpoints never overwrite old names; the operations ``step`` goes back.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -47,7 +48,14 @@ from typing import Any
 import torch
 
 from producers.checkpoints import CheckpointRejected, confine
-from producers.torch_ops import APPLIED_LOG_NAME, ATTEMPT_FILE_NAME, read_attempt, write_attempt
+from producers.torch_ops import (
+    APPLIED_LOG_NAME,
+    ATTEMPT_FILE_NAME,
+    publish_step,
+    read_attempt,
+    retune_changes,
+    write_attempt,
+)
 from producers.trainer import CommandRejected, TrainerClient
 from schemas import Command, Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef
 
@@ -79,6 +87,8 @@ class FrameworkRunOps(ABC):
         self.retuned: dict[str, float] = {}
         # Announced checkpoints of this process: their resolved path and step.
         self.saved: dict[Path, int] = {}
+        # The checkpoint the last rollback restored: never pruned.
+        self.restored_from: Path | None = None
         self.entropy_owner = entropy_owner
         self.entropy_coef_rejected = (
             None
@@ -138,17 +148,7 @@ class FrameworkRunOps(ABC):
 
     def report(self, *, loss: float, reward: float, **metrics: float) -> None:
         """Publish the finished operations step, apply the commands that arrived, advance."""
-        step = self.step
-        self.client.log_step(
-            step,
-            loss=loss,
-            reward=reward,
-            checkpoint_step=self.last_checkpoint_step,
-            **self.hyperparameters(),
-            **metrics,
-        )
-        if self.step == step:  # not rolled back by a command applied in log_step
-            self.step = step + 1
+        publish_step(self, loss=loss, reward=reward, **metrics)
 
     @property
     def checkpoint_step(self) -> int:
@@ -214,6 +214,7 @@ class FrameworkRunOps(ABC):
         except CheckpointRejected as exc:
             raise CommandRejected(str(exc)) from None
         restored = command.checkpoint_step
+        self.restored_from = path
         if "learning_rate" in self.retuned:  # user feedback, not the abandoned trajectory
             self.set_learning_rate(self.retuned["learning_rate"])
         for saved, step in list(self.saved.items()):
@@ -226,23 +227,32 @@ class FrameworkRunOps(ABC):
         return {"before": before, "after": {"step": restored, "attempt": self.client.attempt}}
 
     def _delete(self, path: Path) -> None:
+        """Delete a checkpoint; a failure is logged, never raised (the rollback or prune
+        that asked has already changed the run, or must go on with the other paths)."""
         self.saved.pop(path, None)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("checkpoint %s not deleted: %s", path, exc)
+
+    def _protected(self, protected_step: int | None) -> set[Path]:
+        """The checkpoints a prune keeps: the last one restored, the newest announced and
+        the one of the step the command itself protects."""
+        protected = {self.restored_from} if self.restored_from is not None else set()
+        protected.update(
+            path
+            for path, step in self.saved.items()
+            if step in (self.last_checkpoint_step, protected_step)
+        )
+        return protected
 
     def _retune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, Retune)
         before = self.hyperparameters()
-        if "entropy_coef" in command.changes and self.entropy_coef_rejected is not None:
-            raise CommandRejected(self.entropy_coef_rejected)
-        unknown = set(command.changes) - set(before)
-        if unknown:
-            raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
-        changes = {str(name): float(value) for name, value in command.changes.items()}
-        if not all(math.isfinite(value) for value in changes.values()):
-            raise CommandRejected(f"non-finite values in {changes}")
+        changes = retune_changes(command, before, self.entropy_coef_rejected)
         for name, value in changes.items():
             if name == "learning_rate":
                 self.set_learning_rate(value)
@@ -258,15 +268,23 @@ class FrameworkRunOps(ABC):
 
     def _prune(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, PruneCheckpoints)
-        deleted = []
+        deleted, kept = [], []
+        protected = self._protected(command.protected_step)
         for uri in command.uris:
             try:
                 path = self.checkpoint_path(uri)
             except CheckpointRejected:
                 continue
+            if path in protected:
+                kept.append(uri)
+                continue
             self._delete(path)
             deleted.append(uri)
-        return {"after": {"deleted": deleted}}
+        after: dict[str, Any] = {"deleted": deleted}
+        if kept:
+            log.warning("prune kept %s: restored from or newest", kept)
+            after["kept"] = kept
+        return {"after": after}
 
     def _halt(self, command: Command) -> None:
         assert isinstance(command, Halt)

@@ -196,14 +196,15 @@ class _TrainerRunOps(FrameworkRunOps):
     def checkpoint_path(self, uri: str) -> Path:
         path = confine(uri, self.directory)
         suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if not path.is_dir() or suffix == path.name or not suffix.isdigit():
+        is_root = path == self.directory.resolve()  # output_dir itself may be "checkpoint-N"
+        if is_root or not path.is_dir() or suffix == path.name or not suffix.isdigit():
             raise CheckpointRejected(f"{uri!r} is not a Trainer checkpoint directory")
         return path
 
     def restore(self, path: Path, step: int) -> None:
         try:
-            marker = json.loads((path / MARKER_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            marker = json.loads(confine(MARKER_NAME, path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, CheckpointRejected) as exc:
             raise CheckpointRejected(f"{path.name} has no readable {MARKER_NAME}: {exc}") from None
         if marker.get("step") != step:
             raise CheckpointRejected(f"{path.name} holds step {marker.get('step')}, not {step}")
@@ -230,7 +231,7 @@ class _TrainerRunOps(FrameworkRunOps):
             self._optimizer.load_state_dict(optimizer_state)
             if self._scheduler is not None:
                 self._scheduler.load_state_dict(scheduler_state)
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # a partial load is undone, whatever failed
             self._model.load_state_dict(snapshot[0])
             self._optimizer.load_state_dict(snapshot[1])
             if self._scheduler is not None:
@@ -241,7 +242,8 @@ class _TrainerRunOps(FrameworkRunOps):
         index = path / WEIGHTS_INDEX_NAME
         try:
             if index.is_file():  # sharded: every shard the index names, each confined
-                shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+                text = confine(WEIGHTS_INDEX_NAME, path).read_text("utf-8")
+                shards = sorted(set(json.loads(text)["weight_map"].values()))
                 weights: dict[str, torch.Tensor] = {}
                 for shard in shards:
                     weights.update(load_file(confine(shard, path), device="cpu"))

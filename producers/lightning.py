@@ -16,8 +16,10 @@ rollback, operations step ``s`` is the update that takes Lightning's ``global_st
 ``s`` to ``s + 1``, so the checkpoint ``ModelCheckpoint`` names ``step=20`` is operations
 step 19. After each step the callback reports:
 
-- ``loss``: what ``training_step`` returned (the tensor, or the dict's ``"loss"``), or the
-  metric named ``loss_key`` in ``trainer.callback_metrics`` (what ``self.log`` recorded);
+- ``loss``: what ``training_step`` returned (the tensor, or the dict's ``"loss"``; a batch
+  it returned None for is skipped, as Lightning skips it, and a step made of skipped
+  batches only is not reported), or the metric named ``loss_key`` in
+  ``trainer.callback_metrics`` (what ``self.log`` recorded);
 - ``reward``: the metric named ``reward_key`` in ``trainer.callback_metrics`` when given (an
   RL module logs its return there; a module that never logs it is a configuration error
   and raises ``KeyError`` at the first step); otherwise minus the loss, so that a supervised
@@ -123,10 +125,16 @@ class FragranceOpsCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._losses.append(self._loss(trainer, outputs))
+        batch_loss = self._loss(trainer, outputs)
+        if batch_loss is not None:
+            self._losses.append(batch_loss)
         if trainer.global_step == self._global_step_seen:
-            return  # accumulating gradients: no optimizer step yet
+            return  # accumulating gradients, or a skipped batch: no optimizer step yet
         self._global_step_seen = trainer.global_step
+        if not self._losses:
+            if not pl_module.automatic_optimization:  # a configuration error
+                raise KeyError("training_step returned no loss: pass loss_key= a metric it logs")
+            return  # every batch of this step was skipped: nothing to report
         loss = sum(self._losses) / len(self._losses)
         self._losses.clear()
         self.ops.report(loss=loss, reward=self._reward(trainer, loss))
@@ -150,12 +158,14 @@ class FragranceOpsCallback(pl.Callback):
         on after its operations step, under a new attempt."""
         self._resumed_from = dict(state_dict)
 
-    def _loss(self, trainer: pl.Trainer, outputs: Any) -> float:
+    def _loss(self, trainer: pl.Trainer, outputs: Any) -> float | None:
+        """The batch's loss; None when ``training_step`` returned none (Lightning skips
+        such a batch: no optimizer step)."""
         if self.loss_key is not None:
             return _metric(trainer, self.loss_key)
         value = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if value is None:
-            raise KeyError("training_step returned no loss: pass loss_key= a metric it logs")
+            return None
         return float(value.detach() if isinstance(value, torch.Tensor) else value)
 
     def _reward(self, trainer: pl.Trainer, loss: float) -> float:
@@ -224,7 +234,7 @@ class _LightningRunOps(FrameworkRunOps):
             strategy.load_optimizer_state_dict(checkpoint)
             for scheduler, saved in zip(schedulers, saved_schedulers, strict=True):
                 scheduler.load_state_dict(saved)
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # a partial load is undone, whatever failed
             self._module.load_state_dict(snapshot[0])
             for optimizer, saved in zip(optimizers, snapshot[1], strict=True):
                 optimizer.load_state_dict(saved)
@@ -252,6 +262,10 @@ class _AnnouncingCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        # fit(ckpt_path=...) passes None, which torch.load turns into False when
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: ask for weights_only unless the caller
+        # explicitly chose otherwise.
+        weights_only = True if weights_only is None else weights_only
         if map_location is None:
             return self.wrapped.load_checkpoint(path, weights_only=weights_only)
         return self.wrapped.load_checkpoint(path, map_location, weights_only=weights_only)

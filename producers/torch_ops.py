@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -105,6 +106,50 @@ def write_attempt(path: Path, attempt: int) -> None:
         os.close(directory)
 
 
+class StepReporter(Protocol):
+    """What ``publish_step`` needs of a run's operations state."""
+
+    client: TrainerClient
+    step: int
+    last_checkpoint_step: int | None
+
+    def hyperparameters(self) -> dict[str, float]: ...
+
+
+def publish_step(ops: StepReporter, *, loss: float, reward: float, **metrics: float) -> None:
+    """Publish the finished operations step ``ops.step`` (with the newest checkpoint's step
+    and the hyperparameters in use), apply the commands that arrived, and advance the step
+    unless one of them (a rollback) moved it."""
+    step = ops.step
+    ops.client.log_step(
+        step,
+        loss=loss,
+        reward=reward,
+        checkpoint_step=ops.last_checkpoint_step,
+        **ops.hyperparameters(),
+        **metrics,
+    )
+    if ops.step == step:  # not rolled back by a command applied in log_step
+        ops.step = step + 1
+
+
+def retune_changes(
+    command: Retune, current: dict[str, float], entropy_coef_rejected: str | None
+) -> dict[str, float]:
+    """The new values a retune asks for, or ``CommandRejected`` with the reason: a
+    hyperparameter the run does not have (``current`` holds those it has), an entropy
+    coefficient it cannot set, a value that is not finite."""
+    if "entropy_coef" in command.changes and entropy_coef_rejected is not None:
+        raise CommandRejected(entropy_coef_rejected)
+    unknown = set(command.changes) - set(current)
+    if unknown:
+        raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
+    changes = {str(name): float(value) for name, value in command.changes.items()}
+    if not all(math.isfinite(value) for value in changes.values()):
+        raise CommandRejected(f"non-finite values in {changes}")
+    return changes
+
+
 class TorchRunOps:
     """Ties a ``TrainerClient`` to a model and optimizer."""
 
@@ -156,16 +201,7 @@ class TorchRunOps:
         step = self.step
         if step > 0 and step % self.interval == 0:
             self.save_checkpoint()
-        self.client.log_step(
-            step,
-            loss=loss,
-            reward=reward,
-            checkpoint_step=self.last_checkpoint_step,
-            **self.hyperparameters(),
-            **metrics,
-        )
-        if self.step == step:  # not rolled back by a command applied in log_step
-            self.step = step + 1
+        publish_step(self, loss=loss, reward=reward, **metrics)
 
     def resume_latest(self) -> int | None:
         """After a trainer restart: load the newest checkpoint and continue from it.
@@ -299,14 +335,9 @@ class TorchRunOps:
         """Apply a retune proposal (or refuse it when ``approve_retune`` says no)."""
         assert isinstance(command, Retune)
         before = self.hyperparameters()
-        if "entropy_coef" in command.changes and self.entropy_coef_rejected is not None:
-            raise CommandRejected(self.entropy_coef_rejected)
-        unknown = set(command.changes) - set(before)
-        if unknown:
-            raise CommandRejected(f"this trainer has no {', '.join(sorted(unknown))}")
+        changes = retune_changes(command, before, self.entropy_coef_rejected)
         if self.approve_retune is not None and not self.approve_retune(command):
             raise CommandRejected("retune not approved: " + command.rationale)
-        changes = {str(name): value for name, value in command.changes.items()}
         self._set_hyperparameters(changes)
         self.retuned.update(changes)
         log.warning("retuned %s: %s", command.changes, command.rationale)

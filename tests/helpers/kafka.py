@@ -163,8 +163,13 @@ def consume_until(
     topic: str,
     done: Callable[[list[Message]], bool],
     timeout: float = 60.0,
+    *,
+    to_end: bool = False,
 ) -> list[Message]:
-    """Read ``topic`` from the beginning until ``done(messages)`` holds; fail on timeout."""
+    """Read ``topic`` from the beginning until ``done(messages)`` holds; fail on timeout.
+    With ``to_end``, go on reading to the end the topic had when ``done`` first held, so
+    that a record after the awaited one (a second rollback, say) is never missed because a
+    fetch happened to stop there."""
     deadline = time.monotonic() + timeout
     consumer = Consumer(
         {
@@ -190,6 +195,23 @@ def consume_until(
                         continue
                     raise KafkaException(error)
                 messages.append(message)
+        if to_end:
+            ends = {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for p in partitions
+            }
+            while True:
+                positions = consumer.position([TopicPartition(topic, p) for p in partitions])
+                if all(
+                    low == high or position.offset >= high
+                    for position, (low, high) in zip(positions, ends.values(), strict=True)
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{topic!r} not read to its end within {timeout}s")
+                for message in consumer.consume(1000, timeout=0.5):
+                    if message.error() is None:
+                        messages.append(message)
         return messages
     finally:
         consumer.close()

@@ -3,6 +3,7 @@ config (no downloads), commands delivered in process."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class Deliver(TrainerCallback):
             self.observed = {
                 "model": {k: v.clone() for k, v in kwargs["model"].state_dict().items()},
                 "lr": kwargs["optimizer"].param_groups[0]["lr"],
+                "optimizer": copy.deepcopy(kwargs["optimizer"].state_dict()),
+                "scheduler": copy.deepcopy(kwargs["lr_scheduler"].state_dict()),
             }
 
 
@@ -179,14 +182,26 @@ def test_a_rollback_restores_weights_optimizer_and_scheduler_from_the_directory(
     assert deliver.observed["lr"] == saved_lr
     saved = load_file(target / "model.safetensors")
     assert states_equal({k: deliver.observed["model"][k] for k in saved}, saved)
+    for part, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")):
+        saved_state = torch.load(target / name, weights_only=True)
+        assert states_equal(deliver.observed[part], saved_state), part
     reported = metrics(transport)
     assert [(m["step"], m["attempt"]) for m in reported[-3:]] == [(10, 1), (11, 1), (12, 1)]
     assert callback.ops.step == 13
 
 
-@pytest.mark.parametrize("reference", ["../outside", "/etc", "symlink", "overwritten", "file"])
+@pytest.mark.parametrize(
+    ("reference", "reason"),
+    [
+        ("../outside", "outside the run's directory"),
+        ("/etc", "outside the run's directory"),
+        ("symlink", "outside the run's directory"),
+        ("overwritten", "holds step 4, not 7"),
+        ("file", "is not a Trainer checkpoint directory"),
+    ],
+)
 def test_unsafe_or_foreign_rollback_targets_are_rejected_and_training_continues(
-    tmp_path: Path, reference: str
+    tmp_path: Path, reference: str, reason: str
 ) -> None:
     transport = InMemoryTransport()
     run_dir = tmp_path / "run-1"
@@ -207,14 +222,7 @@ def test_unsafe_or_foreign_rollback_targets_are_rejected_and_training_continues(
     callback, trainer, _ = run(tmp_path, transport, lambda: encode(command), at_step=6)
     (ack,) = acks(transport, "rollback")
     assert ack["status"] == "rejected"
-    assert any(
-        reason in ack["detail"]
-        for reason in (
-            "outside the run's directory",
-            "holds step 4, not 7",
-            "is not a Trainer checkpoint directory",
-        )
-    ), ack["detail"]
+    assert reason in ack["detail"], ack["detail"]
     assert trainer.state.global_step == 20
     assert callback.client.attempt == 0
 
@@ -258,20 +266,30 @@ def test_an_unreachable_broker_never_stops_training(tmp_path: Path) -> None:
     assert callback.ops.step == 12
 
 
+@pytest.mark.parametrize("protected_step", [None, 4])
 def test_prune_deletes_the_named_checkpoint_directories_inside_output_dir_only(
-    tmp_path: Path,
+    tmp_path: Path, protected_step: int | None
 ) -> None:
     transport = InMemoryTransport()
     outside = tmp_path / "checkpoint-1"
     outside.mkdir()
-    pruned = tmp_path / "run-1" / "checkpoint-5"
+    pruned = tmp_path / "run-1" / "checkpoint-5"  # operations step 4
+    newest = tmp_path / "run-1" / "checkpoint-10"  # operations step 9, the newest when pruned
     command = PruneCheckpoints(
-        command_id="p-1", steps=[4, 0], uris=[pruned.as_uri(), outside.as_uri()], **COMMON
+        command_id="p-1",
+        steps=[4, 9, 0],
+        uris=[pruned.as_uri(), newest.as_uri(), outside.as_uri()],
+        protected_step=protected_step,
+        **COMMON,
     )
-    run(tmp_path, transport, lambda: encode(command), at_step=6, max_steps=12)
+    run(tmp_path, transport, lambda: encode(command), at_step=10, max_steps=14)
     (ack,) = acks(transport, "prune_checkpoints")
     assert ack["status"] == "applied"
-    assert ack["after"] == {"deleted": [pruned.as_uri()]}
-    assert not pruned.exists()
+    if protected_step is None:
+        assert ack["after"] == {"deleted": [pruned.as_uri()], "kept": [newest.as_uri()]}
+        assert not pruned.exists()
+    else:
+        assert ack["after"] == {"deleted": [], "kept": [pruned.as_uri(), newest.as_uri()]}
+        assert (pruned / "model.safetensors").is_file()
     assert outside.is_dir()
-    assert (tmp_path / "run-1" / "checkpoint-10" / "model.safetensors").is_file()
+    assert (newest / "model.safetensors").is_file()

@@ -29,8 +29,7 @@ from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.hf_trainer import FragranceOpsCallback
-from schemas import Topic, topic_name
-from tests.helpers.kafka import consume_until
+from tests.helpers.rollbacks import read_rollback_records
 from tests.helpers.states import states_equal
 
 pytestmark = pytest.mark.integration
@@ -139,51 +138,27 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_trainer_checkpoint
             callbacks=[callback, divergence],
         ).train()
         assert divergence.restored is not None, "no rollback arrived"
-        acks = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.ACKS, prefix),
-            lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
-            30,
-        )
-        time.sleep(2)  # would a second rollback follow? give the worker time to say so
-        commands = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.COMMANDS, prefix),
-            lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
-            30,
-        )
-        announced = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.CHECKPOINTS, prefix),
-            lambda got: any(b'checkpoint-30"' in (m.value() or b"") for m in got),
-            30,
-        )
-    decoded = [orjson.loads(message.value()) for message in commands]
-    rollbacks = [command for command in decoded if command["type"] == "rollback"]
-    assert len(rollbacks) == 1, rollbacks
-    assert rollbacks[0]["checkpoint_step"] == 19
-    assert rollbacks[0]["anomaly_step"] == INJECT_AFTER + 1
-    assert not [command for command in decoded if command["type"] == "halt"]
+        records = read_rollback_records(kafka_bootstrap, prefix, announced=b'checkpoint-30"')
     # The Trainer's own directory after 20 updates, announced as operations step 19.
     target = output_dir / "checkpoint-20"
-    assert rollbacks[0]["checkpoint_uri"] == target.resolve().as_uri()
+    records.the_rollback(
+        checkpoint_uri=target.resolve().as_uri(),
+        checkpoint_step=19,
+        anomaly_step=INJECT_AFTER + 1,
+    )
     saved_weights = load_file(target / "model.safetensors")
     restored = divergence.restored
     assert states_equal({k: restored["model"][k] for k in saved_weights}, saved_weights)
     for part, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")):
         assert states_equal(restored[part], torch.load(target / name, weights_only=True)), part
-    acked = [orjson.loads(message.value()) for message in acks]
-    rollback_acks = [ack for ack in acked if ack["command_id"] == rollbacks[0]["command_id"]]
-    assert [ack["status"] for ack in rollback_acks] == ["applied"]
-    assert rollback_acks[0]["after"] == {"step": 19, "attempt": 1}
     # GPT-2 has no entropy coefficient: the worker's schedule is refused with the reason.
-    entropy_acks = [ack for ack in acked if ack["command_type"] == "set_entropy_coef"]
+    entropy_acks = [ack for ack in records.acks if ack["command_type"] == "set_entropy_coef"]
     assert entropy_acks
     assert {ack["status"] for ack in entropy_acks} == {"rejected"}
     assert "has no entropy_coef" in entropy_acks[0]["detail"]
     # The abandoned trajectory's checkpoints are gone; training went on from step 20.
     diverged = output_dir / "checkpoint-30"
-    assert diverged.resolve().as_uri() in {orjson.loads(m.value())["uri"] for m in announced}
+    assert diverged.resolve().as_uri() in records.announced_uris
     assert not diverged.exists()
     for directory in output_dir.glob("checkpoint-*"):
         marker = orjson.loads((directory / "fragrance-ops.json").read_bytes())
@@ -191,4 +166,6 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_trainer_checkpoint
     assert callback.ops.step > STOP_AFTER
     assert len(divergence.losses_after) >= STOP_AFTER - 20
     assert all(math.isfinite(loss) for loss in divergence.losses_after)
-    assert max(divergence.losses_after) < min(divergence.losses_diverged)
+    # Against the anomaly step's loss: how far later diverged steps got depends on how long
+    # the worker took to answer (the optimizer may bring the loss down meanwhile).
+    assert max(divergence.losses_after) < divergence.losses_diverged[0]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import orjson
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,8 +20,7 @@ from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.lightning import FragranceOpsCallback
-from schemas import Topic, topic_name
-from tests.helpers.kafka import consume_until
+from tests.helpers.rollbacks import read_rollback_records
 from tests.helpers.states import states_equal
 
 pytestmark = [
@@ -137,46 +135,21 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
         )
         trainer.fit(module, regression_data())
         assert divergence.restored is not None, "no rollback arrived"
-        acks = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.ACKS, prefix),
-            lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
-            30,
-        )
-        time.sleep(2)  # would a second rollback follow? give the worker time to say so
-        commands = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.COMMANDS, prefix),
-            lambda got: any(b'"rollback"' in (m.value() or b"") for m in got),
-            30,
-        )
-        announced = consume_until(
-            kafka_bootstrap,
-            topic_name(Topic.CHECKPOINTS, prefix),
-            lambda got: any(b"step%3D30.ckpt" in (m.value() or b"") for m in got),
-            30,
-        )
-    decoded = [orjson.loads(message.value()) for message in commands]
-    rollbacks = [command for command in decoded if command["type"] == "rollback"]
-    assert len(rollbacks) == 1, rollbacks
-    assert rollbacks[0]["checkpoint_step"] == 19
-    assert rollbacks[0]["anomaly_step"] == INJECT_AFTER + 1
-    assert not [command for command in decoded if command["type"] == "halt"]
+        records = read_rollback_records(kafka_bootstrap, prefix, announced=b"step%3D30.ckpt")
     # Lightning's own checkpoint after 20 updates, announced as operations step 19.
     target = checkpoint_dir / "epoch=1-step=20.ckpt"
-    assert rollbacks[0]["checkpoint_uri"] == target.resolve().as_uri()
-    assert {orjson.loads(m.value())["uri"] for m in announced} >= {target.resolve().as_uri()}
+    records.the_rollback(
+        checkpoint_uri=target.resolve().as_uri(),
+        checkpoint_step=19,
+        anomaly_step=INJECT_AFTER + 1,
+    )
     saved = torch.load(target, weights_only=True)
     assert states_equal(divergence.restored["state_dict"], saved["state_dict"])
     assert states_equal(divergence.restored["optimizer"], saved["optimizer_states"][0])
     assert states_equal(divergence.restored["scheduler"], saved["lr_schedulers"][0])
-    acked = [orjson.loads(message.value()) for message in acks]
-    rollback_acks = [ack for ack in acked if ack["command_id"] == rollbacks[0]["command_id"]]
-    assert [ack["status"] for ack in rollback_acks] == ["applied"]
-    assert rollback_acks[0]["after"] == {"step": 19, "attempt": 1}
     # The abandoned trajectory's checkpoints are gone; training went on from step 20.
     diverged = checkpoint_dir / "epoch=1-step=30.ckpt"
-    assert diverged.resolve().as_uri() in {orjson.loads(m.value())["uri"] for m in announced}
+    assert diverged.resolve().as_uri() in records.announced_uris
     assert not diverged.exists()
     for path in checkpoint_dir.glob("*.ckpt"):
         ops_state = torch.load(path, weights_only=True)["callbacks"][callback.state_key]
@@ -184,6 +157,8 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
     assert callback.ops.step > STOP_AFTER
     assert len(divergence.losses_after) >= STOP_AFTER - 20
     assert all(math.isfinite(loss) for loss in divergence.losses_after)
-    assert max(divergence.losses_after) < min(divergence.losses_diverged)
+    # Against the anomaly step's loss: how far later diverged steps got depends on how long
+    # the worker took to answer (the optimizer may bring the loss down meanwhile).
+    assert max(divergence.losses_after) < divergence.losses_diverged[0]
     # The worker's entropy schedule reached the module's coefficient.
     assert module.entropy_coef == pytest.approx(0.01)
