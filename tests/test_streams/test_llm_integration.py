@@ -83,7 +83,12 @@ def test_three_failures_downshift_every_replica_and_probes_recover_step_by_step(
         wait_for(lambda: following(first, "half_open", "balanced"), 10, "balanced, probing")
         for _ in range(2):
             first.record(ok=True, mode=first.choose_mode(), latency_ms=20.0)
-        wait_for(lambda: following(second, "closed", "creative"), 10, "recovered")
+        # Each replica follows the stream on its own thread: wait for both.
+        wait_for(
+            lambda: all(following(llm, "closed", "creative") for llm in (first, second)),
+            10,
+            "recovered",
+        )
         assert (first.cache_ttl_s, second.cache_ttl_s) == (3600.0, 3600.0)
         # A replica started later reads the current state before its first call.
         third = LlmClient(MODEL, settings=settings)
