@@ -2,6 +2,7 @@
 
 from producers.partitioning import murmur2, partition_for_key
 from producers.ratings import RatingClient
+from producers.reward_window import TrainerRewardWindow
 from producers.trainer import CommandHandler, CommandRejected, TrainerClient
 from producers.transport import (
     CommandReader,
@@ -22,6 +23,7 @@ __all__ = [
     "RatingClient",
     "Record",
     "TrainerClient",
+    "TrainerRewardWindow",
     "Transport",
     "murmur2",
     "partition_for_key",

@@ -26,6 +26,7 @@ NO_FRAMEWORK = (
     "fragrance_ops.operator",
     "producers",
     "producers.trainer",
+    "producers.reward_window",
     "producers.llm",
     "producers.llm_openai",
     "producers.llm_litellm",
