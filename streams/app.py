@@ -58,8 +58,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         **({"broker_max_poll_records": worker.batch_max_events} | worker.faust_options),
     )
-    app.fetch_min_bytes = worker.batch_min_bytes
-    app.fetch_max_wait_ms = max(1, round(worker.batch_within_s * 1000))
+    app.fetch_with(settings)
     output = OutputProducer(settings)
     metrics = WorkerMetrics(settings.metrics.max_run_labels)
     app.runtime = AgentRuntime(app, output, StateWriter(settings), metrics)

@@ -104,8 +104,7 @@ def worker_app(
         broker_commit_interval=commit_interval_s,
         web_enabled=False,
     )
-    app.fetch_min_bytes = settings.worker.batch_min_bytes
-    app.fetch_max_wait_ms = round(settings.worker.batch_within_s * 1000)
+    app.fetch_with(settings)
     app.runtime = AgentRuntime(
         app, OutputProducer(settings), StateWriter(settings), WorkerMetrics()
     )
