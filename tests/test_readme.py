@@ -1,17 +1,36 @@
-"""Every Python example in the README runs, against the session's broker."""
+"""The README is the front door: short, two commands, and every Python example runs.
+
+Its examples run as the pages of docs/ do (tests/test_docs.py, which also checks the links,
+paths and commands of both).
+"""
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 
 import pytest
 
-from schemas import Topic, topic_name
-from tests.helpers.kafka import consume_all
+from tests.helpers.markdown import README, ROOT, CodeBlock, code_blocks, run_example
 
-README = Path(__file__).parent.parent / "README.md"
-EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+MAX_LINES = 200
+EXAMPLES = code_blocks(README, "python")
+
+
+def test_the_readme_is_read_in_five_minutes() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= MAX_LINES, f"README.md has {len(lines)} lines; at most {MAX_LINES}"
+
+
+def test_two_commands_set_up_and_run_everything() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Two commands\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    assert [command.strip() for command in commands] == ["./scripts/demo", "./scripts/test"]
+    for command in commands:
+        script = ROOT / command.strip()
+        assert script.is_file(), script
+        assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
 def test_the_readme_has_examples() -> None:
@@ -19,13 +38,8 @@ def test_the_readme_has_examples() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda source: source.splitlines()[0][:40])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda example: example.name)
 def test_readme_example_runs(
-    example: str, kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+    example: CodeBlock, kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
-    monkeypatch.setenv("FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX", topic_prefix)
-    exec(compile(example, str(README), "exec"), {})
-    if "log_step" in example:
-        metrics = consume_all(kafka_bootstrap, topic_name(Topic.METRICS, topic_prefix), 100)
-        assert {message.key() for message in metrics} == {b"ppo-run-42"}
+    run_example(example, kafka_bootstrap, topic_prefix, monkeypatch)
