@@ -2,14 +2,17 @@
 
 Only what these documents use is parsed: fenced blocks opened by a line starting with three
 backticks, ATX headings (``#`` to ``######``) outside fences, inline links and images, and
-code spans. Anchors are GitHub's: the heading's text without markup, lower case, without
-punctuation other than ``-`` and ``_``, spaces as ``-``, and ``-1``, ``-2``, ... for repeats.
+code spans. A fence this parser would not see (indented, or of tildes) is an error, so no
+block goes unchecked unnoticed. Anchors are GitHub's: the heading's text without markup,
+lower case, without punctuation other than ``-`` and ``_``, spaces as ``-``, and ``-1``,
+``-2``, ... for repeats.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ class Link:
 
 
 _FENCE = re.compile(r"^```(\S*)")
+_UNREAD_FENCE = re.compile(r"^(?:[ \t]+```|[ \t]*~~~)")
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *#* *$")
 _CODE_SPAN = re.compile(r"(`+)((?:(?!\n[ \t]*\n).)+?)\1", re.DOTALL)  # within a paragraph
 _LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(([^)\s]+)(?: \"[^\"]*\")?\)")
@@ -75,6 +79,11 @@ def code_blocks(path: Path, language: str | None = None) -> list[CodeBlock]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         fence = _FENCE.match(line)
         if opened is None:
+            if _UNREAD_FENCE.match(line):
+                raise AssertionError(
+                    f"{path}:{number}: a fence this parser does not read (indented or ~~~); "
+                    "start code blocks with ``` at the start of the line"
+                )
             if fence:
                 opened, body = (number, fence.group(1)), []
         elif fence and not fence.group(1):
@@ -179,13 +188,53 @@ def cli_invocations(path: Path) -> list[tuple[int, list[str]]]:
     return found
 
 
+def script_options(path: Path) -> list[tuple[int, str, str]]:
+    """(line, script, option) of every ``--option`` a shell line or a code span passes to a
+    repository script, ``benchmarks/outcome.py --steps 1000`` for instance; options in a
+    shell line's comment count too (they tell the reader what else to pass)."""
+    candidates = list(code_spans(path))
+    for block in code_blocks(path, "bash"):
+        for offset, line in enumerate(block.source.splitlines(), start=1):
+            candidates.append((block.line + offset, line.replace("#", " ")))
+    found = []
+    for number, text in candidates:
+        words = text.split()
+        scripts = [word for word in words if re.fullmatch(r"(?:\./)?[\w/-]+\.py", word)]
+        if not scripts:
+            continue
+        for word in words:
+            if word.startswith("--"):
+                option = word.partition("=")[0].rstrip(":,")
+                found.append((number, scripts[0].removeprefix("./"), option))
+    return found
+
+
+_ENVIRONMENT_VARIABLE = re.compile(r"\bFRAGRANCE_OPS_[A-Z0-9_]+")
+
+
+def environment_variables(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every ``FRAGRANCE_OPS_...`` variable the document names, in prose or
+    in code; a name ending in ``__`` is a group's prefix (``FRAGRANCE_OPS_KAFKA__<NAME>``)."""
+    text = path.read_text(encoding="utf-8")
+    return [
+        (_line(text, match.start()), match.group())
+        for match in _ENVIRONMENT_VARIABLE.finditer(text)
+    ]
+
+
 def run_example(
-    example: CodeBlock, kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+    example: CodeBlock,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """Run a document's Python example against the session's broker, on topics of its own.
+    """Run a document's Python example against the session's broker, on topics of its own,
+    with the temporary files it makes (``tempfile.mkdtemp()``) under ``tmp_path``.
     A trainer example that logs steps must have published them, keyed by its run."""
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.setenv("FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX", topic_prefix)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     exec(example.compiled(), {})
     if "log_step" in example.source:
         run_id = re.search(r'TrainerClient\("([^"]+)"', example.source)
