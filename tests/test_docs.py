@@ -127,7 +127,8 @@ def unknown_script_options(document: Path) -> list[str]:
 
 def _setting_variables() -> tuple[set[str], set[str]]:
     """Every setting's variables, and every group's prefix (``FRAGRANCE_OPS_KAFKA__``)."""
-    names, prefixes = set(), set()
+    names: set[str] = set()
+    prefixes: set[str] = set()
     for group in groups():
         prefixes.add(f"FRAGRANCE_OPS_{group.name.upper()}__")
         for setting in group.settings:
