@@ -141,8 +141,8 @@ class WorkerSettings(_Group):
         description="longest the broker holds a fetch for batch_min_bytes to arrive (aiokafka's "
         "fetch_max_wait_ms): the latency a lone event pays for fewer, larger batches (every "
         "fetch costs the worker about 1 ms of CPU, so this is also its idle CPU: 20 ms, about "
-        "5% of a core); under load fetches fill at once. Measured trade-off in README, "
-        "Benchmarks",
+        "5% of a core); under load fetches fill at once. Measured trade-off in "
+        "docs/benchmarks.md",
     )
     batch_min_bytes: int = Field(
         default=64 * 1024,
@@ -909,7 +909,7 @@ def describe_invalid_settings(error: ValidationError) -> str:
     config_file = os.environ.get(CONFIG_FILE_ENV)
     where = f"the environment or {config_file} ({CONFIG_FILE_ENV})" if config_file else None
     lines.append(
-        f"Fix or unset them in {where or 'the environment'}; the README's Settings section "
-        "gives each one's meaning and range."
+        f"Fix or unset them in {where or 'the environment'}; docs/configuration.md gives "
+        "each one's meaning and range."
     )
     return "\n".join(lines)

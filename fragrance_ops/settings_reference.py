@@ -1,14 +1,16 @@
-"""The configuration reference in README.md, generated from the ``Settings`` model.
+"""The configuration reference in docs/configuration.md, generated from the ``Settings`` model.
 
 One table per settings group, in model order: each setting with its type, its default, its
 environment variable and its description. Secrets never show a value. A test fails when the
-README's copy drifts from the model.
+copy in docs/configuration.md drifts from the model.
 
-    python -m fragrance_ops.settings_reference                    # print the reference
-    python -m fragrance_ops.settings_reference --write README.md  # refresh the README's copy
+    python -m fragrance_ops.settings_reference          # print the reference
+    python -m fragrance_ops.settings_reference --write  # refresh docs/configuration.md
 
-``--write`` replaces only the text between ``<!-- settings-reference:start -->`` and
-``<!-- settings-reference:end -->``; it refuses a file without exactly one pair.
+``--write FILE`` refreshes another file. It replaces only the text between
+``<!-- settings-reference:start -->`` and ``<!-- settings-reference:end -->``; it refuses a
+file without exactly one pair. Paths are relative to the working directory: run it from the
+repository's root.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from fragrance_ops.settings import Settings
 
 START_MARKER = "<!-- settings-reference:start -->"
 END_MARKER = "<!-- settings-reference:end -->"
-REGENERATE = "python -m fragrance_ops.settings_reference --write README.md"
+REFERENCE_FILE = Path("docs/configuration.md")
+REGENERATE = "python -m fragrance_ops.settings_reference --write"
 UNSET_SECRET = "unset"
 HIDDEN_SECRET = "set (hidden)"
 
@@ -222,7 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--write",
         metavar="FILE",
         type=Path,
-        help=f"replace the text between {START_MARKER} and {END_MARKER} in FILE",
+        nargs="?",
+        const=REFERENCE_FILE,
+        help=f"replace the text between {START_MARKER} and {END_MARKER} in FILE "
+        f"(default: {REFERENCE_FILE})",
     )
     args = parser.parse_args(argv)
     reference = reference_markdown()

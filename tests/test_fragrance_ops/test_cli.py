@@ -192,8 +192,8 @@ def test_an_invalid_setting_is_one_message_naming_the_variable(command: list[str
         "  FRAGRANCE_OPS_REWARD__WINDOW_SIZE (reward.window_size): Input should be greater "
         "than or equal to 1",
         "  security: security require_signed_commands needs command_signing_key",
-        "Fix or unset them in the environment; the README's Settings section gives each "
-        "one's meaning and range.",
+        "Fix or unset them in the environment; docs/configuration.md gives each one's "
+        "meaning and range.",
     ]
     debugged = run_cli("--debug", *command, env=env, timeout=60)
     assert debugged.returncode != 0

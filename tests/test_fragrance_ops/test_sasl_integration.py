@@ -2,8 +2,8 @@
 
 The broker has the harness's PLAINTEXT listener (its readiness probe, and this test's
 superuser ``ANONYMOUS``) plus a SASL_PLAINTEXT listener with two users, ``worker`` and
-``trainer``, and Kafka's StandardAuthorizer. Each user gets exactly the ACLs the README's
-"Security and threat model" section lists. Everything the system does below goes through
+``trainer``, and Kafka's StandardAuthorizer. Each user gets exactly the ACLs
+docs/security.md lists. Everything the system does below goes through
 the SASL listener: topic creation, the worker (Faust/aiokafka and its confluent output
 producer), the trainer SDK. The suite's own broker is not touched.
 """
@@ -88,8 +88,8 @@ def acl(
     )
 
 
-def readme_acls() -> list[AclBinding]:
-    """The README's ACLs for the worker and a trainer, with this test's prefix and app id."""
+def documented_acls() -> list[AclBinding]:
+    """docs/security.md's ACLs for the worker and a trainer, with this test's prefix and app id."""
     topic = ResourceType.TOPIC
     read, write = AclOperation.READ, AclOperation.WRITE
     name = {t: topic_name(t, PREFIX) for t in Topic}
@@ -119,7 +119,7 @@ def broker() -> Iterator[SaslKafka]:
         pytest.skip(f"no Apache Kafka jars or JDK: {exc}")
     with kafka:
         admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})  # the superuser
-        for future in admin.create_acls(readme_acls()).values():
+        for future in admin.create_acls(documented_acls()).values():
             future.result(timeout=30)
         yield kafka
 
@@ -136,7 +136,7 @@ def kafka_settings(broker: SaslKafka, user: str, password: str | None = None) ->
     )
 
 
-def test_the_worker_and_a_trainer_work_over_sasl_with_only_the_readme_acls(
+def test_the_worker_and_a_trainer_work_over_sasl_with_only_the_documented_acls(
     broker: SaslKafka, tmp_path: Path
 ) -> None:
     worker_kafka = kafka_settings(broker, "worker")

@@ -1,4 +1,4 @@
-"""The README's configuration reference: generated from Settings, complete, never stale."""
+"""docs/configuration.md's reference: generated from Settings, complete, never stale."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, SecretStr
 from fragrance_ops.settings import Settings
 from fragrance_ops.settings_reference import (
     END_MARKER,
+    REFERENCE_FILE,
     REGENERATE,
     START_MARKER,
     extract_block,
@@ -20,7 +21,8 @@ from fragrance_ops.settings_reference import (
     replace_block,
 )
 
-README = Path(__file__).parents[2] / "README.md"
+ROOT = Path(__file__).parents[2]
+CONFIGURATION = ROOT / REFERENCE_FILE
 
 
 def _leaves(model: type[BaseModel], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -45,11 +47,12 @@ def _rows(markdown: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_readme_reference_is_generated_from_the_settings() -> None:
-    block = extract_block(README.read_text(encoding="utf-8"))
+def test_the_configuration_reference_is_generated_from_the_settings() -> None:
+    block = extract_block(CONFIGURATION.read_text(encoding="utf-8"))
     assert block == reference_markdown(), (
-        f"README.md's settings reference is stale; run: {REGENERATE}"
+        f"{REFERENCE_FILE}'s settings reference is stale; run: {REGENERATE}"
     )
+    assert f"`{REGENERATE}`" in CONFIGURATION.read_text(encoding="utf-8")
 
 
 def test_every_setting_of_every_group_appears_with_its_environment_variable() -> None:
@@ -115,10 +118,10 @@ def test_secrets_never_show_their_default() -> None:
 
 
 def test_write_replaces_only_the_marked_block(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nintro\n\n{START_MARKER}\nold\n{END_MARKER}\n\n## next\n")
-    assert main(["--write", str(readme)]) == 0
-    text = readme.read_text()
+    page = tmp_path / "page.md"
+    page.write_text(f"# x\n\nintro\n\n{START_MARKER}\nold\n{END_MARKER}\n\n## next\n")
+    assert main(["--write", str(page)]) == 0
+    text = page.read_text()
     assert text.startswith(f"# x\n\nintro\n\n{START_MARKER}\n\n### `kafka`")
     assert text.endswith(f"\n\n{END_MARKER}\n\n## next\n")
     assert extract_block(text) == reference_markdown()
@@ -128,8 +131,19 @@ def test_write_replaces_only_the_marked_block(tmp_path: Path) -> None:
 def test_write_refuses_a_file_without_markers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
-    assert main(["--write", str(readme)]) == 1
-    assert readme.read_text() == "# no markers\n"
+    page = tmp_path / "page.md"
+    page.write_text("# no markers\n")
+    assert main(["--write", str(page)]) == 1
+    assert page.read_text() == "# no markers\n"
     assert START_MARKER in capsys.readouterr().err
+
+
+def test_write_without_a_file_refreshes_docs_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / REFERENCE_FILE
+    page.parent.mkdir()
+    page.write_text(f"# Configuration\n\n{START_MARKER}\nold\n{END_MARKER}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--write"]) == 0
+    assert extract_block(page.read_text()) == reference_markdown()

@@ -1,5 +1,5 @@
-// A trainer in Node.js, written from the event contract alone (README, "Trainers in other
-// languages"; schemas/jsonschema/): kafkajs with its defaults (no codec plugin), JSON
+// A trainer in Node.js, written from the event contract alone (docs/non-python-trainers.md;
+// schemas/jsonschema/): kafkajs with its defaults (no codec plugin), JSON
 // values, the run id as key, kafkajs's default partitioner (Java's murmur2).
 //
 // It announces its run, reports a step's metrics (a simulated, slowly falling loss), saves a
