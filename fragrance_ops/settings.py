@@ -199,6 +199,17 @@ class WorkerSettings(_Group):
     max_event_bytes: int = Field(
         default=256 * 1024, ge=1024, description="larger payloads are dead-lettered"
     )
+    finished_run_retention_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="how long a finished run (TrainerClient.finish()) stays after its last "
+        "input (metric, checkpoint, ack, request, rating, announcement), on the worker's "
+        "clock; then its state is dropped (tombstones in the tables' changelogs: settings, "
+        "reward window, operations, rating window) and so are its per-run metric series. "
+        "Late events of the run push the drop back; an event after it starts the run "
+        "afresh. Keep it well above Faust's commit interval (2.8 s): the drop waits that "
+        "long after the run's last input so that no replay can meet the dropped state",
+    )
     session_timeout_s: float = Field(
         default=10.0,
         gt=0,
@@ -779,8 +790,8 @@ class MetricsSettings(_Group):
     stale_run_after_s: float = Field(
         default=300.0,
         gt=0,
-        description="a run with no metric for longer is reported stale by status (the "
-        "RunSilent alert in deploy/prometheus/alerts.yml uses the same 300 s)",
+        description="a run with no metric for longer is reported stale by status, unless it "
+        "finished (the RunSilent alert in deploy/prometheus/alerts.yml uses the same 300 s)",
     )
     lag_interval_s: float = Field(
         default=5.0, gt=0, description="how often consumer lag is measured"

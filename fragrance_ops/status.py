@@ -6,7 +6,9 @@
   and its newest command, from the last ``tail`` records of each partition of
   ``trainer.metrics`` and ``trainer.commands`` (runs silent for longer are not listed);
   whether it is halted (its newest halt command not followed by an accepted resume on
-  ``ops.replies``) and whether it is stale (no metric for ``metrics.stale_run_after_s``).
+  ``ops.replies``), whether it finished (its newest record on ``trainer.runs`` is a finish)
+  and whether it is stale (no metric for ``metrics.stale_run_after_s``, and not finished:
+  a finished run is silent by design).
 
 Reads up to the high watermarks taken at the start, with a consumer that joins no group
 and commits nothing.
@@ -97,6 +99,9 @@ def collect_status(
         replies = _decoded(
             read_values(consumer, topic_name(Topic.OPERATOR_REPLIES, prefix), tail, timeout_s)
         )
+        announcements = _decoded(
+            read_values(consumer, topic_name(Topic.RUNS, prefix), tail, timeout_s)
+        )
     finally:
         consumer.close()
     now = time.time()
@@ -145,13 +150,19 @@ def collect_status(
     for event in replies:
         if event.get("action") == "resume" and event.get("accepted") is True:
             resumed_at[str(event.get("run_id"))] = event.get("ts", 0.0)
+    finished: dict[str, bool] = {}  # run -> whether its newest trainer.runs record is a finish
+    for event in announcements:  # a run's records share a partition: in the run's order
+        finished[str(event.get("run_id"))] = event.get("type") == "finished"
     stale_after = settings.metrics.stale_run_after_s
     for run_id, run in runs.items():
         halt = halted_at.get(run_id)
         run["halted"] = halt is not None and halt > resumed_at.get(run_id, -1.0)
+        run["finished"] = finished.get(run_id, False)
         seen = run.get("last_metric_ts")
         run["silent_s"] = max(0.0, now - seen) if isinstance(seen, float | int) else None
-        run["stale"] = run["silent_s"] is None or run["silent_s"] > stale_after
+        run["stale"] = not run["finished"] and (
+            run["silent_s"] is None or run["silent_s"] > stale_after
+        )
     return {"models": models, "runs": runs, "at": now}
 
 
@@ -171,7 +182,7 @@ def render(status: dict[str, Any]) -> str:
     for run_id, run in sorted(status["runs"].items()):
         command = run.get("last_command")
         entropy = run.get("entropy_coef")
-        flags = [flag for flag in ("halted", "stale") if run.get(flag)]
+        flags = [flag for flag in ("halted", "finished", "stale") if run.get(flag)]
         silent = run.get("silent_s")
         if run.get("stale") and silent is not None:
             flags[-1] = f"stale: silent for {silent:.0f}s"

@@ -5,6 +5,7 @@
         for step in range(total):
             loss, reward = train_step()
             ops.log_step(step, loss=loss, reward=reward)   # never blocks, never raises
+        ops.finish()  # the run ended: the worker may forget it
 
 Commands are delivered at step boundaries: ``log_step`` (or ``poll_commands``) runs the
 handlers in the caller's thread, so a handler may touch the model and optimizer safely.
@@ -42,6 +43,7 @@ from schemas import (
     InvalidEvent,
     RewardStats,
     RunAnnounced,
+    RunFinished,
     StepMetric,
     Topic,
     decode,
@@ -126,6 +128,7 @@ class TrainerClient:
             else None
         )
         self._reward_stats: RewardStats | None = None
+        self._last_logged: tuple[int, int] | None = None  # (attempt, step) of the last metric
         self._closed = False
 
     def record_applied_in(self, path: Path | str) -> None:
@@ -194,7 +197,33 @@ class TrainerClient:
             },
         )
         self._publish(metric)
+        self._last_logged = (metric.attempt, metric.step)
         self.poll_commands()
+
+    def finish(self) -> None:
+        """Say that the run ended. The worker keeps the run's state (settings, reward
+        window, operations, rating window) and its per-run metric series for
+        ``worker.finished_run_retention_s`` (1 hour) after the run's last event, then drops
+        them, so runs that ended cost it nothing. Call it when training is done, not when a
+        process stops to be resumed. To resume a finished run, announce it again: before
+        the drop it keeps its state; after, the worker starts it afresh.
+
+        Names the last metric logged (attempt and step): the worker reads the run's
+        metrics up to it before the retention starts. Never blocks, never raises because
+        Kafka is down (like ``log_step``); ``close()`` delivers it.
+        """
+        last = self._last_logged
+        finished = validate(
+            RunFinished,
+            {
+                "type": "finished",
+                "run_id": self.run_id,
+                "ts": time.time(),
+                "attempt": last[0] if last is not None else self.attempt,
+                "step": last[1] if last is not None else None,
+            },
+        )
+        self._publish(finished)
 
     def checkpoint_saved(self, step: int, uri: str) -> None:
         self._publish(

@@ -1,6 +1,13 @@
 """fragrance-ops event contract v1: topics, events, the codec and its one error type."""
 
-from schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode, decode_command, encode, validate
+from schemas.codec import (
+    DEFAULT_MAX_EVENT_BYTES,
+    decode,
+    decode_command,
+    decode_run_event,
+    encode,
+    validate,
+)
 from schemas.errors import InvalidEvent
 from schemas.events import (
     COMMAND_TYPES,
@@ -23,6 +30,8 @@ from schemas.events import (
     RewardStats,
     Rollback,
     RunAnnounced,
+    RunEvent,
+    RunFinished,
     SetEntropyCoef,
     StepMetric,
 )
@@ -52,12 +61,15 @@ __all__ = [
     "RewardStats",
     "Rollback",
     "RunAnnounced",
+    "RunEvent",
+    "RunFinished",
     "SetEntropyCoef",
     "StepMetric",
     "Topic",
     "TopicSpec",
     "decode",
     "decode_command",
+    "decode_run_event",
     "encode",
     "topic_name",
     "validate",

@@ -8,7 +8,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.errors import InvalidEvent
-from schemas.events import Command, Event
+from schemas.events import Command, Event, RunAnnounced, RunFinished
 
 E = TypeVar("E", bound=Event)
 
@@ -64,3 +64,19 @@ def decode_command(payload: bytes | None, *, max_bytes: int = DEFAULT_MAX_EVENT_
         return _COMMAND_ADAPTER.validate_python(data, strict=True)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def decode_run_event(
+    payload: bytes | None, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> RunAnnounced | RunFinished:
+    """Decode a ``trainer.runs`` record: a finish (``"type": "finished"``) or an
+    announcement (no ``type``; validated exactly as before finishes existed)."""
+    data = _loads(payload, max_bytes)
+    kind = data.get("type")
+    if kind is None:
+        return validate(RunAnnounced, data)
+    if kind == "finished":
+        return validate(RunFinished, data)
+    raise InvalidEvent(
+        f"unknown run event type {kind!r} (expected 'finished' or none)", field="type"
+    )

@@ -19,8 +19,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     WithJsonSchema,
     model_validator,
 )
@@ -121,6 +123,46 @@ class RunAnnounced(Event):
 
     def key(self) -> str:
         return self.run_id
+
+
+class RunFinished(Event):
+    """The trainer ended the run (``TrainerClient.finish()``). The worker keeps the run's
+    state for ``worker.finished_run_retention_s`` after the run's last input, then drops
+    it; announcing the run again before that resumes it."""
+
+    TOPIC: ClassVar[Topic] = Topic.RUNS
+    type: Literal["finished"] = Field(
+        description="required: what tells a finish from an announcement on trainer.runs "
+        "(an announcement has no type)"
+    )
+    run_id: Identifier
+    ts: Timestamp
+    attempt: Step = Field(
+        default=0, description="the attempt of the run's last metric (as in trainer.metrics)"
+    )
+    step: Step | None = Field(
+        default=None,
+        description="the step of the run's last metric, null if it sent none: the worker "
+        "reads the run's metrics up to it (another topic, maybe read behind the finish) "
+        "before the retention starts",
+    )
+
+    def key(self) -> str:
+        return self.run_id
+
+
+def _run_event_kind(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if kind is None:
+        return "announced"
+    return kind if kind == "finished" else None
+
+
+RunEvent = Annotated[
+    Annotated[RunAnnounced, Tag("announced")] | Annotated[RunFinished, Tag("finished")],
+    Discriminator(_run_event_kind),
+]
+"""What ``trainer.runs`` carries: an announcement (no ``type``) or a finish (``type`` finished)."""
 
 
 class StepMetric(Event):
@@ -465,6 +507,7 @@ class OperatorReply(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     RunAnnounced,
+    RunFinished,
     StepMetric,
     CheckpointSaved,
     RewardStats,

@@ -23,7 +23,7 @@ from schemas.events import (
     OperatorRequest,
     Rating,
     RewardStats,
-    RunAnnounced,
+    RunEvent,
     StepMetric,
 )
 from schemas.topics import Topic
@@ -35,7 +35,7 @@ _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 def documents() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema document, for every contract topic."""
     models: dict[Topic, Any] = {
-        Topic.RUNS: RunAnnounced,
+        Topic.RUNS: RunEvent,
         Topic.METRICS: StepMetric,
         Topic.CHECKPOINTS: CheckpointSaved,
         Topic.REWARD_STATS: RewardStats,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faust
 import orjson
@@ -17,6 +17,9 @@ from streams.dead_letter import DeadLetterSink
 from streams.metrics import WorkerMetrics
 from streams.output import Headers, OutputDeliveryError, OutputProducer
 from streams.runtime import AgentRuntime, InputRecord
+
+if TYPE_CHECKING:
+    from streams.state import StateWriter
 
 
 @dataclass
@@ -37,6 +40,20 @@ class RunSettingsCache:
         return settings
 
 
+class RunStateHolder(Protocol):
+    """An agent that keeps state of a run besides the training agent's (the feedback
+    agent's rating window), dropped with it when a finished run is (``rules.run_lifecycle``).
+    Both are called at a checkpoint, every agent held."""
+
+    def run_quiet(self, run_id: str, since: float) -> bool:
+        """Whether none of the run's input was applied here after ``since``."""
+        ...
+
+    def drop_run(self, run_id: str, writer: StateWriter) -> bool:
+        """Drop the run's state (tombstones); whether there was any."""
+        ...
+
+
 @dataclass
 class ProcessorContext:
     app: faust.App
@@ -49,6 +66,8 @@ class ProcessorContext:
     # run id -> the hyperparameters its latest metric reported (the training agent writes,
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The other agents keeping per-run state, dropped with a finished run's.
+    run_state: list[RunStateHolder] = field(default_factory=list)
     # security.command_signing_key as bytes; None: commands go out unsigned.
     signing_key: bytes | None = field(init=False, repr=False, default=None)
 

@@ -20,6 +20,10 @@ also carries, per origin partition, the offset of the newest input applied to it
 id windows, like the breakers' call ids, cannot). An event re-keyed through an internal
 topic names its origin in the ``ORIGIN_HEADER`` (``origin_header``), so its copies from a
 replayed re-keying are recognised too.
+
+A stored value also carries when (the worker's clock) an input last changed it, so that a
+key's state is dropped (``drop``: a tombstone) only once no input has changed it for a while
+(``quiet``): the rating window of a finished run goes with the run (``rules.run_lifecycle``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class _Entry(Generic[T]):
     value: T
     partition: int
     applied: dict[str, int] = field(default_factory=dict)  # origin -> newest offset applied
+    applied_at: float | None = None  # the worker's clock at the newest input applied
 
 
 class LiveStates(Generic[T]):
@@ -105,6 +110,7 @@ class LiveStates(Generic[T]):
                     self._load(name, record["state"]),
                     record["partition"],
                     record.get("applied", {}),
+                    record.get("applied_at"),
                 )
             else:
                 entry = _Entry(self._new(name), partition)
@@ -126,7 +132,9 @@ class LiveStates(Generic[T]):
     def applied(self, key: bytes, message: InputRecord) -> None:
         """``message`` changed the key's object: remember its position, write it."""
         origin, offset = input_origin(message)
-        self._entry(key, message.partition).applied[origin] = offset
+        entry = self._entry(key, message.partition)
+        entry.applied[origin] = offset
+        entry.applied_at = self.ctx.now()
         self._touched.add(key)
 
     def touch(self, key: bytes) -> None:
@@ -150,6 +158,41 @@ class LiveStates(Generic[T]):
             if any(TP(topic, partition) in assigned for topic in self.source_topics):
                 yield key, partition
 
+    def _held(self, key: bytes) -> tuple[int, float | None] | None:
+        """(partition, applied_at) of the key's state, live or stored, if this worker
+        actively owns it; None otherwise."""
+        entry = self._live.get(key)
+        if entry is not None:
+            partition, applied_at = entry.partition, entry.applied_at
+        else:
+            stored = self.table.get(key)
+            if not stored:
+                return None
+            record = orjson.loads(stored)
+            partition, applied_at = record["partition"], record.get("applied_at")
+        assigned = self.ctx.app.assignor.assigned_actives()
+        if not any(TP(topic, partition) in assigned for topic in self.source_topics):
+            return None
+        return partition, applied_at
+
+    def quiet(self, key: bytes, since: float) -> bool:
+        """Whether no input was applied to the key's state after ``since`` (or it holds none
+        here)."""
+        held = self._held(key)
+        return held is None or held[1] is None or held[1] <= since
+
+    def drop(self, key: bytes, writer: StateWriter) -> bool:
+        """Forget the key's state for good (at a checkpoint, every agent held): tombstone
+        its stored value. Returns whether there was one to drop."""
+        held = self._held(key)
+        if held is None:
+            return False
+        self._live.pop(key, None)
+        self._touched.discard(key)
+        if self.table.get(key) is not None:
+            writer.delete(self.table, key, held[0])
+        return True
+
     def write(self, writer: StateWriter) -> None:
         """Write the touched keys (their outputs are on the broker already)."""
         for key in self._touched:
@@ -158,6 +201,7 @@ class LiveStates(Generic[T]):
                 "partition": entry.partition,
                 "state": self._dump(entry.value),
                 "applied": entry.applied,
+                "applied_at": entry.applied_at,
             }
             writer.put(self.table, key, orjson.dumps(record), entry.partition)
         self._touched.clear()

@@ -9,9 +9,14 @@ which runs share the label value ``"other"``.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 OTHER_RUNS = "other"
+RUN_VALUE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
+"""The ``name`` label values of ``fragrance_ops_rl_value``: a run's latest reported values."""
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 MODE_VALUES = {"creative": 0, "balanced": 1, "fast": 2}
 
@@ -107,6 +112,15 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.run_finished = Gauge(
+            "fragrance_ops_run_finished_timestamp_seconds",
+            "when the worker read the run's finish (its clock, Unix seconds): the run ended, "
+            "its silence is expected (alert RunSilent stays quiet); the series goes with the "
+            "run's state, worker.finished_run_retention_s after its last input",
+            ["run_id"],
+            registry=registry,
+        )
+
         # The LLM breaker (operations guide, Monitoring).
         self.breaker_downgrades = Counter(
             "fragrance_ops_breaker_downgrades",
@@ -172,6 +186,7 @@ class WorkerMetrics:
         for gauge in (
             self.rl_values,
             self.run_last_metric,
+            self.run_finished,
             self.breaker_state,
             self.breaker_mode,
             self.cache_ttl,
@@ -179,6 +194,23 @@ class WorkerMetrics:
             self.consumer_lag,
         ):
             gauge.clear()
+
+    def forget_run(self, run_id: str) -> None:
+        """A finished run's state was dropped: remove every series labelled with it and free
+        its label for a later run. A run counted under ``other`` has no series of its own."""
+        if run_id not in self._run_labels:
+            return
+        self._run_labels.discard(run_id)
+        for name in RUN_VALUE_NAMES:
+            remove_series(self.rl_values, run_id, name)
+        # Its rating window's size is labelled by target, the run's id.
+        for metric in (
+            self.run_last_metric,
+            self.run_finished,
+            self.signature_rejections,
+            self.feedback_window_size,
+        ):
+            remove_series(metric, run_id)
 
     def run_label(self, run_id: str) -> str:
         """``run_id`` while fewer than ``max_run_labels`` runs were labelled, else ``other``."""
@@ -188,3 +220,9 @@ class WorkerMetrics:
             self._run_labels.add(run_id)
             return run_id
         return OTHER_RUNS
+
+
+def remove_series(metric: MetricWrapperBase, *labels: str) -> None:
+    """Remove one labelled series if it exists (prometheus_client raises if it does not)."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

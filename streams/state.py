@@ -59,9 +59,13 @@ class StateTable:
     def keys(self) -> list[bytes]:
         return list(self._table.data.keys())
 
-    def mirror(self, key: bytes, value: bytes) -> None:
-        """Set the in-memory value Faust's recovery would have rebuilt from the changelog."""
-        self._table.data[key] = value
+    def mirror(self, key: bytes, value: bytes | None) -> None:
+        """Set the in-memory value Faust's recovery would have rebuilt from the changelog
+        (None: a tombstone, the key is gone)."""
+        if value is None:
+            self._table.data.pop(key, None)
+        else:
+            self._table.data[key] = value
 
 
 class StateWriter:
@@ -95,6 +99,11 @@ class StateWriter:
     def put(self, table: StateTable, key: bytes, value: bytes, partition: int) -> None:
         self._producer.produce(table.changelog_topic, value, key, partition=partition)
         table.mirror(key, value)
+
+    def delete(self, table: StateTable, key: bytes, partition: int) -> None:
+        """A tombstone: Faust's recovery (and standbys) drop the key, compaction its history."""
+        self._producer.produce(table.changelog_topic, None, key, partition=partition)
+        table.mirror(key, None)
 
     async def delivered(self) -> None:
         """Wait until every state record written so far is on the broker."""

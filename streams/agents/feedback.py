@@ -11,6 +11,13 @@ rating without one is keyed by its formula id, but its target is the configured 
 (``retune.default_target``): the agent re-keys it through an internal topic, so each
 target's window lives on exactly one partition.
 
+A run's window is part of the run's state: when the training agent drops a finished run
+(``rules.run_lifecycle``), it drops the run's window too (``drop_run``), once no rating of
+it was applied for the retention (``run_quiet``); a rating that comes later opens a new
+window, as for any target. (Its proposals are numbered from 0 again: a trainer that keeps
+its applied command ids across the drop, a resumed ``TorchRunOps``, takes them for ones it
+handled.)
+
 The run's current hyperparameters (what a proposal changes) come from its latest metrics:
 the training agent, on the same partition, shares them in ``ProcessorContext``, and the
 window's state keeps the last values seen, so a restarted worker proposes from them too.
@@ -25,8 +32,9 @@ from rules.retune import Retuner, WindowVerdict, retune_target
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
 from streams.live import LiveStates, origin_header, register_live_agent
+from streams.metrics import remove_series
 from streams.runtime import InputRecord
-from streams.state import StateTable
+from streams.state import StateTable, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +106,20 @@ class Feedback:
         label = self.ctx.metrics.run_label(retuner.target)
         self.ctx.metrics.feedback_window_size.labels(label).set(retuner.size)
 
+    # The run's window, as part of the run's state (``ProcessorContext.run_state``).
+    def run_quiet(self, run_id: str, since: float) -> bool:
+        return self.live.quiet(run_id.encode(), since)
+
+    def drop_run(self, run_id: str, writer: StateWriter) -> bool:
+        if not self.live.drop(run_id.encode(), writer):
+            return False
+        remove_series(self.ctx.metrics.feedback_window_size, run_id)
+        return True
+
 
 def register(ctx: ProcessorContext) -> Feedback:
     feedback = Feedback(ctx)
+    ctx.run_state.append(feedback)
     # Internal: the conductor creates the re-keying topic when it subscribes (the contract
     # topic exists already).
     ctx.app.topics.add(

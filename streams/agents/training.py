@@ -6,6 +6,16 @@ co-partitioned): each metric feeds both the
 reward window and the run's operations. Per record it decodes, calls a rule, and forwards.
 Each run's state (settings, ``RunOperations``, ``RewardWindow``) stays live in memory
 between batches; the runtime's checkpoints write the runs a batch changed, once each.
+
+The end of a run (``rules.run_lifecycle``): a finish on ``trainer.runs`` marks the run
+finished; at a checkpoint (every agent held, outputs delivered) a finished run quiet for
+``worker.finished_run_retention_s`` is dropped: a tombstone for its key in every table that
+holds it (run-settings, reward-windows, run-operations, and the feedback agent's
+feedback-windows), its metric series removed. Deciding at the checkpoint makes the drop
+durable before any later input is applied, as a clock decision must be. The other agents'
+state goes first, the run's own at the next checkpoint, once those tombstones are on the
+broker: a crash in between leaves the run's own state, still finished and quiet, to be
+dropped again, never a rating window nothing would drop.
 """
 
 from __future__ import annotations
@@ -18,10 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from faust.types import TP
 from pydantic import ValidationError
 
 from fragrance_ops.settings import Settings
+from rules import Position
 from rules.reward_window import RewardWindow
+from rules.run_lifecycle import RunLifecycle
 from rules.training import RequestAnswer, RunOperations
 from schemas import (
     DEFAULT_ALGORITHM,
@@ -32,25 +45,28 @@ from schemas import (
     OperatorRequest,
     RewardStats,
     RunAnnounced,
+    RunFinished,
     StepMetric,
     Topic,
     decode,
+    decode_run_event,
 )
 from schemas.signing import SIGNATURE_REJECTIONS, SignatureError, verify
 from streams.context import ProcessorContext
 from streams.live import input_origin
+from streams.metrics import RUN_VALUE_NAMES, remove_series
 from streams.runtime import InputRecord
 from streams.state import StateTable, StateWriter
 
 log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
-RL_GAUGE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
 
 
 @dataclass
 class TrainingTables:
-    # run id -> {"overrides": ..., "algorithm": ...} as JSON; before the algorithm was
+    # run id -> {"overrides", "algorithm", "announced_at", "partition", "finished" (the
+    # RunLifecycle state; absent while it runs)} as JSON; before the algorithm was
     # announced, the overrides alone (a dict of dotted paths, or null): read as PPO's.
     run_settings: StateTable
     windows: StateTable  # run id -> RewardWindow snapshot
@@ -65,11 +81,13 @@ class _Run:
     partition: int
     overrides: dict[str, Any] | None  # as announced; None: never announced (the defaults)
     algorithm: str  # as announced: the label of the run's metrics
-    # (origin, offset) of the newest announcement applied: a replayed older one (a crash
-    # after the state was written, before the commit) must not undo a newer one.
+    # (origin, offset) of the newest trainer.runs record (announcement or finish) applied:
+    # a replayed older one (a crash after the state was written, before the commit) must
+    # not undo a newer one.
     announced_at: tuple[str, int] | None
     ops: RunOperations
     window: RewardWindow
+    lifecycle: RunLifecycle  # finished or not; kept with the settings
 
 
 class TrainingAgent:
@@ -98,9 +116,16 @@ class TrainingAgent:
         self._stats_topic = ctx.topic(Topic.REWARD_STATS)
         self._runs: dict[bytes, _Run] = {}
         self._changed: set[bytes] = set()  # runs to write at the next checkpoint
-        self._announced: set[bytes] = set()  # runs whose settings changed since then
+        self._settings_changed: set[bytes] = set()  # runs whose run-settings record changed
         self._latest: dict[str, StepMetric] = {}  # run id -> newest metric since a checkpoint
         self._updates: Counter[str] = Counter()  # metrics per algorithm since a checkpoint
+        self._retention_s = ctx.settings.worker.finished_run_retention_s
+        # Finished runs on the partitions this worker owns: key -> (partition, lifecycle),
+        # the lifecycle shared with the live run. None: to be read from the table (at the
+        # first checkpoint after a start or a rebalance, once the table is recovered).
+        self._finished: dict[bytes, tuple[int, RunLifecycle]] | None = None
+        self._held_since = 0.0  # the worker's clock when it last took its partitions over
+        self._releasing: set[bytes] = set()  # finished runs whose other state was dropped
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
@@ -112,27 +137,34 @@ class TrainingAgent:
 
     def write_state(self, writer: StateWriter) -> None:
         tables = self.tables
-        for key in self._announced:
+        for key in self._settings_changed:
             run = self._runs[key]
-            announced = {
+            stored: dict[str, Any] = {
                 "overrides": run.overrides,
                 "algorithm": run.algorithm,
                 "announced_at": run.announced_at,
+                "partition": run.partition,
             }
-            writer.put(tables.run_settings, key, orjson.dumps(announced), run.partition)
+            finished = run.lifecycle.to_state()
+            if finished is not None:
+                stored["finished"] = finished
+            writer.put(tables.run_settings, key, orjson.dumps(stored), run.partition)
         for key in self._changed:
             run = self._runs[key]
             writer.put(tables.windows, key, run.window.to_bytes(), run.partition)
             writer.put(tables.operations, key, orjson.dumps(run.ops.to_state()), run.partition)
-        self._announced.clear()
+        self._settings_changed.clear()
         self._changed.clear()
+        self._end_finished_runs(writer)
         self._export_metrics()
 
     def forget(self) -> None:
         self._runs.clear()
         self._changed.clear()
-        self._announced.clear()
+        self._settings_changed.clear()
         self._latest.clear()
+        self._finished = None
+        self._releasing.clear()
 
     # Live runs.
     def _settings(self, overrides: dict[str, Any] | None) -> Settings:
@@ -144,7 +176,8 @@ class TrainingAgent:
         if run is not None:
             return run
         tables = self.tables
-        overrides, algorithm, announced_at = stored_announcement(tables.run_settings.get(key))
+        stored_settings = tables.run_settings.get(key)
+        overrides, algorithm, announced_at = stored_announcement(stored_settings)
         settings = self._settings(overrides)
         stored_ops = tables.operations.get(key)
         ops = (
@@ -160,18 +193,42 @@ class TrainingAgent:
             else RewardWindow(capacity)
         )
         window.resize(capacity)
+        indexed = self._finished.get(key) if self._finished is not None else None
+        lifecycle = indexed[1] if indexed is not None else stored_lifecycle(stored_settings)[0]
+        if lifecycle.reached is None:  # kept only once finished: what the state knows
+            lifecycle.reached = _newest(ops.detector.last_position, window.last_position)
         run = self._runs[key] = _Run(
-            key, partition, overrides, algorithm, announced_at, ops, window
+            key, partition, overrides, algorithm, announced_at, ops, window, lifecycle
         )
         return run
 
-    def _changed_run(self, key: bytes, partition: int) -> _Run:
+    def _changed_run(self, key: bytes, partition: int, position: Position | None = None) -> _Run:
+        """The run an input is applied to; a finished run's quiet time starts again."""
         self._changed.add(key)
-        return self._run(key, partition)
+        run = self._run(key, partition)
+        now = self.ctx.now()
+        lifecycle = run.lifecycle
+        if lifecycle.on_metric(position, now) if position is not None else lifecycle.on_input(now):
+            self._settings_changed.add(key)
+        return run
+
+    def _holds(self, key: bytes) -> bool:
+        """Whether this worker holds any state of the run (live or in a table)."""
+        tables = self.tables
+        return key in self._runs or any(
+            table.get(key) is not None
+            for table in (tables.run_settings, tables.operations, tables.windows)
+        )
 
     # Per record: decode, call a rule, forward.
     async def on_run(self, record: InputRecord) -> None:
-        announced = decode(RunAnnounced, record.value, max_bytes=self._max_bytes)
+        event = decode_run_event(record.value, max_bytes=self._max_bytes)
+        if isinstance(event, RunFinished):
+            self.on_finish(record, event)
+        else:
+            self.on_announce(record, event)
+
+    def on_announce(self, record: InputRecord, announced: RunAnnounced) -> None:
         try:
             settings = self._settings(announced.settings)
         except (ValidationError, ValueError) as exc:
@@ -189,12 +246,52 @@ class TrainingAgent:
         # The state so far, carried over to the run's new settings.
         run.window.resize(settings.reward.window_size)
         run.ops = RunOperations.from_state(announced.run_id, run.ops.to_state(), settings)
-        self._announced.add(key)
+        self._settings_changed.add(key)
+        if run.lifecycle.finished:  # announced again: resumed, no longer finished
+            run.lifecycle.on_start()
+            if self._finished is not None:
+                self._finished.pop(key, None)
+            self._releasing.discard(key)
+            remove_series(self.ctx.metrics.run_finished, announced.run_id)
+
+    def on_finish(self, record: InputRecord, finished: RunFinished) -> None:
+        """The run ended: it is dropped once quiet for the retention (``rules.run_lifecycle``).
+        A run this worker holds nothing of (dropped already, so this is a finish read again,
+        or never seen) stays so: nothing is created to be dropped."""
+        ctx = self.ctx
+        key = finished.run_id.encode()
+        if not self._holds(key):
+            log.info("run %s finished: no state of it here, nothing to drop", finished.run_id)
+            return
+        run = self._run(key, record.partition)
+        origin, offset = input_origin(record)
+        known = run.announced_at
+        if known is not None and known[0] == origin and offset <= known[1]:
+            ctx.metrics.replayed_events.labels("training").inc()
+            return
+        run.announced_at = (origin, offset)
+        now = ctx.now()
+        final = (finished.attempt, finished.step) if finished.step is not None else None
+        run.lifecycle.on_finish(now, final)
+        self._settings_changed.add(key)
+        if self._finished is not None:
+            self._finished[key] = (run.partition, run.lifecycle)
+        label = ctx.metrics.run_label(finished.run_id)
+        if label == finished.run_id:  # ``other`` runs share series: not all of them ended
+            ctx.metrics.run_finished.labels(label).set(now)
+        log.warning(
+            "run %s finished (last metric: %s): its state goes %g s after its last input",
+            finished.run_id,
+            f"attempt {finished.attempt}, step {finished.step}" if final else "none",
+            self._retention_s,
+        )
 
     async def on_metric(self, record: InputRecord) -> None:
         ctx = self.ctx
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
-        run = self._changed_run(metric.run_id.encode(), record.partition)
+        run = self._changed_run(
+            metric.run_id.encode(), record.partition, (metric.attempt, metric.step)
+        )
         self._latest[metric.run_id] = metric
         self._updates[run.algorithm] += 1
         now = ctx.now()
@@ -296,7 +393,10 @@ class TrainingAgent:
                     "security.command_signing_key"
                 )
         if key not in self._runs and self.tables.operations.get(key) is None:
-            return "unknown run: no metrics, checkpoints or announcement of it were read"
+            return (
+                "unknown run: no metrics, checkpoints or announcement of it were read "
+                "(or it finished and its state was dropped)"
+            )
         return None
 
     def _share_hyperparameters(self) -> None:
@@ -321,11 +421,113 @@ class TrainingAgent:
         for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
             metrics.run_last_metric.labels(label).set(now)
-            for name in RL_GAUGE_NAMES:
+            for name in RUN_VALUE_NAMES:
                 value = getattr(metric, name)
                 if value is not None:
                     metrics.rl_values.labels(label, name).set(value)
         self._latest.clear()
+
+    # The end of finished runs, at each checkpoint (see the module doc).
+    def _end_finished_runs(self, writer: StateWriter) -> None:
+        if self.ctx.app.rebalancing:
+            return  # partitions move, tables recover: the next checkpoint after it decides
+        now = self.ctx.now()
+        if self._finished is None:
+            self._finished = self._finished_runs_owned()
+            self._held_since = now
+            metrics = self.ctx.metrics
+            for key, (_partition, lifecycle) in self._finished.items():
+                run_id = key.decode()
+                if metrics.run_label(run_id) == run_id and lifecycle.finished_at is not None:
+                    metrics.run_finished.labels(run_id).set(lifecycle.finished_at)
+        finished, retention = self._finished, self._retention_s
+        # Their other state was dropped at an earlier checkpoint, whose tombstones are on
+        # the broker: now their own, unless an input came meanwhile.
+        releasing, self._releasing = self._releasing, set()
+        for key in releasing:
+            if key in finished and self._expired(finished[key][1], now):
+                self._drop(key, writer)
+        for key, (_partition, lifecycle) in list(finished.items()):
+            if key in releasing or not self._expired(lifecycle, now):
+                continue
+            run_id = key.decode()
+            holders = self.ctx.run_state
+            if not all(holder.run_quiet(run_id, now - retention) for holder in holders):
+                continue  # a rating of it came lately: it is not quiet
+            # Every holder drops its part (a list, not a short-circuiting generator).
+            if any([holder.drop_run(run_id, writer) for holder in holders]):
+                self._releasing.add(key)
+            else:
+                self._drop(key, writer)
+        if self._releasing:
+            self.ctx.runtime.checkpoint_soon()
+
+    def _expired(self, lifecycle: RunLifecycle, now: float) -> bool:
+        return lifecycle.expired(now, self._retention_s, held_since=self._held_since)
+
+    def _finished_runs_owned(self) -> dict[bytes, tuple[int, RunLifecycle]]:
+        """The finished runs in the run-settings table on partitions this worker owns."""
+        assigned = self.ctx.app.assignor.assigned_actives()
+        table = self.tables.run_settings
+        found: dict[bytes, tuple[int, RunLifecycle]] = {}
+        for key in list(table.keys()):
+            run = self._runs.get(key)
+            if run is not None:
+                partition: int | None = run.partition
+                lifecycle = run.lifecycle
+            else:
+                stored = table.get(key)
+                if not stored or b'"finished"' not in stored:
+                    continue  # cheap: most runs run, or stored before finishes existed
+                try:
+                    lifecycle, partition = stored_lifecycle(stored)
+                except (ValueError, TypeError, KeyError):  # a checkpoint must not fail on it
+                    log.exception("run %s: unreadable stored lifecycle; kept", key.decode())
+                    continue
+            if not lifecycle.finished or partition is None:
+                continue
+            if any(TP(topic, partition) in assigned for topic in self.topics):
+                found[key] = (partition, lifecycle)
+        return found
+
+    def _drop(self, key: bytes, writer: StateWriter) -> None:
+        """Forget a finished run: tombstones for its keys, its live state, its series."""
+        assert self._finished is not None
+        partition, lifecycle = self._finished.pop(key)
+        tables = self.tables
+        for table in (tables.run_settings, tables.windows, tables.operations):
+            if table.get(key) is not None:
+                writer.delete(table, key, partition)
+        self._runs.pop(key, None)
+        run_id = key.decode()
+        self._latest.pop(run_id, None)
+        self.ctx.hyperparameters.pop(run_id, None)
+        self.ctx.metrics.forget_run(run_id)
+        log.warning(
+            "run %s finished and has been quiet for %g s: its state and metric series are dropped",
+            run_id,
+            self.ctx.now() - (lifecycle.last_input_at or 0.0),
+        )
+
+
+def _newest(*positions: Position | None) -> Position | None:
+    """The newest of known metric positions; (-1, -1) is an empty window's none."""
+    known = [position for position in positions if position is not None and position[0] >= 0]
+    return max(known, default=None)
+
+
+def stored_lifecycle(stored: bytes | None) -> tuple[RunLifecycle, int | None]:
+    """The run's lifecycle (finished or not) and the partition its state is on, from the
+    run-settings table (stored before finishes existed: running, partition unknown)."""
+    if stored is None:
+        return RunLifecycle(), None
+    record = orjson.loads(stored)
+    if not isinstance(record, dict) or "algorithm" not in record:
+        return RunLifecycle(), None
+    partition = record.get("partition")
+    return RunLifecycle.from_state(record.get("finished")), (
+        int(partition) if partition is not None else None
+    )
 
 
 def stored_announcement(

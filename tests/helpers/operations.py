@@ -11,10 +11,11 @@ from schemas import (
     CheckpointSaved,
     CommandAck,
     CommandBase,
-    RunAnnounced,
+    RunFinished,
     StepMetric,
     Topic,
     decode,
+    decode_run_event,
     encode,
     topic_name,
 )
@@ -41,7 +42,9 @@ class InMemoryOperations:
         topic = self._topics.get(record.topic)
         decided: list[CommandBase] = []
         if topic is Topic.RUNS:
-            announced = decode(RunAnnounced, record.value)
+            announced = decode_run_event(record.value)
+            if isinstance(announced, RunFinished):
+                return  # the worker keeps the run a while: nothing to decide here
             settings = run_overrides(self.settings, dict(announced.settings))
             self.runs[announced.run_id] = RunOperations(announced.run_id, settings)
         elif topic is Topic.METRICS:

@@ -23,6 +23,8 @@ from schemas import (
     Halt,
     LlmControl,
     OperatorReply,
+    RunAnnounced,
+    RunFinished,
     SetEntropyCoef,
     StepMetric,
     encode,
@@ -243,6 +245,13 @@ def test_status_reports_breakers_and_runs_from_the_topics(
     now = time.time()
     # run-h: active and halted; run-r: halted, then resumed by an operator.
     metrics += [StepMetric(run_id=run, step=9, loss=0.5, reward=1.0, ts=now) for run in "hr"]
+    # run-f: silent as long as run-s, but it said it finished; run-a: finished, then resumed.
+    metrics += [StepMetric(run_id=run, step=3, loss=0.5, reward=1.0, ts=1.0) for run in "fa"]
+    runs = [
+        RunFinished(type="finished", run_id="f", ts=2.0, step=3),
+        RunFinished(type="finished", run_id="a", ts=2.0, step=3),
+        RunAnnounced(run_id="a", ts=3.0, settings={}),
+    ]
     commands = [
         SetEntropyCoef(command_id="c", run_id="run-s", issued_at=1.0, entropy_coef=0.009, step=4),
         *(Halt(command_id=f"h{run}", run_id=run, issued_at=2.0, reason="x") for run in "hr"),
@@ -259,7 +268,7 @@ def test_status_reports_breakers_and_runs_from_the_topics(
             ts=3.0,
         )
     ]
-    for events in (controls, metrics, commands, replies):
+    for events in (controls, metrics, commands, replies, runs):
         produce_records(
             kafka_bootstrap,
             topic_name(events[0].TOPIC, topic_prefix),
@@ -277,10 +286,20 @@ def test_status_reports_breakers_and_runs_from_the_topics(
     run = status["runs"]["run-s"]
     assert (run["step"], run["entropy_coef"]) == (4, 0.009)
     assert run["last_command"]["type"] == "set_entropy_coef"
-    halted = {run_id: (run["halted"], run["stale"]) for run_id, run in status["runs"].items()}
-    assert halted == {"run-s": (False, True), "h": (True, False), "r": (False, False)}
+    flags = {
+        run_id: (run["halted"], run["finished"], run["stale"])
+        for run_id, run in status["runs"].items()
+    }
+    assert flags == {
+        "run-s": (False, False, True),
+        "h": (True, False, False),
+        "r": (False, False, False),
+        "f": (False, True, False),
+        "a": (False, False, True),
+    }
     text = run_cli("status", env=env, timeout=60).stdout
     assert "qwen: open, mode balanced, cache TTL 300s" in text
     assert "run-s: step 4 (attempt 0), entropy_coef 0.009, last command set_entropy_coef" in text
     assert "h: step 9 (attempt 0), entropy_coef ?, last command halt [halted]" in text
     assert "[stale: silent for " in text
+    assert "f: step 3 (attempt 0), entropy_coef ?, last command none [finished]" in text

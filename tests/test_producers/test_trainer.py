@@ -17,10 +17,12 @@ from schemas import (
     Command,
     InvalidEvent,
     RewardStats,
+    RunFinished,
     SetEntropyCoef,
     StepMetric,
     Topic,
     decode,
+    decode_run_event,
     encode,
 )
 
@@ -170,6 +172,49 @@ def test_an_unreachable_broker_never_blocks_or_raises(caplog: pytest.LogCaptureF
     assert client.stats.delivered == 0
     assert "dropping" in caplog.text
     assert elapsed < 5.0  # generous: 1,000 calls must not wait on the network
+
+
+def test_finish_names_the_last_metric_logged(
+    client: TrainerClient, transport: InMemoryTransport
+) -> None:
+    client.announce()
+    client.log_step(40, loss=1.0, reward=1.0)
+    client.attempt = 1  # a rollback restored step 30: the run goes on under attempt 1
+    client.log_step(31, loss=1.0, reward=1.0)
+    client.attempt = 2  # another, with no metric logged since
+    client.finish()
+    announced, finished = transport.records(Topic.RUNS)  # one topic: in the run's order
+    event = decode_run_event(finished.value)
+    assert isinstance(event, RunFinished)
+    assert (event.run_id, event.attempt, event.step) == ("run-1", 1, 31)
+    assert finished.key == b"run-1"
+    assert not isinstance(decode_run_event(announced.value), RunFinished)
+
+
+def test_a_run_that_logged_nothing_finishes_without_a_step(transport: InMemoryTransport) -> None:
+    TrainerClient("run-0", transport=transport, attempt=3).finish()
+    (finished,) = transport.records(Topic.RUNS)
+    assert orjson.loads(finished.value) == {
+        "type": "finished",
+        "run_id": "run-0",
+        "ts": orjson.loads(finished.value)["ts"],
+        "attempt": 3,
+    }
+
+
+def test_finish_never_blocks_or_raises_on_an_unreachable_broker() -> None:
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        sdk=SdkSettings(queue_max_messages=10, close_timeout_s=0.5),
+    )
+    with TrainerClient("run-1", settings=settings, receive_commands=False) as client:
+        for step in range(20):  # the queue is full: the finish is dropped, and counted
+            client.log_step(step, loss=1.0, reward=1.0)
+        started = time.perf_counter()
+        client.finish()
+        assert time.perf_counter() - started < 1.0
+    assert client.stats.delivered == 0
+    assert client.stats.dropped_queue_full >= 11
 
 
 def test_the_kafka_producer_uses_the_java_partitioner() -> None:

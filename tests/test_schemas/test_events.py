@@ -21,15 +21,18 @@ from schemas import (
     RewardStats,
     Rollback,
     RunAnnounced,
+    RunFinished,
     SetEntropyCoef,
     StepMetric,
     decode,
     decode_command,
+    decode_run_event,
     encode,
 )
 
 SAMPLES: list[schemas.Event] = [
     RunAnnounced(run_id="r1", ts=1.0, settings={"reward.window_size": 500}),
+    RunFinished(type="finished", run_id="r1", ts=9.0, attempt=1, step=4999),
     StepMetric(run_id="r1", step=3, loss=0.5, reward=1.25, ts=2.0, entropy=0.3),
     CheckpointSaved(run_id="r1", step=500, uri="file:///ckpt/500.pt", ts=3.0),
     RewardStats(
@@ -183,3 +186,41 @@ def test_a_run_announced_without_an_algorithm_is_ppo_and_a_malformed_one_is_refu
         with pytest.raises(InvalidEvent) as refused:
             decode(RunAnnounced, payload)
         assert refused.value.field == "algorithm"
+
+
+def test_trainer_runs_carries_announcements_and_finishes_told_apart_by_type() -> None:
+    announced = RunAnnounced(run_id="r1", ts=1.0, settings={"anomaly.patience": 2})
+    finished = RunFinished(type="finished", run_id="r1", ts=2.0, attempt=1, step=40)
+    assert decode_run_event(encode(announced)) == announced
+    assert decode_run_event(encode(finished)) == finished
+    assert orjson.loads(encode(finished))["type"] == "finished"
+    # A run that logged no metric finishes without a step; the attempt defaults to 0.
+    bare = decode_run_event(b'{"type": "finished", "run_id": "r2", "ts": 3.0}')
+    assert isinstance(bare, RunFinished)
+    assert (bare.attempt, bare.step) == (0, None)
+    assert finished.key() == "r1"
+
+
+def test_an_announcement_is_decoded_as_before_finishes_existed() -> None:
+    """No ``type``: an announcement, refused for exactly what refused it before."""
+    payload = b'{"run_id": "r1", "ts": 1.0, "algorithm": "PPO"}'
+    with pytest.raises(InvalidEvent) as before:
+        decode(RunAnnounced, payload)
+    with pytest.raises(InvalidEvent) as now:
+        decode_run_event(payload)
+    assert (now.value.field, now.value.reason) == (before.value.field, before.value.reason)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"type": "paused", "run_id": "r", "ts": 1.0, "settings": {}}, "type"),
+        ({"type": "finished", "run_id": "r", "ts": 1.0, "step": -1}, "step"),
+        ({"type": "finished", "ts": 1.0}, "run_id"),
+        ({"type": None, "run_id": "r", "ts": 1.0}, "settings"),  # null: no type, announced
+    ],
+)
+def test_bad_run_events_name_the_field(payload: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidEvent) as refused:
+        decode_run_event(orjson.dumps(payload))
+    assert refused.value.field == field
