@@ -62,10 +62,12 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from fragrance_ops.settings import BreakerSettings
+from rules.state import check_version
 from schemas.events import BreakerState, LlmMode
 
 _STATE_VERSION = 1
@@ -427,10 +429,11 @@ class ModelBreaker:
         }
 
     @classmethod
-    def from_state(cls, model: str, policy: BreakerPolicy, state: dict[str, Any]) -> ModelBreaker:
+    def from_state(
+        cls, model: str, policy: BreakerPolicy, state: Mapping[str, Any]
+    ) -> ModelBreaker:
         """Restore a breaker; counts beyond a (changed) policy's windows are dropped."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown breaker state version {state.get('version')!r}")
+        check_version(state, _STATE_VERSION, "breaker")
         breaker = cls(model, policy)
         breaker._state = _checked(state["state"], ("closed", "open", "half_open"))
         breaker._mode = _checked(state["mode"], MODES)

@@ -86,6 +86,7 @@ import hashlib
 import json
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from statistics import NormalDist
@@ -93,6 +94,7 @@ from typing import Any, Literal, cast
 
 from fragrance_ops.settings import RetuneSettings
 from rules.commands import retune_command_id
+from rules.state import check_version
 from schemas.events import Rating, RetunableName, Retune
 
 RATING_MIN = 1.0
@@ -689,9 +691,8 @@ class Retuner:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: RetuneSettings) -> Retuner:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown retuner state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: RetuneSettings) -> Retuner:
+        check_version(state, _STATE_VERSION, "retuner")
         retuner = cls(str(state["target"]), settings)
         retuner._sequence = int(state["sequence"])
         opened_at = state["opened_at"]

@@ -26,7 +26,7 @@ from rules.breaker import BreakerPolicy, ModelBreaker
 from rules.retune import Retuner, WindowVerdict
 from rules.reward_window import RewardWindow
 from rules.run_lifecycle import RunLifecycle
-from rules.training import RunOperations
+from rules.training import HeldCheckpoint, HeldRestore, RunOperations
 from schemas import (
     CheckpointSaved,
     CommandAck,
@@ -173,6 +173,24 @@ def test_stored_run_operations_go_on_identically(case: dict[str, Any]) -> None:
         assert stored_form(ops.to_state()) == stored_form(case["state"])
     assert run_operations_answers(ops, case["inputs"]) == case["answers"]
     assert stored_form(ops.to_state()) == stored_form(case["state_after"])
+
+
+def test_held_inputs_read_as_checkpoints_and_restores() -> None:
+    (case,) = [c for c in STORED["run_operations"] if c["name"] == "held_checkpoints_and_restore"]
+    ops = RunOperations.from_state(case["run_id"], case["state"], Settings())
+    read = [type(held) for held in ops.held_back]
+    stored = [
+        HeldCheckpoint if "uri" in held else HeldRestore for held in case["state"]["held_back"]
+    ]
+    assert read == stored
+    assert {HeldCheckpoint, HeldRestore} <= set(read)
+
+
+def test_a_run_operations_state_of_another_version_is_refused() -> None:
+    state = STORED["run_operations"][0]["state"]
+    for version in (None, 0, 2):
+        with pytest.raises(ValueError, match="unknown run operations state version"):
+            RunOperations.from_state("run-1", state | {"version": version}, Settings())
 
 
 @pytest.mark.parametrize("case", by_name("breakers"))
