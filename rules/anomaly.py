@@ -226,10 +226,6 @@ class AnomalyDetector:
         self._streak_start: int | None = None
         self._streak_length = 0
 
-    @classmethod
-    def from_settings(cls, settings: AnomalySettings) -> AnomalyDetector:
-        return cls(settings)
-
     @property
     def last_position(self) -> Position | None:
         return self._last

@@ -211,6 +211,7 @@ class ModelBreaker:
 
     @classmethod
     def from_settings(cls, model: str, settings: BreakerSettings) -> ModelBreaker:
+        """A breaker with the model's settings (``settings.breaker.for_model(model)``)."""
         return cls(model, BreakerPolicy.from_settings(settings))
 
     @property

@@ -100,10 +100,6 @@ class CheckpointLedger:
         self._branch_point: int | None = None  # where the current attempt branched off
         self._branches: list[_Branch] = []  # of attempts newer than the last record's
 
-    @classmethod
-    def from_settings(cls, settings: CheckpointSettings) -> CheckpointLedger:
-        return cls(settings)
-
     @property
     def checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint not yet deleted, oldest step first."""
@@ -333,10 +329,6 @@ class RollbackBudget:
         self._max = settings.max_rollbacks
         self._within = settings.rollback_within_steps
         self._history: list[RollbackRecord] = []  # oldest first, at most _HISTORY_LIMIT
-
-    @classmethod
-    def from_settings(cls, settings: CheckpointSettings) -> RollbackBudget:
-        return cls(settings)
 
     @property
     def history(self) -> list[dict[str, Any]]:

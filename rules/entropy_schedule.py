@@ -93,10 +93,6 @@ class EntropyEmitter:
         self._pinned: float | None = None
         self._last_retune: Position | None = None
 
-    @classmethod
-    def from_settings(cls, settings: EntropySettings) -> EntropyEmitter:
-        return cls(settings)
-
     @property
     def last_position(self) -> Position | None:
         return self._last

@@ -207,10 +207,10 @@ class RunOperations:
     def __init__(self, run_id: str, settings: Settings) -> None:
         self.run_id = run_id
         self.settings = settings
-        self.entropy = EntropyEmitter.from_settings(settings.entropy)
-        self.detector = AnomalyDetector.from_settings(settings.anomaly)
-        self.ledger = CheckpointLedger.from_settings(settings.checkpoints)
-        self.budget = RollbackBudget.from_settings(settings.checkpoints)
+        self.entropy = EntropyEmitter(settings.entropy)
+        self.detector = AnomalyDetector(settings.anomaly)
+        self.ledger = CheckpointLedger(settings.checkpoints)
+        self.budget = RollbackBudget(settings.checkpoints)
         self.pending_rollback: PendingRollback | None = None  # sent, not acknowledged yet
         self.awaiting_target: RollbackTrigger | None = None  # must act, no target yet
         self.halted = False
@@ -497,7 +497,7 @@ class RunOperations:
                 return RequestAnswer(False, "the run is not halted")
             self.halted = False
             self.awaiting_target = None
-            self.budget = RollbackBudget.from_settings(self.settings.checkpoints)
+            self.budget = RollbackBudget(self.settings.checkpoints)
             self.detector.resume()
             return RequestAnswer(
                 True,
