@@ -16,8 +16,8 @@ A metric is anomalous when (``AnomalySettings``):
 The spread floor is what makes the ratio rules safe for values near zero or of changing
 sign. PPO's total loss (policy loss + value loss - entropy bonus) hovers around zero and
 changes sign from one minibatch to the next: against a baseline of -0.038, a loss of
-0.0016 is "a rise of one baseline's size", and with the ratio rules alone every clean run
-of the reference trainer was rolled back, several halted (issue 15). The spread is the
+0.0016 is "a rise of one baseline's size", so the ratio rules alone roll back clean runs
+of the reference trainer (and halt some). The spread is the
 exponentially weighted mean absolute difference between consecutive normal values
 (``spread_alpha``, bias-corrected, O(1) per metric): the run's own step-to-step noise, not
 inflated by a smooth trend. For a loss or reward of one sign and a scale well away from

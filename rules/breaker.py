@@ -1,4 +1,4 @@
-"""The LLM circuit breaker, one per model (operations guide, section 3; issue 4).
+"""The LLM circuit breaker, one per model (operations guide, section 3).
 
 Modes, best first: ``creative`` > ``balanced`` > ``fast``. States: ``closed`` (creative,
 cache TTL ``ttl_closed_s``), ``open`` (downshifted, holding) and ``half_open`` (downshifted,

@@ -47,7 +47,7 @@ from fragrance_ops.settings import CheckpointSettings
 from rules import Position
 from rules.state import check_version, position_from_state, position_to_state
 
-_STATE_VERSION = 2  # 2: checkpoints ordered by (attempt, step) instead of the trainer's ts
+_STATE_VERSION = 2  # of the ledger's and the budget's stored forms
 _MAX_INTERVALS = 1024
 _HISTORY_LIMIT = 64
 Health = Literal["healthy", "unhealthy", "unknown", "stale"]
