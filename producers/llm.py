@@ -87,7 +87,7 @@ from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
 from producers.llm_failures import ExceptionSpec, FailurePolicy, exception_types
 from producers.response_cache import InProcessCache, ResponseCache
 from producers.transport import KafkaTransport, Transport
-from rules.breaker import BreakerPolicy, ModelBreaker, Transition
+from rules.breaker import ModelBreaker, Transition
 from schemas import InvalidEvent, LlmControl, LlmOutcome, Topic, decode, encode, topic_name
 from schemas.events import LlmMode
 
@@ -153,7 +153,7 @@ class LlmClient:
         self._clock = clock
         self._key = model.encode()
         breaker = self.settings.breaker.for_model(model)
-        self._local = ModelBreaker(model, BreakerPolicy.from_settings(breaker))
+        self._local = ModelBreaker.from_settings(model, breaker)
         self._failures = FailurePolicy.from_names(
             breaker.record_exceptions, breaker.ignore_exceptions
         )

@@ -16,8 +16,8 @@ A metric is anomalous when (``AnomalySettings``):
 The spread floor is what makes the ratio rules safe for values near zero or of changing
 sign. PPO's total loss (policy loss + value loss - entropy bonus) hovers around zero and
 changes sign from one minibatch to the next: against a baseline of -0.038, a loss of
-0.0016 is "a rise of one baseline's size", and with the ratio rules alone every clean run
-of the reference trainer was rolled back, several halted (issue 15). The spread is the
+0.0016 is "a rise of one baseline's size", so the ratio rules alone roll back clean runs
+of the reference trainer (and halt some). The spread is the
 exponentially weighted mean absolute difference between consecutive normal values
 (``spread_alpha``, bias-corrected, O(1) per metric): the run's own step-to-step noise, not
 inflated by a smooth trend. For a loss or reward of one sign and a scale well away from
@@ -60,11 +60,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fragrance_ops.settings import AnomalySettings
 from rules import Position
+from rules.state import check_version, position_from_state, position_to_state
 
 _STATE_VERSION = 1
 
@@ -224,10 +226,6 @@ class AnomalyDetector:
         self._streak_start: int | None = None
         self._streak_length = 0
 
-    @classmethod
-    def from_settings(cls, settings: AnomalySettings) -> AnomalyDetector:
-        return cls(settings)
-
     @property
     def last_position(self) -> Position | None:
         return self._last
@@ -346,12 +344,12 @@ class AnomalyDetector:
     def to_state(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "last": list(self._last) if self._last is not None else None,
+            "last": position_to_state(self._last),
             "reset_attempt": self._reset_attempt,
             "warmup_from": self._warmup_from,
             "cooldown_until": self._cooldown_until,
             "acted_attempt": self._acted_attempt,
-            "released_streak": list(self._released_streak) if self._released_streak else None,
+            "released_streak": position_to_state(self._released_streak),
             "streak_start": self._streak_start,
             "streak_length": self._streak_length,
             "loss": self._loss.to_state(),
@@ -361,23 +359,21 @@ class AnomalyDetector:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: AnomalySettings) -> AnomalyDetector:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown anomaly detector state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: AnomalySettings) -> AnomalyDetector:
+        """A stored state (``to_state``); one without the released streak or the spreads
+        reads as having none (the spreads form again from the next normal values)."""
+        check_version(state, _STATE_VERSION, "anomaly detector")
         detector = cls(settings)
-        last = state["last"]
-        detector._last = None if last is None else (int(last[0]), int(last[1]))
+        detector._last = position_from_state(state["last"])
         detector._reset_attempt = state["reset_attempt"]
         detector._warmup_from = state["warmup_from"]
         detector._cooldown_until = state["cooldown_until"]
         detector._acted_attempt = state["acted_attempt"]
-        released = state.get("released_streak")  # absent from states before issue 15
-        detector._released_streak = (int(released[0]), int(released[1])) if released else None
+        detector._released_streak = position_from_state(state.get("released_streak"))
         detector._streak_start = state["streak_start"]
         detector._streak_length = int(state["streak_length"])
         detector._loss.load(state["loss"])
         detector._reward.load(state["reward"])
-        # Absent from states written before the spread floor: it forms again from here.
         if "loss_spread" in state:
             detector._loss_spread.load(state["loss_spread"])
             detector._reward_spread.load(state["reward_spread"])

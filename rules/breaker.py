@@ -1,4 +1,4 @@
-"""The LLM circuit breaker, one per model (operations guide, section 3; issue 4).
+"""The LLM circuit breaker, one per model (operations guide, section 3).
 
 Modes, best first: ``creative`` > ``balanced`` > ``fast``. States: ``closed`` (creative,
 cache TTL ``ttl_closed_s``), ``open`` (downshifted, holding) and ``half_open`` (downshifted,
@@ -62,10 +62,12 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from fragrance_ops.settings import BreakerSettings
+from rules.state import check_version
 from schemas.events import BreakerState, LlmMode
 
 _STATE_VERSION = 1
@@ -209,6 +211,7 @@ class ModelBreaker:
 
     @classmethod
     def from_settings(cls, model: str, settings: BreakerSettings) -> ModelBreaker:
+        """A breaker with the model's settings (``settings.breaker.for_model(model)``)."""
         return cls(model, BreakerPolicy.from_settings(settings))
 
     @property
@@ -427,10 +430,11 @@ class ModelBreaker:
         }
 
     @classmethod
-    def from_state(cls, model: str, policy: BreakerPolicy, state: dict[str, Any]) -> ModelBreaker:
+    def from_state(
+        cls, model: str, policy: BreakerPolicy, state: Mapping[str, Any]
+    ) -> ModelBreaker:
         """Restore a breaker; counts beyond a (changed) policy's windows are dropped."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown breaker state version {state.get('version')!r}")
+        check_version(state, _STATE_VERSION, "breaker")
         breaker = cls(model, policy)
         breaker._state = _checked(state["state"], ("closed", "open", "half_open"))
         breaker._mode = _checked(state["mode"], MODES)

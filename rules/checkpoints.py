@@ -39,13 +39,15 @@ run should be halted with ``history``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from fragrance_ops.settings import CheckpointSettings
 from rules import Position
+from rules.state import check_version, position_from_state, position_to_state
 
-_STATE_VERSION = 2  # 2: checkpoints ordered by (attempt, step) instead of the trainer's ts
+_STATE_VERSION = 2  # of the ledger's and the budget's stored forms
 _MAX_INTERVALS = 1024
 _HISTORY_LIMIT = 64
 Health = Literal["healthy", "unhealthy", "unknown", "stale"]
@@ -57,6 +59,13 @@ class Checkpoint:
     uri: str
     attempt: int  # the attempt that saved it
     stale: bool = False  # saved on a trajectory a rollback or resume abandoned
+
+
+class _Branch(NamedTuple):
+    """Where a newer attempt than the last recorded checkpoint's branched the run off."""
+
+    point: int  # the step it continues from
+    attempt: int
 
 
 class CheckpointLedger:
@@ -89,12 +98,7 @@ class CheckpointLedger:
         self._last: Position | None = None
         self._attempt: int | None = None
         self._branch_point: int | None = None  # where the current attempt branched off
-        # (step, attempt) of branches whose attempt is newer than the last record's
-        self._branches: list[Position] = []
-
-    @classmethod
-    def from_settings(cls, settings: CheckpointSettings) -> CheckpointLedger:
-        return cls(settings)
+        self._branches: list[_Branch] = []  # of attempts newer than the last record's
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -113,9 +117,7 @@ class CheckpointLedger:
             return False
         self._last_record = position
         stale = any(point < step and attempt < branched for point, branched in self._branches)
-        self._branches = [
-            (point, branched) for point, branched in self._branches if branched > attempt
-        ]
+        self._branches = [branch for branch in self._branches if branch.attempt > attempt]
         previous = self._checkpoints.get(step)
         if previous is not None and previous.uri != uri:
             self._superseded.append(previous)
@@ -198,7 +200,7 @@ class CheckpointLedger:
             if step > point and checkpoint.attempt < attempt and not checkpoint.stale:
                 self._checkpoints[step] = Checkpoint(step, checkpoint.uri, checkpoint.attempt, True)
         if self._last_record is None or attempt > self._last_record[0]:
-            self._branches.append((point, attempt))
+            self._branches.append(_Branch(point, attempt))
 
     def health(self, checkpoint: Checkpoint) -> Health:
         if checkpoint.stale:
@@ -249,40 +251,37 @@ class CheckpointLedger:
             "version": _STATE_VERSION,
             "checkpoints": [_checkpoint_state(c) for c in self.checkpoints],
             "superseded": [_checkpoint_state(c) for c in self._superseded],
-            "last_record": list(self._last_record) if self._last_record is not None else None,
+            "last_record": position_to_state(self._last_record),
             "intervals": [list(interval) for interval in self._intervals],
             "in_streak": self._in_streak,
             "first_step": self._first_step,
             "observed_through": self._observed_through,
-            "last": list(self._last) if self._last is not None else None,
+            "last": position_to_state(self._last),
             "attempt": self._attempt,
             "branch_point": self._branch_point,
             "branches": [list(branch) for branch in self._branches],
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: CheckpointSettings) -> CheckpointLedger:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown checkpoint ledger state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: CheckpointSettings) -> CheckpointLedger:
+        check_version(state, _STATE_VERSION, "checkpoint ledger")
         ledger = cls(settings)
         for item in state["checkpoints"]:
             checkpoint = _checkpoint(item)
             ledger._checkpoints[checkpoint.step] = checkpoint
         ledger._superseded = [_checkpoint(item) for item in state["superseded"]]
-        ledger._last_record = _position(state["last_record"])
+        ledger._last_record = position_from_state(state["last_record"])
         ledger._intervals = [[int(first), int(last)] for first, last in state["intervals"]]
         ledger._in_streak = bool(state["in_streak"])
         ledger._first_step = state["first_step"]
         ledger._observed_through = state["observed_through"]
-        ledger._last = _position(state["last"])
+        ledger._last = position_from_state(state["last"])
         ledger._attempt = state["attempt"]
         ledger._branch_point = state["branch_point"]
-        ledger._branches = [(int(point), int(attempt)) for point, attempt in state["branches"]]
+        ledger._branches = [
+            _Branch(int(point), int(attempt)) for point, attempt in state["branches"]
+        ]
         return ledger
-
-
-def _position(item: list[Any] | None) -> Position | None:
-    return None if item is None else (int(item[0]), int(item[1]))
 
 
 def _checkpoint_state(checkpoint: Checkpoint) -> list[Any]:
@@ -294,6 +293,33 @@ def _checkpoint(item: list[Any]) -> Checkpoint:
     return Checkpoint(step=int(step), uri=str(uri), attempt=int(attempt), stale=bool(stale))
 
 
+@dataclass(frozen=True, slots=True)
+class RollbackRecord:
+    """A rollback the rules sent, as a halt's ``history`` lists it."""
+
+    attempt: int  # the attempt that was rolled back
+    step: int  # the anomaly's
+    checkpoint_step: int  # the target
+    reason: str
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "step": self.step,
+            "checkpoint_step": self.checkpoint_step,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RollbackRecord:
+        return cls(
+            attempt=int(state["attempt"]),
+            step=int(state["step"]),
+            checkpoint_step=int(state["checkpoint_step"]),
+            reason=str(state["reason"]),
+        )
+
+
 class RollbackBudget:
     """Per run: how many rollbacks are left before the run must be halted."""
 
@@ -302,29 +328,23 @@ class RollbackBudget:
     def __init__(self, settings: CheckpointSettings) -> None:
         self._max = settings.max_rollbacks
         self._within = settings.rollback_within_steps
-        self._history: list[dict[str, Any]] = []
-
-    @classmethod
-    def from_settings(cls, settings: CheckpointSettings) -> RollbackBudget:
-        return cls(settings)
+        self._history: list[RollbackRecord] = []  # oldest first, at most _HISTORY_LIMIT
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Rollbacks so far, oldest first: attempt, step (anomaly), checkpoint_step, reason."""
-        return [dict(entry) for entry in self._history]
+        """Rollbacks so far, oldest first (``RollbackRecord``), as a halt command lists them."""
+        return [record.to_state() for record in self._history]
 
     def allow(self, step: int) -> bool:
         """Whether one more rollback for an anomaly at ``step`` stays within the budget."""
-        near = sum(1 for entry in self._history if abs(entry["step"] - step) < self._within)
+        near = sum(1 for record in self._history if abs(record.step - step) < self._within)
         return near < self._max
 
     def record(self, step: int, checkpoint_step: int, reason: str, attempt: int = 0) -> bool:
         """A rollback was sent; False for a replay (same attempt and anomaly step)."""
-        if any(e["attempt"] == attempt and e["step"] == step for e in self._history):
+        if any(record.attempt == attempt and record.step == step for record in self._history):
             return False
-        self._history.append(
-            {"attempt": attempt, "step": step, "checkpoint_step": checkpoint_step, "reason": reason}
-        )
+        self._history.append(RollbackRecord(attempt, step, checkpoint_step, reason))
         del self._history[:-_HISTORY_LIMIT]
         return True
 
@@ -332,9 +352,8 @@ class RollbackBudget:
         return {"version": _STATE_VERSION, "history": self.history}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: CheckpointSettings) -> RollbackBudget:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown rollback budget state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: CheckpointSettings) -> RollbackBudget:
+        check_version(state, _STATE_VERSION, "rollback budget")
         budget = cls(settings)
-        budget._history = [dict(entry) for entry in state["history"]]
+        budget._history = [RollbackRecord.from_state(record) for record in state["history"]]
         return budget

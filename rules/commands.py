@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import get_args
+
+from schemas.events import CommandType
 
 COMMAND_NAMESPACE = uuid.UUID("1ebbc34f-04d7-5be4-9537-54c7432613ef")
-COMMAND_TYPES = frozenset({"set_entropy_coef", "rollback", "retune", "halt", "prune_checkpoints"})
 
 
-def command_id(run_id: str, command_type: str, *parts: str | int) -> str:
+def command_id(run_id: str, command_type: CommandType, *parts: str | int) -> str:
     """The id of a command, from the parts that identify the decision."""
-    if command_type not in COMMAND_TYPES:
+    if command_type not in get_args(CommandType):
         raise ValueError(f"unknown command type {command_type!r}")
     for part in parts:
         if isinstance(part, bool) or not isinstance(part, str | int):
@@ -65,10 +67,10 @@ def halt_command_id(run_id: str, *, attempt: int, step: int) -> str:
 
 def prune_command_id(run_id: str, *, attempt: int, checkpoint_step: int) -> str:
     # With the attempt: after a rollback the run saves the same steps again, and each
-    # save's prune is a decision of its own (without it, the trainer took the second for
-    # a duplicate of the first and never pruned it: the long SIGKILL profile found this).
+    # save's prune is a decision of its own, which the trainer must not take for a
+    # duplicate of the first (it applies each id once).
     return command_id(run_id, "prune_checkpoints", attempt, checkpoint_step)
 
 
-def operator_command_id(run_id: str, command_type: str, *, request_id: str) -> str:
+def operator_command_id(run_id: str, command_type: CommandType, *, request_id: str) -> str:
     return command_id(run_id, command_type, "request", request_id)

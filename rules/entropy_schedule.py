@@ -29,11 +29,13 @@ so two retunes must name different positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fragrance_ops.settings import EntropySettings
 from rules import Position
+from rules.state import check_version, position_from_state, position_to_state
 
 _STATE_VERSION = 1
 
@@ -90,10 +92,6 @@ class EntropyEmitter:
         self._scale = 1.0
         self._pinned: float | None = None
         self._last_retune: Position | None = None
-
-    @classmethod
-    def from_settings(cls, settings: EntropySettings) -> EntropyEmitter:
-        return cls(settings)
 
     @property
     def last_position(self) -> Position | None:
@@ -162,28 +160,23 @@ class EntropyEmitter:
     def to_state(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "last": list(self._last) if self._last is not None else None,
+            "last": position_to_state(self._last),
             "sent": self._sent,
             "scale": self._scale,
             "pinned": self._pinned,
-            "last_retune": list(self._last_retune) if self._last_retune is not None else None,
+            "last_retune": position_to_state(self._last_retune),
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: EntropySettings) -> EntropyEmitter:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown entropy emitter state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: EntropySettings) -> EntropyEmitter:
+        check_version(state, _STATE_VERSION, "entropy emitter")
         emitter = cls(settings)
-        emitter._last = _position(state["last"])
+        emitter._last = position_from_state(state["last"])
         emitter._sent = _optional_float(state["sent"])
         emitter._scale = float(state["scale"])
         emitter._pinned = _optional_float(state["pinned"])
-        emitter._last_retune = _position(state["last_retune"])
+        emitter._last_retune = position_from_state(state["last_retune"])
         return emitter
-
-
-def _position(value: list[int] | None) -> Position | None:
-    return None if value is None else (int(value[0]), int(value[1]))
 
 
 def _optional_float(value: float | None) -> float | None:

@@ -86,6 +86,7 @@ import hashlib
 import json
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from statistics import NormalDist
@@ -93,6 +94,8 @@ from typing import Any, Literal, cast
 
 from fragrance_ops.settings import RetuneSettings
 from rules.commands import retune_command_id
+from rules.exact_sums import ExactSums
+from rules.state import check_version
 from schemas.events import Rating, RetunableName, Retune
 
 RATING_MIN = 1.0
@@ -151,45 +154,6 @@ def chi2_quantile(p: float, df: int) -> float:
 
 
 # --- statistics -----------------------------------------------------------------------------
-
-
-class _ExactSums:
-    """Sum and sum of squares of floats as exact integers in units of 2**-scale.
-
-    As in reward_window: the mean and sample variance are then the correctly rounded values
-    of the exact statistics, identical however the window was built or restored.
-    """
-
-    __slots__ = ("count", "scale", "sum", "sum_sq")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.scale = 0
-        self.sum = 0
-        self.sum_sq = 0
-
-    def add(self, value: float) -> None:
-        numerator, denominator = value.as_integer_ratio()
-        bits = denominator.bit_length() - 1
-        if bits > self.scale:
-            grow = bits - self.scale
-            self.sum <<= grow
-            self.sum_sq <<= 2 * grow
-            self.scale = bits
-        exact = numerator << (self.scale - bits)
-        self.count += 1
-        self.sum += exact
-        self.sum_sq += exact * exact
-
-    def mean(self) -> float:
-        return self.sum / (self.count << self.scale)
-
-    def variance(self) -> float | None:
-        """Sample variance (n - 1); None below two values."""
-        n = self.count
-        if n < 2:
-            return None
-        return (n * self.sum_sq - self.sum * self.sum) / ((n * (n - 1)) << (2 * self.scale))
 
 
 def _clip(interval: Interval, low: float, high: float) -> Interval:
@@ -429,14 +393,10 @@ class Retuner:
         # The counted ratings, in arrival order: at most max_window floats, kept so the state
         # round-trips exactly (the exact sums can outgrow the 64-bit ints JSON encoders take).
         self._ratings: list[float] = []
-        self._sums = _ExactSums()
+        self._sums = ExactSums()
         self._users: dict[str, int] = {}
         self._duplicates = 0
         self._capped = 0
-
-    @classmethod
-    def from_settings(cls, target: str, settings: RetuneSettings) -> Retuner:
-        return cls(target, settings)
 
     @property
     def target(self) -> str:
@@ -576,7 +536,7 @@ class Retuner:
     def _intervals(self) -> tuple[Interval, Interval]:
         """The intervals the rules judge: confidence intervals, or without the confidence
         gate the point statistics themselves (zero-width)."""
-        n, variance = len(self._ratings), self._sums.variance()
+        n, variance = len(self._ratings), self._sums.sample_variance()
         assert variance is not None  # callers ensure n >= 2
         if not self._settings.confidence_gate:
             mean = self._sums.mean()
@@ -596,7 +556,7 @@ class Retuner:
     def _judge(self, closed_by: ClosedBy, now: float) -> WindowVerdict:
         settings = self._settings
         n = len(self._ratings)
-        mean, variance = self._sums.mean(), self._sums.variance()
+        mean, variance = self._sums.mean(), self._sums.sample_variance()
         mean_ci, variance_ci = self._intervals() if n >= 2 else (None, None)
         gated = settings.confidence_gate
         too_few = closed_by == "timeout" and n < settings.timeout_min_ratings
@@ -689,9 +649,8 @@ class Retuner:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], settings: RetuneSettings) -> Retuner:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown retuner state version {state.get('version')!r}")
+    def from_state(cls, state: Mapping[str, Any], settings: RetuneSettings) -> Retuner:
+        check_version(state, _STATE_VERSION, "retuner")
         retuner = cls(str(state["target"]), settings)
         retuner._sequence = int(state["sequence"])
         opened_at = state["opened_at"]

@@ -1,8 +1,6 @@
 """Reward normalization over a sliding window (operations guide, section 1).
 
-The window's sum and sum of squares are kept as exact integers (every float is a dyadic
-rational, so scaling by a power of two makes it an integer; the scale grows only when a
-reward needs finer bits than any before it), so an update is O(1), nothing drifts
+The window's sums are exact (``rules.exact_sums``), so an update is O(1), nothing drifts
 however long a run lasts, and the mean and the population standard deviation (ddof=0, as
 numpy's default) are the correctly rounded values of the exact window statistics. The same
 window therefore gives bit-identical statistics whether or not the worker crashed and
@@ -16,10 +14,11 @@ from array import array
 from dataclasses import dataclass
 from struct import Struct
 
+from rules.exact_sums import ExactSums
+
 _HEADER = Struct("<I I I q q")  # version, capacity, count, last attempt, last step
 _FORMAT_VERSION = 1
 _NO_POSITION = (-1, -1)
-_ROOT_BITS = 64  # bits of the integer square root, beyond a double's 53
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +45,7 @@ def _z_score(reward: float, mean: float, std: float) -> float:
 class RewardWindow:
     """The last ``capacity`` rewards of one run, deduplicated by (attempt, step)."""
 
-    __slots__ = ("_capacity", "_count", "_head", "_last", "_ring", "_scale", "_sum", "_sum_sq")
+    __slots__ = ("_capacity", "_head", "_last", "_ring", "_sums")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -54,10 +53,7 @@ class RewardWindow:
         self._capacity = capacity
         self._ring = array("d")  # grows to capacity, then wraps at _head
         self._head = 0
-        self._count = 0
-        self._scale = 0  # sums are in units of 2**-_scale
-        self._sum = 0
-        self._sum_sq = 0
+        self._sums = ExactSums()  # of the rewards in the ring
         self._last = _NO_POSITION
 
     @property
@@ -66,7 +62,7 @@ class RewardWindow:
 
     @property
     def count(self) -> int:
-        return self._count
+        return self._sums.count
 
     @property
     def last_position(self) -> tuple[int, int]:
@@ -81,58 +77,28 @@ class RewardWindow:
         """True when (attempt, step) is not newer than the newest reward: a duplicate."""
         return (attempt, step) <= self._last
 
-    def _exact(self, value: float) -> int:
-        numerator, denominator = value.as_integer_ratio()
-        bits = denominator.bit_length() - 1
-        if bits > self._scale:
-            grow = bits - self._scale
-            self._sum <<= grow
-            self._sum_sq <<= 2 * grow
-            self._scale = bits
-        return numerator << (self._scale - bits)
-
     def add(self, reward: float, *, step: int, attempt: int = 0) -> WindowStats | None:
         """Add a finite reward; return the new statistics, or None for a duplicate step."""
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward!r}")
         if self.has_seen(attempt, step):
             return None
-        exact = self._exact(reward)
-        if self._count < self._capacity:
+        sums = self._sums
+        sums.add(reward)
+        if sums.count <= self._capacity:
             self._ring.append(reward)
-            self._count += 1
         else:
-            evicted = self._exact(self._ring[self._head])
-            self._sum -= evicted
-            self._sum_sq -= evicted * evicted
+            sums.remove(self._ring[self._head])
             self._ring[self._head] = reward
             self._head = (self._head + 1) % self._capacity
-        self._sum += exact
-        self._sum_sq += exact * exact
         self._last = (attempt, step)
-        return self._stats(reward)
-
-    def _stats(self, reward: float) -> WindowStats:
-        n = self._count
-        mean = self._sum / (n << self._scale)  # int / int: correctly rounded, never overflows
-        # std = sqrt(spread) / n, spread = n * sum_sq - sum**2 (held in units of 4**-scale).
-        # The root is taken of the exact spread, not of a float variance, so a window holding
-        # rewards above ~1e154 (whose variance is beyond float range) still has its std; and
-        # std <= (max - min) / 2 (Popoviciu's inequality), so it is always a finite float.
-        # The root is floor(sqrt(spread) * 2**k) with k set by the spread's magnitude, never
-        # by the scale it is held in: a window restored from a snapshot (whose scale may be
-        # smaller) gives bit-identical statistics.
-        spread = n * self._sum_sq - self._sum * self._sum
-        k = _ROOT_BITS - (spread.bit_length() - 2 * self._scale) // 2
-        shift = 2 * (k - self._scale)
-        root = math.isqrt(spread << shift if shift >= 0 else spread >> -shift)
-        std = root / (n << k) if k >= 0 else (root << -k) / n
+        mean, std = sums.mean(), sums.population_std()
         return WindowStats(
             reward=reward,
             normalized_reward=_z_score(reward, mean, std),
             mean=mean,
             std=std,
-            count=n,
+            count=sums.count,
         )
 
     def resize(self, capacity: int) -> None:
@@ -148,18 +114,13 @@ class RewardWindow:
     def _load(self, rewards: list[float]) -> None:
         self._ring = array("d", rewards)
         self._head = 0
-        self._count = len(rewards)
-        self._scale = 0
-        self._sum = 0
-        self._sum_sq = 0
+        self._sums = ExactSums()
         for reward in rewards:
-            exact = self._exact(reward)
-            self._sum += exact
-            self._sum_sq += exact * exact
+            self._sums.add(reward)
 
     # State: a compact binary snapshot, so a changelog record per run per batch stays small.
     def to_bytes(self) -> bytes:
-        header = _HEADER.pack(_FORMAT_VERSION, self._capacity, self._count, *self._last)
+        header = _HEADER.pack(_FORMAT_VERSION, self._capacity, self._sums.count, *self._last)
         ring, head = self._ring, self._head
         return header + ring[head:].tobytes() + ring[:head].tobytes()
 

@@ -33,10 +33,12 @@ Plain Python: the clock is an argument. State round-trips through ``to_state`` a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from rules import Position
+from rules.state import check_version, position_from_state, position_to_state
 
 _STATE_VERSION = 1
 
@@ -97,20 +99,18 @@ class RunLifecycle:
             "version": _STATE_VERSION,
             "finished_at": self.finished_at,
             "last_input_at": self.last_input_at,
-            "final": list(self.final) if self.final is not None else None,
-            "reached": list(self.reached) if self.reached is not None else None,
+            "final": position_to_state(self.final),
+            "reached": position_to_state(self.reached),
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | None) -> RunLifecycle:
+    def from_state(cls, state: Mapping[str, Any] | None) -> RunLifecycle:
         if state is None:
             return cls()
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown run lifecycle state version {state.get('version')}")
-        final, reached = state["final"], state["reached"]
+        check_version(state, _STATE_VERSION, "run lifecycle")
         return cls(
             finished_at=float(state["finished_at"]),
             last_input_at=float(state["last_input_at"]),
-            final=(int(final[0]), int(final[1])) if final is not None else None,
-            reached=(int(reached[0]), int(reached[1])) if reached is not None else None,
+            final=position_from_state(state["final"]),
+            reached=position_from_state(state["reached"]),
         )

@@ -23,13 +23,13 @@ contract commands with deterministic ids:
   read before the run's metrics reached its step is held back and recorded when they do
   (or a newer attempt begins): what is pruned then depends on the run's own order, as the
   trainer produced it, never on how far the worker's reading of one topic ran ahead of
-  the other (it ran 2,000 steps ahead after rebalances in the long fault profile, and the
-  prunes came out different). At most ``HELD_BACK_MAX`` wait; beyond that the oldest is
-  recorded at once (a run whose metrics never come);
+  the other (after a rebalance or a restart, thousands of steps). At most
+  ``HELD_BACK_MAX`` wait; beyond that the oldest is recorded at once (a run whose metrics
+  never come);
 - an ``applied`` ack of the pending rollback: the detector and ledger restart from the
   restored step, once the new attempt's metrics begin: the abandoned attempt's metrics
   and checkpoints, which the trainer sent before its ack, come first however far ahead
-  the acks were read (after a restart, the long fault profile read them far ahead);
+  the acks were read;
 - an ``applied`` ack of a ``retune`` that set ``entropy_coef``: the schedule continues from
   the retuned level (``set_entropy_coef`` with the composed value);
 - an operator's request (``on_request``), validated against what the run's state knows:
@@ -39,13 +39,18 @@ contract commands with deterministic ids:
   retune). Refused, with the reason, when the state does not allow it.
 
 Plain Python: no Kafka, no Faust. State round-trips through ``to_state``/``from_state`` so
-the agent can keep it in a table; replayed inputs yield the same commands (same ids).
+the agent can keep it in a table; replayed inputs yield the same commands (same ids). The
+stored form (``rules.state``, version 1) is a JSON object: the rules' own states, the
+pending rollback, the awaiting trigger (its values as the contract's JSON numbers and
+markers), the held inputs in the run's order (a checkpoint has a ``uri``, a restore has
+none), the acks applied by position and the newest retunes applied.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +67,7 @@ from rules.commands import (
     rollback_command_id,
 )
 from rules.entropy_schedule import EntropyEmitter
+from rules.state import check_version
 from schemas import (
     CheckpointSaved,
     CommandAck,
@@ -73,13 +79,117 @@ from schemas import (
     SetEntropyCoef,
     StepMetric,
 )
-from schemas.events import float_to_wire
+from schemas.events import NON_FINITE_MARKERS, CommandType, float_to_wire
 from schemas.signing import SIGNATURE_REJECTIONS
 
 _STATE_VERSION = 1
 APPLIED_RETUNES_KEPT = 32
 #: Inputs read ahead of the run's metrics and held back (interval 500: 512,000 steps).
 HELD_BACK_MAX = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRollback:
+    """A rollback sent and not acknowledged yet: once applied, the trainer continues from
+    checkpoint ``step`` under ``attempt``."""
+
+    command_id: str
+    step: int
+    attempt: int
+
+    def to_state(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "step": self.step, "attempt": self.attempt}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PendingRollback:
+        return cls(str(state["command_id"]), int(state["step"]), int(state["attempt"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackTrigger:
+    """An anomaly that must act and has no rollback target yet: what the rollback (or the
+    halt) for it needs from the verdict that called for it."""
+
+    step: int  # the metric that acted
+    attempt: int
+    streak_start: int  # the target must be saved before it
+    reason: str
+    non_finite: bool  # the loss or the reward was not finite
+    values: dict[str, float]  # the triggering values and baselines (``Rollback.values``)
+    # The trainer's newest save named in the metric, even one at or after the streak's
+    # start: once it is read, so are the older saves the target is among.
+    expected_checkpoint: int | None
+
+    @classmethod
+    def from_verdict(cls, verdict: Verdict, expected_checkpoint: int | None) -> RollbackTrigger:
+        streak_start = verdict.streak_start if verdict.streak_start is not None else verdict.step
+        return cls(
+            step=verdict.step,
+            attempt=verdict.attempt,
+            streak_start=streak_start,
+            reason=verdict.reason,
+            non_finite=not all(math.isfinite(value) for value in (verdict.loss, verdict.reward)),
+            values=verdict.values(),
+            expected_checkpoint=expected_checkpoint,
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "expected_checkpoint": self.expected_checkpoint,
+            "step": self.step,
+            "attempt": self.attempt,
+            "streak_start": self.streak_start,
+            "reason": self.reason,
+            "non_finite": self.non_finite,
+            # Non-finite values as the contract's markers: JSON has no literal for them.
+            "values": {name: float_to_wire(value) for name, value in self.values.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RollbackTrigger:
+        """A stored trigger; one without ``non_finite`` reads as non-finite (a run with no
+        target is then halted, never let go), one without ``expected_checkpoint`` as naming
+        no save."""
+        expected = state.get("expected_checkpoint")
+        return cls(
+            step=int(state["step"]),
+            attempt=int(state["attempt"]),
+            streak_start=int(state["streak_start"]),
+            reason=str(state["reason"]),
+            non_finite=bool(state.get("non_finite", True)),
+            values={str(name): _float_from_wire(value) for name, value in state["values"].items()},
+            expected_checkpoint=None if expected is None else int(expected),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCheckpoint:
+    """A checkpoint read before the run's metrics reached it."""
+
+    step: int
+    uri: str
+    attempt: int  # the attempt that saved it
+
+    @property
+    def position(self) -> Position:
+        return (self.attempt, self.step)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRestore:
+    """An applied rollback: the trainer continues from checkpoint ``step`` under ``attempt``,
+    after everything the abandoned attempt sent."""
+
+    step: int
+    attempt: int
+
+    @property
+    def position(self) -> Position:
+        return (self.attempt, self.step)
+
+
+HeldInput = HeldCheckpoint | HeldRestore
+"""An input read ahead of the run's metrics, applied when they reach it (``held_back``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +207,20 @@ class RunOperations:
     def __init__(self, run_id: str, settings: Settings) -> None:
         self.run_id = run_id
         self.settings = settings
-        self.entropy = EntropyEmitter.from_settings(settings.entropy)
-        self.detector = AnomalyDetector.from_settings(settings.anomaly)
-        self.ledger = CheckpointLedger.from_settings(settings.checkpoints)
-        self.budget = RollbackBudget.from_settings(settings.checkpoints)
-        # The rollback the trainer has not acknowledged yet: {command_id, step, attempt}.
-        self.pending_rollback: dict[str, Any] | None = None
-        # An anomaly that must act but has no checkpoint to roll back to yet.
-        self.awaiting_target: dict[str, Any] | None = None
+        self.entropy = EntropyEmitter(settings.entropy)
+        self.detector = AnomalyDetector(settings.anomaly)
+        self.ledger = CheckpointLedger(settings.checkpoints)
+        self.budget = RollbackBudget(settings.checkpoints)
+        self.pending_rollback: PendingRollback | None = None  # sent, not acknowledged yet
+        self.awaiting_target: RollbackTrigger | None = None  # must act, no target yet
         self.halted = False
         self.applied_retunes: list[str] = []  # the newest retune ids whose acks were applied
         # Per origin partition of the acks and operator requests, the offset of the newest
         # applied: a replay after a crash (any length) is recognised by position, a
-        # duplicate ack by retune id. (Stored as "acks_applied", its first use.)
+        # duplicate ack by retune id. (Stored as "acks_applied", requests included.)
         self.acks_applied: dict[str, int] = {}
-        # Read before the metrics reached them, in the run's order (``_run_order``):
-        # checkpoints {step, uri, attempt} and rollback restores {step, attempt}.
-        self.held_back: list[dict[str, Any]] = []
+        # Read before the metrics reached them, in the run's order (``_run_order``).
+        self.held_back: list[HeldInput] = []
         self._notices: list[str] = []  # not state: reported once, by whoever asks
 
     def on_metric(self, metric: StepMetric, now: float) -> list[CommandBase]:
@@ -145,23 +252,23 @@ class RunOperations:
             return commands  # a duplicate or an older attempt's metric
         self.ledger.observe_verdict(metric.step, verdict.anomalous, attempt=metric.attempt)
         if verdict.act and self.settings.checkpoints.auto_rollback:
-            self.awaiting_target = _trigger(verdict, metric.checkpoint_step)
+            self.awaiting_target = RollbackTrigger.from_verdict(verdict, metric.checkpoint_step)
         waiting = self.awaiting_target
         if waiting is not None:
-            overdue = metric.step - waiting["step"] >= 2 * self.settings.checkpoints.interval_steps
+            overdue = metric.step - waiting.step >= 2 * self.settings.checkpoints.interval_steps
             decision = self._decide(now)
             if decision is not None:
                 commands.append(decision)
             elif overdue and self._expected_read(waiting):
                 ongoing = verdict.anomalous and (verdict.attempt, verdict.streak_start) == (
-                    waiting["attempt"],
-                    waiting["streak_start"],
+                    waiting.attempt,
+                    waiting.streak_start,
                 )
                 commands += self._no_target(waiting, now, ongoing=ongoing)
         return commands
 
     def _no_target(
-        self, trigger: dict[str, Any], now: float, *, ongoing: bool
+        self, trigger: RollbackTrigger, now: float, *, ongoing: bool
     ) -> list[CommandBase]:
         """No healthy checkpoint came within the wait. A run with checkpoints before the
         streak, all unhealthy, has diverged for long: halt. So has one whose values are not
@@ -170,14 +277,14 @@ class RunOperations:
         finite anomaly is over, is not halted for what it could not be rolled back from
         (halting it is worse than going on): the anomaly is reported (``take_notices``) and
         the next streak may act (a non-finite value in this one still does)."""
-        streak_start = trigger["streak_start"]
+        streak_start = trigger.streak_start
         saved_before = any(cp.step < streak_start for cp in self.ledger.checkpoints)
-        if saved_before or ongoing or trigger.get("non_finite", True):
+        if saved_before or ongoing or trigger.non_finite:
             return [self._halt(trigger, "no healthy checkpoint", now)]
         self.awaiting_target = None
-        self.detector.release(trigger["attempt"], streak_start)
+        self.detector.release(trigger.attempt, streak_start)
         self._notices.append(
-            f"run {self.run_id}: anomaly at step {streak_start} ({trigger['reason']}) not "
+            f"run {self.run_id}: anomaly at step {streak_start} ({trigger.reason}) not "
             f"rolled back: no checkpoint saved before it; training goes on"
         )
         return []
@@ -198,10 +305,10 @@ class RunOperations:
         assert trigger is not None
         if not self._expected_read(trigger):
             return None
-        target = self.ledger.newest_healthy_before(trigger["streak_start"])
+        target = self.ledger.newest_healthy_before(trigger.streak_start)
         if target is None:
             return None
-        if not self.budget.allow(trigger["step"]):
+        if not self.budget.allow(trigger.step):
             checkpoints = self.settings.checkpoints
             return self._halt(
                 trigger,
@@ -210,51 +317,45 @@ class RunOperations:
                 now,
             )
         self.awaiting_target = None
-        self.budget.record(trigger["step"], target.step, trigger["reason"], trigger["attempt"])
+        self.budget.record(trigger.step, target.step, trigger.reason, trigger.attempt)
         command_id = rollback_command_id(
-            self.run_id, attempt=trigger["attempt"], streak_start=trigger["streak_start"]
+            self.run_id, attempt=trigger.attempt, streak_start=trigger.streak_start
         )
-        self.pending_rollback = {
-            "command_id": command_id,
-            "step": target.step,
-            "attempt": trigger["attempt"] + 1,
-        }
+        self.pending_rollback = PendingRollback(command_id, target.step, trigger.attempt + 1)
         return Rollback(
             command_id=command_id,
             run_id=self.run_id,
             issued_at=now,
             checkpoint_step=target.step,
             checkpoint_uri=target.uri,
-            anomaly_step=trigger["streak_start"],
-            reason=trigger["reason"],
-            values=trigger["values"],
+            anomaly_step=trigger.streak_start,
+            reason=trigger.reason,
+            values=trigger.values,
         )
 
-    def _expected_read(self, trigger: dict[str, Any]) -> bool:
+    def _expected_read(self, trigger: RollbackTrigger) -> bool:
         """Whether the trainer's newest save at the trigger, if it named one, was read, or a
         newer save of the same attempt was (it was lost). Read is enough: the checkpoints
         topic is in order, so every save before it (the targets) was read too, and is
         recorded (or held back) by now."""
-        expected = trigger.get("expected_checkpoint")
+        expected = trigger.expected_checkpoint
         if expected is None:
             return True
         read = [(cp.attempt, cp.step) for cp in self.ledger.checkpoints]
-        read += [_position(held) for held in self.held_back if "uri" in held]
+        read += [held.position for held in self.held_back if isinstance(held, HeldCheckpoint)]
         return any(
-            step == expected or (attempt >= trigger["attempt"] and step > expected)
+            step == expected or (attempt >= trigger.attempt and step > expected)
             for attempt, step in read
         )
 
-    def _halt(self, trigger: dict[str, Any], why: str, now: float) -> Halt:
+    def _halt(self, trigger: RollbackTrigger, why: str, now: float) -> Halt:
         self.halted = True
         self.awaiting_target = None
-        reason = f"{trigger['reason']}; {why}"
+        reason = f"{trigger.reason}; {why}"
         if why == "no healthy checkpoint":
-            reason += f" before step {trigger['streak_start']}"
+            reason += f" before step {trigger.streak_start}"
         return Halt(
-            command_id=halt_command_id(
-                self.run_id, attempt=trigger["attempt"], step=trigger["step"]
-            ),
+            command_id=halt_command_id(self.run_id, attempt=trigger.attempt, step=trigger.step),
             run_id=self.run_id,
             issued_at=now,
             reason=reason,
@@ -264,12 +365,16 @@ class RunOperations:
     def on_checkpoint(self, checkpoint: CheckpointSaved, now: float) -> list[CommandBase]:
         position = (checkpoint.attempt, checkpoint.step)
         newest = next(
-            (_position(held) for held in reversed(self.held_back) if "uri" in held),
+            (
+                held.position
+                for held in reversed(self.held_back)
+                if isinstance(held, HeldCheckpoint)
+            ),
             self.ledger.last_record,
         )
         if newest is not None and position <= newest:
             return []  # a replay
-        held = {"step": checkpoint.step, "uri": checkpoint.uri, "attempt": checkpoint.attempt}
+        held = HeldCheckpoint(checkpoint.step, checkpoint.uri, checkpoint.attempt)
         bisect.insort(self.held_back, held, key=_run_order)
         return self._release_held_back(now)
 
@@ -281,7 +386,7 @@ class RunOperations:
         commands: list[CommandBase] = []
         while self.held_back:
             held = self.held_back[0]
-            position = _position(held)
+            position = held.position
             ready = (
                 self.halted
                 or len(self.held_back) > HELD_BACK_MAX
@@ -294,11 +399,11 @@ class RunOperations:
             if not ready:
                 break
             self.held_back.pop(0)
-            if "uri" in held:
-                commands += self._record_checkpoint(held["step"], held["uri"], held["attempt"], now)
+            if isinstance(held, HeldCheckpoint):
+                commands += self._record_checkpoint(held.step, held.uri, held.attempt, now)
             else:
-                self.detector.reset_to(held["step"], held["attempt"])
-                self.ledger.restore(held["step"], held["attempt"])
+                self.detector.reset_to(held.step, held.attempt)
+                self.ledger.restore(held.step, held.attempt)
         return commands
 
     def _record_checkpoint(
@@ -340,7 +445,7 @@ class RunOperations:
         if ack.command_type == "retune":
             return self._on_retune_ack(ack, now)
         pending = self.pending_rollback
-        if pending is None or ack.command_id != pending["command_id"]:
+        if pending is None or ack.command_id != pending.command_id:
             return []
         if ack.status == "rejected" and ack.detail in SIGNATURE_REJECTIONS:
             # A forged command reusing the pending id was refused; the genuine one is
@@ -352,7 +457,7 @@ class RunOperations:
         # In the run's order the restore comes after everything the abandoned attempt sent
         # and before the new attempt's first metric: it waits for that metric (or applies
         # now if the new attempt's metrics were read already).
-        restore = {"step": pending["step"], "attempt": pending["attempt"]}
+        restore = HeldRestore(pending.step, pending.attempt)
         bisect.insort(self.held_back, restore, key=_run_order)
         return self._release_held_back(now)
 
@@ -392,7 +497,7 @@ class RunOperations:
                 return RequestAnswer(False, "the run is not halted")
             self.halted = False
             self.awaiting_target = None
-            self.budget = RollbackBudget.from_settings(self.settings.checkpoints)
+            self.budget = RollbackBudget(self.settings.checkpoints)
             self.detector.resume()
             return RequestAnswer(
                 True,
@@ -401,7 +506,11 @@ class RunOperations:
             )
         if self.halted:
             return RequestAnswer(False, "the run is halted: resume it first")
-        command_type = {"halt": "halt", "rollback": "rollback", "set_entropy": "set_entropy_coef"}
+        command_type: dict[str, CommandType] = {
+            "halt": "halt",
+            "rollback": "rollback",
+            "set_entropy": "set_entropy_coef",
+        }
         command_id = operator_command_id(
             self.run_id, command_type[request.action], request_id=request.request_id
         )
@@ -422,7 +531,7 @@ class RunOperations:
             if self.pending_rollback is not None:
                 pending = self.pending_rollback
                 return RequestAnswer(
-                    False, f"a rollback to step {pending['step']} waits for the trainer's ack"
+                    False, f"a rollback to step {pending.step} waits for the trainer's ack"
                 )
             kept = [cp for cp in self.ledger.checkpoints if not cp.stale]
             target = next((cp for cp in kept if cp.step == request.step), None)
@@ -432,11 +541,7 @@ class RunOperations:
                     False, f"no kept checkpoint at step {request.step} (kept: {steps})"
                 )
             self.awaiting_target = None
-            self.pending_rollback = {
-                "command_id": command_id,
-                "step": target.step,
-                "attempt": attempt + 1,
-            }
+            self.pending_rollback = PendingRollback(command_id, target.step, attempt + 1)
             rollback = Rollback(
                 command_id=command_id,
                 run_id=self.run_id,
@@ -459,60 +564,62 @@ class RunOperations:
         return RequestAnswer(True, f"entropy coefficient {coef:g} from step {step}", entropy)
 
     def to_state(self) -> dict[str, Any]:
+        pending, trigger = self.pending_rollback, self.awaiting_target
         return {
             "version": _STATE_VERSION,
             "entropy": self.entropy.to_state(),
             "detector": self.detector.to_state(),
             "ledger": self.ledger.to_state(),
             "budget": self.budget.to_state(),
-            "pending_rollback": self.pending_rollback,
-            "awaiting_target": self.awaiting_target,
+            "pending_rollback": pending.to_state() if pending is not None else None,
+            "awaiting_target": trigger.to_state() if trigger is not None else None,
             "halted": self.halted,
-            "applied_retunes": self.applied_retunes,
-            "acks_applied": self.acks_applied,
-            "held_back": self.held_back,
+            "applied_retunes": list(self.applied_retunes),
+            "acks_applied": dict(self.acks_applied),
+            "held_back": [_held_to_state(held) for held in self.held_back],
         }
 
     @classmethod
-    def from_state(cls, run_id: str, state: dict[str, Any], settings: Settings) -> RunOperations:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown run operations state version {state.get('version')}")
+    def from_state(cls, run_id: str, state: Mapping[str, Any], settings: Settings) -> RunOperations:
+        """A stored state (``to_state``); one without the acks applied, the retunes applied
+        or the held inputs reads as having none."""
+        check_version(state, _STATE_VERSION, "run operations")
         ops = cls(run_id, settings)
         ops.entropy = EntropyEmitter.from_state(state["entropy"], settings.entropy)
         ops.detector = AnomalyDetector.from_state(state["detector"], settings.anomaly)
         ops.ledger = CheckpointLedger.from_state(state["ledger"], settings.checkpoints)
         ops.budget = RollbackBudget.from_state(state["budget"], settings.checkpoints)
-        ops.pending_rollback = state["pending_rollback"]
-        ops.awaiting_target = state["awaiting_target"]
-        ops.halted = state["halted"]
-        ops.applied_retunes = list(state.get("applied_retunes", []))
-        ops.acks_applied = dict(state.get("acks_applied", {}))
-        ops.held_back = [dict(held) for held in state.get("held_back", [])]
+        pending, trigger = state["pending_rollback"], state["awaiting_target"]
+        ops.pending_rollback = PendingRollback.from_state(pending) if pending is not None else None
+        ops.awaiting_target = RollbackTrigger.from_state(trigger) if trigger is not None else None
+        ops.halted = bool(state["halted"])
+        ops.applied_retunes = [str(retune) for retune in state.get("applied_retunes", [])]
+        ops.acks_applied = {
+            str(origin): int(offset) for origin, offset in state.get("acks_applied", {}).items()
+        }
+        ops.held_back = [_held_from_state(held) for held in state.get("held_back", [])]
         return ops
 
 
-def _position(held: dict[str, Any]) -> Position:
-    return (held["attempt"], held["step"])
-
-
-def _run_order(held: dict[str, Any]) -> tuple[int, int, int]:
+def _run_order(held: HeldInput) -> tuple[int, int, int]:
     """Where a held input sits in the run's own order: by position, a restore (new attempt,
     restored step) before a checkpoint the new attempt might save at that step."""
-    return (*_position(held), 1 if "uri" in held else 0)
+    return (*held.position, 1 if isinstance(held, HeldCheckpoint) else 0)
 
 
-def _trigger(verdict: Verdict, expected_checkpoint: int | None) -> dict[str, Any]:
-    """What a rollback decision needs from the verdict that called for it (JSON-safe)."""
-    streak_start = verdict.streak_start if verdict.streak_start is not None else verdict.step
-    return {
-        # Even when saved at or after the streak's start (the trainer saves step s, then
-        # logs its metric): once it is read, so are the older saves the target is among.
-        "expected_checkpoint": expected_checkpoint,
-        "step": verdict.step,
-        "attempt": verdict.attempt,
-        "streak_start": streak_start,
-        "reason": verdict.reason,
-        "non_finite": not all(math.isfinite(value) for value in (verdict.loss, verdict.reward)),
-        # Kept as JSON in the run's state: non-finite values as the contract's markers.
-        "values": {name: float_to_wire(value) for name, value in verdict.values().items()},
-    }
+def _held_to_state(held: HeldInput) -> dict[str, Any]:
+    if isinstance(held, HeldCheckpoint):
+        return {"step": held.step, "uri": held.uri, "attempt": held.attempt}
+    return {"step": held.step, "attempt": held.attempt}
+
+
+def _held_from_state(stored: Mapping[str, Any]) -> HeldInput:
+    """A stored held input: a checkpoint has a ``uri``, a restore has none."""
+    if "uri" in stored:
+        return HeldCheckpoint(int(stored["step"]), str(stored["uri"]), int(stored["attempt"]))
+    return HeldRestore(int(stored["step"]), int(stored["attempt"]))
+
+
+def _float_from_wire(value: float | str) -> float:
+    """A metric value as the contract's JSON holds it: a number or a non-finite marker."""
+    return NON_FINITE_MARKERS[value] if isinstance(value, str) else float(value)

@@ -285,6 +285,7 @@ class Rollback(CommandBase):
 
 RetunableName = Literal["entropy_coef", "learning_rate", "clip_epsilon"]
 CommandType = Literal["set_entropy_coef", "rollback", "retune", "halt", "prune_checkpoints"]
+"""The command types' names (``typing.get_args``): the ``type`` of each of ``COMMAND_TYPES``."""
 
 
 class Retune(CommandBase):

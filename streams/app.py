@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import faust
 from prometheus_client import start_http_server
 
 from fragrance_ops.kafka import faust_credentials, require_bootstrap
 from fragrance_ops.settings import Settings
-from rules.commands import COMMAND_TYPES
 from schemas import Topic, topic_name
+from schemas.events import CommandType
 from streams.agents import feedback, llm, training
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
@@ -102,7 +102,7 @@ def serve_metrics(ctx: ProcessorContext) -> None:
     if settings.port is None:
         return
     metrics = ctx.metrics
-    metrics.start_at_zero(sorted(ctx.runtime.input_topics), sorted(COMMAND_TYPES))
+    metrics.start_at_zero(sorted(ctx.runtime.input_topics), sorted(get_args(CommandType)))
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         metrics.forget_partition_state()

@@ -3,12 +3,12 @@ only what checkpointed state covers, and never losing records across a seek back
 
 **Batch delivery** (``Consumer._drain_messages``). Faust hands records to streams one at a
 time: per record a ``ConsumerMessage``, two tasks (``wait_first(callback(message),
-suspend_flow.wait())``), a queue hop through the conductor and a stream iteration. In the
-backlog benchmark that machinery was most of the worker's time (about 1,900 events/s where
-a plain confluent-kafka loop did 164,000). Here each fetch's records of input topics go to
-``AgentRuntime.deliver`` in one call, per agent one batch; records of other topics (table
-changelogs in recovery, standbys) still take Faust's own path, record by record. Tested by
-``tests/test_streams/test_faust_fixes/test_consumer.py`` and every worker test.
+suspend_flow.wait())``), a queue hop through the conductor and a stream iteration: that
+machinery, not the rules, would be most of the worker's time. Here each fetch's records of
+input topics go to ``AgentRuntime.deliver`` in one call, per agent one batch; records of
+other topics (table changelogs in recovery, standbys) still take Faust's own path, record
+by record. Tested by ``tests/test_streams/test_faust_fixes/test_consumer.py`` and every
+worker test.
 
 **Offsets: what checkpointed state covers** (``_new_offset``,
 ``_filter_tps_with_pending_acks``, ``force_commit``). Faust commits the offsets streams
@@ -23,27 +23,28 @@ that leaves fetching records to librdkafka, ``librdkafka_fetch.py`` says why.
 **Fetch size** (``_SeekingConsumerThread._create_consumer``). Faust creates aiokafka's
 consumer with ``fetch_max_wait_ms=1500`` and the default ``fetch_min_bytes=1``: the broker
 answers a fetch as soon as any of the worker's ~56 input partitions has one record, so at
-200 metrics/s the worker did about one fetch round trip, in Python, per record. The broker
-now holds a fetch until ``worker.batch_min_bytes`` arrived or ``worker.batch_within_s``
-passed. Tested by ``test_consumer.py::test_a_fetch_waits_for_its_batch``.
+200 metrics/s the worker would make about one fetch round trip, in Python, per record. The
+broker holds a fetch here until ``worker.batch_min_bytes`` arrived or
+``worker.batch_within_s`` passed. Tested by
+``test_consumer.py::test_a_fetch_waits_for_its_batch``.
 
 **Nothing is delivered past records dropped before a seek back; they are read again.** A
 rebalance clears what Faust buffered (``FlowControlEvent.clear``) and seeks back to the
 committed offsets (``Recovery._resume_streams``), and records fetched before that seek may
 still come back from the consumer thread afterwards. Every clear asks for a seek back before
 the next fetch, and input records of a fetch made before the latest seek back (or while one
-is asked for) are dropped, to be read again after it: delivered, they would have been
-applied before the records they skipped (the broker-restart scenario lost 232 outcomes this
-way). Seeks back and fetches both run in the consumer's thread, one after the other, so each
-fetch is tagged there with the number of seeks back done before it. Tested by
+is asked for) are dropped, to be read again after it: delivered, they would be applied
+before the records they skipped, and the state, which recognises replays by position, would
+then take those for replays and lose them. Seeks back and fetches both run in the
+consumer's thread, one after the other, so each fetch is tagged there with the number of
+seeks back done before it. Tested by
 ``test_consumer.py::test_records_dropped_by_a_seek_back_are_read_again_before_newer_ones``.
 
 **A partition the group never committed is read again from its beginning** on a seek back.
 aiokafka's ``seek_to_committed`` seeks only partitions whose committed offset is above 0
-(``aiokafka/consumer/consumer.py``): a partition with no commit kept its position past the
-records dropped (``tests/test_faults/test_long_replay.py`` caught it in about one run in
-three). Not ``seek_to_beginning``: its reset leaves no position for a moment, and Faust's
-livelock check crashes the worker on that. Tested by
+(``aiokafka/consumer/consumer.py``): a partition with no commit would keep its position
+past the records dropped. Not ``seek_to_beginning``: its reset leaves no position for a
+moment, and Faust's livelock check crashes the worker on that. Tested by
 ``test_consumer.py::test_a_partition_never_committed_is_read_again_from_its_beginning``.
 
 Input partitions only: Faust positions its changelog partitions itself (table recovery)

@@ -339,7 +339,7 @@ def test_unknown_state_versions_are_refused() -> None:
 
 
 def test_the_budget_allows_three_rollbacks_within_two_thousand_steps() -> None:
-    budget = RollbackBudget.from_settings(DEFAULTS)
+    budget = RollbackBudget(DEFAULTS)
     for attempt, (step, target) in enumerate([(3000, 2500), (2700, 2500), (2600, 2500)]):
         assert budget.allow(step)
         assert budget.record(step, target, f"loss spike at {step}", attempt=attempt)

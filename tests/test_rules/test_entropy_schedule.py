@@ -123,7 +123,7 @@ def test_negative_steps_are_refused() -> None:
 
 
 def test_first_metric_emits_then_only_moves_beyond_the_tolerance() -> None:
-    emitter = EntropyEmitter.from_settings(EntropySettings())
+    emitter = EntropyEmitter(EntropySettings())
     emitted = {step: v for step in range(0, 12_000) if (v := emitter.observe(step)) is not None}
     schedule = EntropySchedule.from_settings(EntropySettings())
     assert next(iter(emitted)) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import orjson
 import pytest
@@ -29,6 +30,7 @@ from schemas import (
     decode_run_event,
     encode,
 )
+from schemas.events import COMMAND_TYPES, CommandType
 
 SAMPLES: list[schemas.Event] = [
     RunAnnounced(run_id="r1", ts=1.0, settings={"reward.window_size": 500}),
@@ -162,6 +164,11 @@ def test_ratings_must_be_numbers_from_1_to_5(rating: object) -> None:
     with pytest.raises(InvalidEvent) as caught:
         decode(Rating, payload)
     assert caught.value.field == "rating"
+
+
+def test_the_command_type_names_are_the_command_models_types() -> None:
+    types = [model.model_fields["type"].default for model in COMMAND_TYPES]
+    assert types == list(get_args(CommandType))
 
 
 def test_commands_are_discriminated_by_type() -> None:
