@@ -63,7 +63,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from fragrance_ops.settings import AnomalySettings
+from config.settings import AnomalySettings
 from rules import Position
 
 _STATE_VERSION = 1

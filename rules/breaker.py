@@ -65,7 +65,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from fragrance_ops.settings import BreakerSettings
+from config.settings import BreakerSettings
 from schemas.events import BreakerState, LlmMode
 
 _STATE_VERSION = 1

@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fragrance_ops.settings import CheckpointSettings
+from config.settings import CheckpointSettings
 from rules import Position
 
 _STATE_VERSION = 2  # 2: checkpoints ordered by (attempt, step) instead of the trainer's ts

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fragrance_ops.settings import EntropySettings
+from config.settings import EntropySettings
 from rules import Position
 
 _STATE_VERSION = 1

@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from rules import Position
 from rules.anomaly import AnomalyDetector, Verdict
 from rules.checkpoints import CheckpointLedger, RollbackBudget
