@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from config.settings import KafkaSettings, Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker, TansuBroker
-from fragrance_ops.settings import KafkaSettings, Settings
 from fragrance_ops.worker_process import WorkerProcess, worker_env
 
 

@@ -37,7 +37,7 @@ from harness import (
     subscribe_then_ready,
 )
 
-from fragrance_ops.settings import BreakerSettings, SdkSettings, Settings
+from config.settings import BreakerSettings, SdkSettings, Settings
 from producers import KafkaTransport
 from producers.llm import LlmClient
 from schemas import LlmControl, Topic, encode, topic_name

@@ -27,8 +27,8 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from harness import broker, fresh_settings, running_worker
 
+from config.settings import SdkSettings, Settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import SdkSettings, Settings
 from producers import KafkaTransport, TrainerClient
 from rules.reward_window import RewardWindow
 from schemas import Topic, topic_name

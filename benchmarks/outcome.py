@@ -48,7 +48,7 @@ from harness import (
     worker_settings,
 )
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import TrainerClient
 from producers.reference import ReferencePPOTrainer
 from producers.reference.ppo import REFERENCE_RUN_SETTINGS, StepReport

@@ -36,7 +36,7 @@ from harness import (
     subscribe_then_ready,
 )
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import KafkaTransport, TrainerClient
 from schemas import Command, Rollback, Topic, encode, topic_name
 

@@ -32,7 +32,7 @@ from harness import (
 )
 from worker_cpu import cpu_seconds
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import TrainerClient
 from producers.reference import ReferencePPOTrainer
 

@@ -38,7 +38,7 @@ from harness import (
     worker_settings,
 )
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import KafkaTransport, RatingClient, TrainerClient
 from producers.llm import LlmClient
 from rules.reward_window import RewardWindow

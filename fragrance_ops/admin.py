@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from fragrance_ops.kafka import CLIENT_LOGGER, check_reachable, confluent_config
-from fragrance_ops.settings import KafkaSettings
+from config.kafka import CLIENT_LOGGER, check_reachable, confluent_config
+from config.settings import KafkaSettings
 from schemas.topics import TOPIC_SPECS, topic_name
 
 REACHABLE_TIMEOUT_S = 10.0  # a broker that answers does so in milliseconds

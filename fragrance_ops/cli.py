@@ -26,10 +26,10 @@ import orjson
 import typer
 from pydantic import ValidationError
 
+from config.kafka import CLIENT_LOGGER, KafkaUnreachable
+from config.settings import Settings, describe_invalid_settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.kafka import CLIENT_LOGGER, KafkaUnreachable
 from fragrance_ops.operator import NoAnswer, OperatorClient
-from fragrance_ops.settings import Settings, describe_invalid_settings
 from schemas.events import OperatorAction
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)

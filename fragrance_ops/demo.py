@@ -37,9 +37,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from config.kafka import confluent_config
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.kafka import confluent_config
-from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess, worker_env
 from producers import RatingClient, TrainerClient
 from producers.llm import LlmClient

@@ -23,13 +23,13 @@ from typing import Self
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from fragrance_ops.kafka import (
+from config.kafka import (
     CLIENT_LOGGER,
     JAVA_COMPATIBLE_PARTITIONER,
     check_reachable,
     confluent_config,
 )
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers.partitioning import partition_for_key
 from schemas import OperatorReply, OperatorRequest, Topic, decode, encode, topic_name
 from schemas.events import OperatorAction

@@ -28,7 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 
 START_MARKER = "<!-- settings-reference:start -->"
 END_MARKER = "<!-- settings-reference:end -->"

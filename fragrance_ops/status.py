@@ -23,8 +23,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from fragrance_ops.kafka import CLIENT_LOGGER, check_reachable, confluent_config
-from fragrance_ops.settings import Settings
+from config.kafka import CLIENT_LOGGER, check_reachable, confluent_config
+from config.settings import Settings
 from schemas import Topic, topic_name
 
 

@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import orjson
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher, Watch
 from producers.llm_failures import ExceptionSpec, FailurePolicy, exception_types
 from producers.response_cache import InProcessCache, ResponseCache

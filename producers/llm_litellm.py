@@ -32,7 +32,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from fragrance_ops.settings import LlmModeSettings
+from config.settings import LlmModeSettings
 from producers.llm import LlmClient
 from rules.breaker import MODES
 from schemas.events import LlmMode

@@ -38,7 +38,7 @@ from typing import Any, Self, cast
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from fragrance_ops.settings import LlmModeSettings
+from config.settings import LlmModeSettings
 from producers.llm import Caching, LlmClient
 from producers.llm_failures import ExceptionSpec
 from rules.breaker import MODES

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers.transport import DeliveryStats, KafkaTransport, Transport
 from schemas import Rating, Topic, encode, topic_name, validate
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from rules.reward_window import RewardWindow, WindowStats
 
 __all__ = ["TrainerRewardWindow", "WindowStats"]

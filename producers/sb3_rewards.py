@@ -23,7 +23,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers.reward_window import TrainerRewardWindow
 
 

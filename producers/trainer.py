@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers.applied import AppliedCommands
 from producers.transport import DeliveryStats, KafkaTransport, Transport
 from schemas import (

@@ -33,8 +33,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, redacted
-from fragrance_ops.settings import Settings
+from config.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, redacted
+from config.settings import Settings
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("producers.librdkafka")

@@ -64,7 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fragrance_ops.settings import AnomalySettings
+from config.settings import AnomalySettings
 from rules import Position
 from rules.state import check_version, position_from_state, position_to_state
 

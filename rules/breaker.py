@@ -66,7 +66,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from fragrance_ops.settings import BreakerSettings
+from config.settings import BreakerSettings
 from rules.state import check_version
 from schemas.events import BreakerState, LlmMode
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from fragrance_ops.settings import CheckpointSettings
+from config.settings import CheckpointSettings
 from rules import Position
 from rules.state import check_version, position_from_state, position_to_state
 

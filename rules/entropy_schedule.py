@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fragrance_ops.settings import EntropySettings
+from config.settings import EntropySettings
 from rules import Position
 from rules.state import check_version, position_from_state, position_to_state
 

@@ -92,7 +92,7 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, Literal, cast
 
-from fragrance_ops.settings import RetuneSettings
+from config.settings import RetuneSettings
 from rules.commands import retune_command_id
 from rules.exact_sums import ExactSums
 from rules.state import check_version

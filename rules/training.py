@@ -54,7 +54,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from rules import Position
 from rules.anomaly import AnomalyDetector, Verdict
 from rules.checkpoints import CheckpointLedger, RollbackBudget

@@ -14,8 +14,8 @@ from typing import Any, get_args
 import faust
 from prometheus_client import start_http_server
 
-from fragrance_ops.kafka import faust_credentials, require_bootstrap
-from fragrance_ops.settings import Settings
+from config.kafka import faust_credentials, require_bootstrap
+from config.settings import Settings
 from schemas import Topic, topic_name
 from schemas.events import CommandType
 from streams.agents import feedback, llm, training

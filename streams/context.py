@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import faust
 import orjson
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from schemas import CommandBase, Event, Topic, encode, topic_name
 from schemas.signing import signature_header
 from streams.dead_letter import DeadLetterSink

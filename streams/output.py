@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
 
-from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config
-from fragrance_ops.settings import Codec, Settings
+from config.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config
+from config.settings import Codec, Settings
 from schemas import Topic, topic_name
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import Any
 import faust
 from confluent_kafka import KafkaError, Producer
 
-from fragrance_ops.kafka import confluent_config
-from fragrance_ops.settings import Settings
+from config.kafka import confluent_config
+from config.settings import Settings
 from streams.output import flushed
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from config.kafka import CLIENT_LOGGER
+from config.settings import CONFIG_FILE_ENV
 from fragrance_ops import cli as cli_module
-from fragrance_ops.kafka import CLIENT_LOGGER
-from fragrance_ops.settings import CONFIG_FILE_ENV
 from fragrance_ops.settings_reference import groups
 from tests.helpers.brokers import CHOICE_ENV
 from tests.helpers.markdown import (
@@ -50,7 +50,7 @@ BLOCK_LANGUAGES = {
 }
 # FRAGRANCE_OPS_* variables the documents name that are not settings.
 OTHER_VARIABLES = {
-    CONFIG_FILE_ENV: "fragrance_ops/settings.py",
+    CONFIG_FILE_ENV: "config/settings.py",
     CHOICE_ENV: "tests/helpers/brokers.py",
     "FRAGRANCE_OPS_FAULTS": "tests/test_faults/support.py",
     "FRAGRANCE_OPS_FAULTS_SEED": "tests/test_faults/support.py",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from rules.retune import Retuner, WindowVerdict, retune_target
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext

@@ -31,7 +31,7 @@ import orjson
 from faust.types import TP
 from pydantic import ValidationError
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from rules import Position
 from rules.reward_window import RewardWindow
 from rules.run_lifecycle import RunLifecycle

@@ -68,8 +68,8 @@ from mode import ServiceT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from fragrance_ops.kafka import confluent_config
-from fragrance_ops.settings import Settings
+from config.kafka import confluent_config
+from config.settings import Settings
 from streams.faust_fixes.librdkafka_fetch import LibrdkafkaFetcher
 from streams.runtime import AgentRuntime
 

@@ -66,7 +66,7 @@ _HEADING = re.compile(r"^(#{1,6}) +(.+?) *#* *$")
 _CODE_SPAN = re.compile(r"(`+)((?:(?!\n[ \t]*\n).)+?)\1", re.DOTALL)  # within a paragraph
 _LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(([^)\s]+)(?: \"[^\"]*\")?\)")
 _REPO_PATH = re.compile(
-    r"^(?:\./)?((?:tests|producers|rules|streams|schemas|fragrance_ops|deploy|benchmarks|"
+    r"^(?:\./)?((?:tests|producers|rules|streams|schemas|config|fragrance_ops|deploy|benchmarks|"
     r"scripts|docs)/[\w./-]*)(?:::(\w+))?$"
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from producers import InMemoryTransport, Record
 from rules.training import RunOperations
 from schemas import (

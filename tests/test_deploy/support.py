@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from fragrance_ops.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
+from config.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings
 from streams.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def load_yaml_all(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-# Settings: environment variable names -> fields of fragrance_ops.settings.Settings.
+# Settings: environment variable names -> fields of config.settings.Settings.
 
 
 def setting_for_env(name: str) -> tuple[str, str]:

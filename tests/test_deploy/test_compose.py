@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from tests.test_deploy.support import (
     COMPOSE_FILE,
     DOCKERFILE,

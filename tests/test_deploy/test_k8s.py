@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from tests.test_deploy.support import K8S, load_yaml, load_yaml_all, settings_env, settings_from_env
 
 # The oldest Kubernetes release still commonly supported, and the newest the package knows.

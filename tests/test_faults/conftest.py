@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker
 from fragrance_ops.brokers.base import BrokerSetupError
-from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from tests.test_faults.support import FIGURES
 from tests.test_streams.conftest import make_worker, ops_settings

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.partitioning import partition_for_key

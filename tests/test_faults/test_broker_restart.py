@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker
-from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import RatingClient
 from producers.llm import LlmClient

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import pytest
 
+from config.settings import KafkaSettings, Settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import KafkaSettings, Settings
 from fragrance_ops.worker_process import WorkerProcess
 from schemas import StepMetric, Topic, encode, topic_name
 from tests.helpers.kafka import produce_records

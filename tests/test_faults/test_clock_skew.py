@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers.llm import LlmClient
 from schemas import Topic, topic_name

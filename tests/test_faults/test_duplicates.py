@@ -18,8 +18,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import Settings
 from fragrance_ops.status import read_values
 from fragrance_ops.worker_process import WorkerProcess
 from producers import KafkaTransport

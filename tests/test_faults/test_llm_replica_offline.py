@@ -12,9 +12,9 @@ import time
 
 import pytest
 
+from config.settings import KafkaSettings, SdkSettings, Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
 from producers.llm import LlmClient
 from tests.test_faults.support import FIGURES
 

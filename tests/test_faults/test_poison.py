@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from fragrance_ops.worker_process import WorkerProcess
 from rules.breaker import BreakerPolicy
 from rules.commands import retuned_entropy_command_id

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers.partitioning import partition_for_key
 from schemas import Topic, topic_name

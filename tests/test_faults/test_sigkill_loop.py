@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import RatingClient
 from producers.llm import LlmClient

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers.partitioning import partition_for_key
 from schemas import StepMetric, Topic, encode, topic_name

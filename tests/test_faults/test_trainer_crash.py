@@ -17,8 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
-from fragrance_ops.settings import Settings
 from producers import KafkaTransport
 from schemas import Rollback, Topic, encode, topic_name
 from tests.helpers.kafka import consume_until

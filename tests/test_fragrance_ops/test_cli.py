@@ -14,10 +14,10 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from config.settings import KafkaSettings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import free_port
 from fragrance_ops.brokers.base import LOCALHOST
-from fragrance_ops.settings import KafkaSettings
 from schemas import (
     TOPIC_SPECS,
     Halt,

@@ -28,11 +28,11 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from pydantic import SecretStr
 
+from config.kafka import KafkaUnreachable, confluent_config
+from config.settings import KafkaSettings, SdkSettings, SecuritySettings, Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.brokers import ApacheKafkaBroker, BrokerSetupError, free_port
 from fragrance_ops.brokers.base import LOCALHOST
-from fragrance_ops.kafka import KafkaUnreachable, confluent_config
-from fragrance_ops.settings import KafkaSettings, SdkSettings, SecuritySettings, Settings
 from fragrance_ops.worker_process import WorkerProcess, worker_env
 from producers import TrainerClient
 from schemas import Command, SetEntropyCoef, Topic, topic_name

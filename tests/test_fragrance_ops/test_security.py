@@ -28,10 +28,10 @@ import fragrance_ops.status
 import producers.transport
 import streams.output
 import streams.state
+from config.kafka import confluent_config, faust_credentials, redacted
+from config.settings import Settings
 from fragrance_ops.admin import create_contract_topics
 from fragrance_ops.cli import cli
-from fragrance_ops.kafka import confluent_config, faust_credentials, redacted
-from fragrance_ops.settings import Settings
 from fragrance_ops.status import collect_status
 from producers import KafkaTransport
 from schemas import Topic, topic_name
@@ -338,7 +338,7 @@ def test_bad_security_settings_fail_naming_the_setting_but_no_secret(
 
 
 def test_a_trainer_cannot_override_connection_or_signing_settings_per_run() -> None:
-    from fragrance_ops.settings import run_overrides
+    from config.settings import run_overrides
 
     for dotted in ("kafka.security_protocol", "security.require_signed_commands"):
         with pytest.raises(ValueError, match="unknown per-run setting"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from fragrance_ops.kafka import confluent_config, redacted
-from fragrance_ops.settings import (
+from config.kafka import confluent_config, redacted
+from config.settings import (
     KafkaSettings,
     Settings,
     describe_invalid_settings,

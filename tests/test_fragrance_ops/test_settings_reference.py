@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field, SecretStr
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.settings_reference import (
     END_MARKER,
     REFERENCE_FILE,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.applied import AppliedCommands
 from schemas import Command, SetEntropyCoef, Topic, encode

@@ -23,7 +23,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from config.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.hf_trainer import FragranceOpsCallback
 from schemas import Halt, PruneCheckpoints, Retune, Rollback, Topic, encode

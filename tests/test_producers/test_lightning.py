@@ -16,7 +16,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from config.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.lightning import FragranceOpsCallback, _AnnouncingCheckpointIO
 from schemas import Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef, Topic, encode

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from config.settings import KafkaSettings, SdkSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.response_cache import InProcessCache

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import InMemoryTransport
 from producers.llm import Caching, LlmClient
 from producers.llm_metrics import LlmMetrics

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import InMemoryTransport, llm_deadlines
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded, DeadlineWatcher

@@ -15,7 +15,7 @@ pytest.importorskip("litellm", reason="the litellm extra is not installed")
 import litellm
 from litellm import Router
 
-from fragrance_ops.settings import LlmModeSettings, Settings
+from config.settings import LlmModeSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_litellm import LiteLLMOutcomes

@@ -12,7 +12,7 @@ pytest.importorskip("openai", reason="the openai extra is not installed")
 
 from openai import AsyncOpenAI, BadRequestError, InternalServerError, OpenAI, RateLimitError
 
-from fragrance_ops.settings import LlmModeSettings, Settings
+from config.settings import LlmModeSettings, Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import InMemoryTransport
 from producers.llm import LlmClient
 from producers.llm_deadlines import DeadlineExceeded

@@ -8,7 +8,7 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fragrance_ops.settings import KafkaSettings, Settings
+from config.settings import KafkaSettings, Settings
 from producers import KafkaTransport, murmur2, partition_for_key
 from tests.helpers.kafka import consume_all, create_topics
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.reference import FragranceFormulaEnv, PPOConfig, ReferencePPOTrainer
 from producers.reference.ppo import FaultKind, StepReport

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from producers.reward_window import TrainerRewardWindow
 from producers.sb3_rewards import WindowNormalizedReward
 from rules.reward_window import RewardWindow

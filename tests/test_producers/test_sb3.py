@@ -12,7 +12,7 @@ import torch
 from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.callbacks import CallbackList
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from producers import InMemoryTransport, TrainerClient
 from producers.sb3 import FragranceOpsCallback, algorithm_label
 from schemas import Halt, Retune, Rollback, SetEntropyCoef, Topic, encode

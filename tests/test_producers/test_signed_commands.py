@@ -8,7 +8,7 @@ import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from fragrance_ops.settings import SecuritySettings, Settings
+from config.settings import SecuritySettings, Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.transport import RecordHeaders
 from schemas import Command, SetEntropyCoef, Topic, encode

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from producers import InMemoryTransport, TrainerClient
 from producers.torch_ops import TorchRunOps
 from schemas import Halt, PruneCheckpoints, Retune, Rollback, SetEntropyCoef, Topic, encode

@@ -10,8 +10,8 @@ import time
 import orjson
 import pytest
 
-from fragrance_ops.kafka import JAVA_COMPATIBLE_PARTITIONER
-from fragrance_ops.settings import KafkaSettings, SdkSettings, Settings
+from config.kafka import JAVA_COMPATIBLE_PARTITIONER
+from config.settings import KafkaSettings, SdkSettings, Settings
 from producers import CommandRejected, InMemoryTransport, KafkaTransport, TrainerClient
 from schemas import (
     Command,

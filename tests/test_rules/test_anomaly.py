@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from fragrance_ops.settings import AnomalySettings, Settings
+from config.settings import AnomalySettings, Settings
 from rules.anomaly import AnomalyDetector, Verdict
 
 NO_WARMUP = AnomalySettings(warmup_steps=0)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from fragrance_ops.settings import BreakerSettings, Settings
+from config.settings import BreakerSettings, Settings
 from rules.breaker import (
     MODES,
     BreakerPolicy,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragrance_ops.settings import CheckpointSettings, Settings
+from config.settings import CheckpointSettings, Settings
 from rules.checkpoints import Checkpoint, CheckpointLedger, RollbackBudget
 
 DEFAULTS = CheckpointSettings()

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from fragrance_ops.settings import EntropySettings, Settings, run_overrides
+from config.settings import EntropySettings, Settings, run_overrides
 from rules.entropy_schedule import EntropyEmitter, EntropySchedule
 
 

@@ -6,7 +6,7 @@ import math
 
 import orjson
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from rules.training import RunOperations
 from schemas import CommandAck, Halt, OperatorRequest, Rollback, SetEntropyCoef
 from schemas.events import OperatorAction

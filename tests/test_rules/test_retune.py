@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from fragrance_ops.settings import RetuneSettings, Settings
+from config.settings import RetuneSettings, Settings
 from rules.commands import retune_command_id
 from rules.retune import (
     RatingOutcome,

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fragrance_ops.settings import RetuneSettings, Settings, run_overrides
+from config.settings import RetuneSettings, Settings, run_overrides
 from rules.breaker import BreakerPolicy, ModelBreaker
 from rules.retune import Retuner, WindowVerdict
 from rules.reward_window import RewardWindow

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from fragrance_ops.settings import Settings, run_overrides
+from config.settings import Settings, run_overrides
 from rules.training import HELD_BACK_MAX, RunOperations
 from schemas import (
     CheckpointSaved,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fragrance_ops.settings import KafkaSettings, Settings
+from config.settings import KafkaSettings, Settings
 from fragrance_ops.worker_process import WorkerProcess, worker_env
 
 TEST_PARTITIONS = 4

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from pydantic import SecretStr
 
-from fragrance_ops.settings import KafkaSettings, SecuritySettings, Settings
+from config.settings import KafkaSettings, SecuritySettings, Settings
 from schemas import Event, RewardStats, SetEntropyCoef
 from schemas.signing import SIGNATURE_HEADER, verify
 from streams.context import ProcessorContext, RunSettingsCache

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import RatingClient, TrainerClient
 from producers.reference import PPOConfig, ReferencePPOTrainer

@@ -25,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.hf_trainer import FragranceOpsCallback

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.lightning import FragranceOpsCallback

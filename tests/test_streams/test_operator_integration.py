@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from config.settings import SecuritySettings, Settings
 from fragrance_ops.operator import OperatorClient
-from fragrance_ops.settings import SecuritySettings, Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from schemas import Command

@@ -9,7 +9,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from fragrance_ops.settings import KafkaSettings, Settings, WorkerSettings
+from config.settings import KafkaSettings, Settings, WorkerSettings
 from schemas import Topic, topic_name
 from streams.output import OutputDeliveryError, OutputProducer
 from tests.helpers.kafka import consume_until, create_topics

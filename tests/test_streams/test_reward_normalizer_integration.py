@@ -11,7 +11,7 @@ import orjson
 import pytest
 from confluent_kafka import Message, Producer
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from rules.reward_window import RewardWindow

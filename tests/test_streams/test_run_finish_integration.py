@@ -22,8 +22,8 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from config.settings import Settings
 from fragrance_ops.brokers import free_port
-from fragrance_ops.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.ratings import RatingClient

@@ -12,7 +12,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import CallbackList
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.sb3 import FragranceOpsCallback

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from fragrance_ops.settings import SecuritySettings, Settings
+from config.settings import SecuritySettings, Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from schemas import Command, SetEntropyCoef, Topic, topic_name

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.reward_window import TrainerRewardWindow

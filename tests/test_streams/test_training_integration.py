@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 
-from fragrance_ops.settings import Settings
+from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from producers.reference import PPOConfig, ReferencePPOTrainer

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer, TopicPartition
 from faust.types import TP
 
-from fragrance_ops.settings import KafkaSettings, Settings, WorkerSettings
+from config.settings import KafkaSettings, Settings, WorkerSettings
 from streams.faust_fixes import WorkerApp
 from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer

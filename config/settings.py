@@ -57,7 +57,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 class KafkaSettings(_Group):
     """How every client and the worker reach Kafka. Env: FRAGRANCE_OPS_KAFKA__<NAME>."""
 
-    # Security settings reach every client through fragrance_ops/kafka.py (confluent_config,
+    # Security settings reach every client through config/kafka.py (confluent_config,
     # faust_credentials). Validation errors never echo an input: a bad value next to a
     # password must not print it.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from fragrance_ops.settings import KafkaSettings
+from config.settings import KafkaSettings
 
 #: Where the CLI's short-lived clients (topic creation, status) send librdkafka's log lines
 #: (connection retries, several a second while a broker is away): the CLI shows them only
