@@ -11,7 +11,7 @@ import logging
 import ssl
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Message
 
 from config.settings import KafkaSettings
 
@@ -126,3 +126,18 @@ def faust_credentials(kafka: KafkaSettings) -> Any:
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def consume_ready(
+    consumer: Consumer, max_messages: int, wait_s: float, gather_s: float = 0.0
+) -> list[Message]:
+    """Up to ``max_messages`` records: waits up to ``wait_s`` for the first one only, then
+    takes what else arrives within ``gather_s``.
+
+    librdkafka's ``consume(n, timeout)`` returns when ``n`` records are in or the timeout has
+    passed, so a batch read with a timeout holds back a lone record for the whole timeout.
+    """
+    first = consumer.consume(1, wait_s)
+    if not first or max_messages == 1:
+        return first
+    return first + consumer.consume(max_messages - 1, gather_s)

@@ -33,7 +33,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from config.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, redacted
+from config.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config, consume_ready, redacted
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class _KafkaKeyReader:
                     self._consumer.assign([self._start()])
                     assigned = True
                 self._commit_pending()
-                messages = self._consumer.consume(_CONSUME_BATCH, _POLL_TIMEOUT_S)
+                messages = consume_ready(self._consumer, _CONSUME_BATCH, _POLL_TIMEOUT_S)
             except (KafkaException, KeyError) as exc:
                 self._warn("command reader for %s waiting for Kafka: %s", self._topic, exc)
                 self._stopped.wait(_METADATA_TIMEOUT_S)

@@ -49,6 +49,8 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import Consumer, KafkaError, Message
 from confluent_kafka import TopicPartition as RdTopicPartition
 
+from config.kafka import consume_ready
+
 log = logging.getLogger(__name__)
 
 _UNKNOWN = -1  # librdkafka's position of a partition whose records were dropped
@@ -204,13 +206,9 @@ class LibrdkafkaFetcher(Fetcher):  # type: ignore[misc]  # aiokafka is untyped
                 return records
 
     def _consume(self, max_records: int, wait_s: float) -> list[Message]:
-        """In the waits' thread: the records ready, waiting up to ``wait_s`` for the first,
-        then ``gather_s`` for the rest of its fetch (librdkafka queues a fetch response
-        partition by partition: one batch for it, not one per partition)."""
-        first = self._librdkafka.consume(1, wait_s)
-        if not first or max_records == 1:
-            return first
-        return first + self._librdkafka.consume(max_records - 1, self.gather_s)
+        # In the waits' thread. librdkafka queues a fetch response partition by partition:
+        # the rest of the first record's fetch is gathered into the same batch.
+        return consume_ready(self._librdkafka, max_records, wait_s, self.gather_s)
 
     def _active_assignment(self) -> Any:
         subscription = self._subscriptions.subscription
