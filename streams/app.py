@@ -7,6 +7,7 @@ each table's state moves with its partition.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from typing import Any, get_args
@@ -15,7 +16,7 @@ import faust
 from prometheus_client import start_http_server
 
 from config.kafka import faust_credentials, require_bootstrap
-from config.settings import Settings
+from config.settings import OutputTopic, Settings
 from schemas import Topic, topic_name
 from schemas.events import CommandType
 from streams.agents import feedback, llm, training
@@ -84,6 +85,14 @@ def create_app(settings: Settings) -> faust.App:
     serve_metrics(context)
     watch_partitions(context)
     app.task(freeze_startup_objects)
+
+    async def connect_outputs() -> None:
+        # Every output topic's producer connected before the first decision needs it.
+        topics = [topic_name(Topic(name), kafka.topic_prefix) for name in get_args(OutputTopic)]
+        await asyncio.get_running_loop().run_in_executor(None, output.connect, topics)
+
+    app.task(connect_outputs)
+
     return app
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from config.kafka import JAVA_COMPATIBLE_PARTITIONER, confluent_config
 from config.settings import Codec, Settings
@@ -68,6 +68,16 @@ class OutputProducer:
         self._by_codec: dict[Codec, Producer] = {}
         self._by_topic: dict[str, Producer] = {}
         self._failures: list[KafkaError] = []
+
+    def connect(self, topics: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Make the producers of ``topics`` and load their metadata (blocking). Made on a
+        topic's first record instead, a producer's connection and metadata requests held
+        back the first outputs (e.g. every model's first downshift) by hundreds of ms."""
+        for topic in topics:
+            try:
+                self._producer(topic).list_topics(topic, timeout=timeout_s)
+            except KafkaException as exc:  # not fatal: the first record retries
+                log.warning("output topic %s not ready yet: %s", topic, exc)
 
     def codec(self, topic: str) -> Codec:
         """The compression records sent to ``topic`` (a broker-side name) leave with."""
