@@ -8,9 +8,9 @@ a successful record costs no Python callback.
 
 Compression is per topic (``worker.output_topic_compression``): the topics clients in any
 language read leave uncompressed or gzip-compressed, the rest as ``worker.output_compression``.
-librdkafka compresses per producer, so there is one producer per codec in use, created on the
-first record that needs it; a topic always goes through the same one, so its records keep
-their order.
+librdkafka compresses per producer, so there is one producer per codec in use, connected at
+the worker's start (``connect``); a topic always goes through the same one, so its records
+keep their order.
 
 Outputs leave as soon as librdkafka batches them (``worker.output_linger_ms``); nothing
 waits for them per batch. A checkpoint (``streams.runtime``) waits for every output sent so

@@ -6,8 +6,8 @@ Each module names the upstream behaviour it corrects and the test that covers it
   path; offsets committed behind checkpointed state; the broker holding a fetch for a
   batch; records dropped before a seek back read again; never-committed partitions read
   from their beginning.
-- ``librdkafka_fetch``: records fetched by librdkafka in C threads instead of aiokafka's
-  Python fetcher; aiokafka keeps the group membership and the positions.
+- ``fetch_sessions``: aiokafka's fetcher with Kafka's incremental fetch sessions
+  (KIP-227), which aiokafka lacks: an idle fetch names no partitions.
 - ``monitor``: Faust's per-event monitor bookkeeping skipped.
 - ``worker``: Faust's worker without the spinner that set the root logger to DEBUG.
 
@@ -43,15 +43,18 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_min_bytes"),
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_max_wait_ms"),
     ("mode.services", "Service", "_stopped"),
-    # librdkafka_fetch.py: aiokafka's fetcher, built from its consumer's settings, and the
-    # subscription state it keeps the positions in.
+    # fetch_sessions.py: aiokafka's fetcher, built from its consumer's settings.
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetcher"),
+    ("aiokafka.consumer.fetcher", "Fetcher", "_client"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_subscriptions"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_get_actions_per_node"),
-    ("aiokafka.consumer.fetcher", "Fetcher", "_create_fetch_waiter"),
-    ("aiokafka.consumer.fetcher", "Fetcher", "_closed"),
-    ("aiokafka.consumer.subscription_state", "TopicPartitionState", "consumed_to"),
-    ("aiokafka.consumer.subscription_state", "SubscriptionState", "reassignment_in_progress"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_max_wait_ms"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_min_bytes"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_max_bytes"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_isolation_level"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_rack_id"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "build"),
+    ("aiokafka.protocol.fetch", "FetchRequest", "_topics"),
     *(
         ("aiokafka.consumer.consumer", "AIOKafkaConsumer", name)
         for name in (

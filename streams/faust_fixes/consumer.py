@@ -17,8 +17,8 @@ state written and acknowledged) and commits the offsets that checkpoint reached.
 acked-offset lists, gaps and per-message acks are not used for input topics. Tested by
 ``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart).
 
-**Fetching** (``_SeekingConsumerThread.on_start``): aiokafka's fetcher replaced by one
-that leaves fetching records to librdkafka, ``librdkafka_fetch.py`` says why.
+**Fetch sessions** (``_SeekingConsumerThread.on_start``): aiokafka's fetcher replaced by
+one fetching in incremental sessions, ``fetch_sessions.py`` says why.
 
 **Fetch size** (``_SeekingConsumerThread._create_consumer``). Faust creates aiokafka's
 consumer with ``fetch_max_wait_ms=1500`` and the default ``fetch_min_bytes=1``: the broker
@@ -68,9 +68,8 @@ from mode import ServiceT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from config.kafka import confluent_config
 from config.settings import Settings
-from streams.faust_fixes.librdkafka_fetch import LibrdkafkaFetcher
+from streams.faust_fixes.fetch_sessions import SessionFetcher
 from streams.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
@@ -92,12 +91,11 @@ class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
 
     async def on_start(self) -> None:
         await super().on_start()
-        # Records fetched by librdkafka (librdkafka_fetch.py): the fetcher aiokafka made in
+        # Fetch in incremental sessions (fetch_sessions.py): the fetcher aiokafka made in
         # start() is replaced before the group assigns it anything to fetch.
         consumer = self._ensure_consumer()
         upstream = consumer._fetcher
-        app = cast(WorkerApp, self.consumer.app)
-        consumer._fetcher = LibrdkafkaFetcher.for_librdkafka(consumer, app.librdkafka_fetch_config)
+        consumer._fetcher = SessionFetcher.for_consumer(consumer)
         await upstream.close()
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
@@ -236,22 +234,13 @@ class WorkerApp(faust.App):
     #: Set by ``fetch_with`` before the worker starts.
     fetch_min_bytes: int
     fetch_max_wait_ms: int
-    librdkafka_fetch_config: dict[str, Any]
 
     def fetch_with(self, settings: Settings) -> None:
         """Fetch as ``settings`` say: the broker holds a fetch until ``worker.batch_min_bytes``
-        arrived or ``worker.batch_within_s`` passed; through librdkafka with the Kafka
-        connection and security settings."""
+        arrived or ``worker.batch_within_s`` passed."""
         worker = settings.worker
         self.fetch_min_bytes = worker.batch_min_bytes
         self.fetch_max_wait_ms = max(1, round(worker.batch_within_s * 1000))
-        self.librdkafka_fetch_config = {
-            **confluent_config(settings.kafka),
-            # librdkafka wants a group id; its consumer never joins the group or commits.
-            "group.id": self.conf.id,
-            "client.id": f"{self.conf.id}-fetch",
-            "auto.offset.reset": self.conf.consumer_auto_offset_reset,
-        }
 
     def _new_transport(self) -> TransportT:
         return _Transport(self.conf.broker_consumer, self)

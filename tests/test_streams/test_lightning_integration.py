@@ -160,5 +160,6 @@ def test_a_divergence_is_rolled_back_once_to_the_last_healthy_lightning_checkpoi
     # Against the anomaly step's loss: how far later diverged steps got depends on how long
     # the worker took to answer (the optimizer may bring the loss down meanwhile).
     assert max(divergence.losses_after) < divergence.losses_diverged[0]
-    # The worker's entropy schedule reached the module's coefficient.
-    assert module.entropy_coef == pytest.approx(0.01)
+    # The worker's entropy schedule reached the module's coefficient (0.0 before): near the
+    # start of its 10,000 steps, how near depending on the step of the last command sent.
+    assert 0.0099 < module.entropy_coef <= 0.01
