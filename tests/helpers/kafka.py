@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -215,3 +216,23 @@ def consume_until(
         return messages
     finally:
         consumer.close()
+
+
+def set_group_offsets(
+    bootstrap: str, group: str, offsets: list[TopicPartition], timeout_s: float
+) -> None:
+    """Set ``group``'s committed offsets, retrying while the broker refuses: it does so while
+    the group has a member (a killed worker's session must end first)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    request = [ConsumerGroupTopicPartitions(group, offsets)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = admin.alter_consumer_group_offsets(request)[group].result(timeout=10)
+            errors = [tp.error for tp in result.topic_partitions if tp.error is not None]
+        except KafkaException as exc:
+            errors = [exc.args[0]]
+        if not errors:
+            return
+        assert time.monotonic() < deadline, f"offsets of {group} not set: {errors[0]}"
+        time.sleep(0.5)

@@ -25,12 +25,9 @@ import orjson
 import pytest
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
-    KafkaException,
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
@@ -38,7 +35,7 @@ from fragrance_ops.brokers.base import free_port
 from fragrance_ops.worker_process import WorkerProcess
 from rules.training import APPLIED_RETUNES_KEPT
 from schemas import CommandAck, RunAnnounced, StepMetric, Topic, encode, topic_name
-from tests.helpers.kafka import produce_records
+from tests.helpers.kafka import produce_records, set_group_offsets
 from tests.test_faults.support import (
     FIGURES,
     PROFILE,
@@ -96,7 +93,6 @@ def uncommitted(bootstrap: str, group: str, topic: str, end: int | None = None) 
 
 def reset_offsets(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
     """Reset ``group``'s offsets of ``topics`` to their beginning, once it has no member."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-reader"})
     try:
         partitions = [
@@ -106,18 +102,7 @@ def reset_offsets(bootstrap: str, group: str, topics: list[str], timeout_s: floa
         ]
     finally:
         reader.close()
-    request = [ConsumerGroupTopicPartitions(group, partitions)]
-    deadline = time.monotonic() + timeout_s
-    while True:  # refused while the killed member's session lasts
-        try:
-            result = admin.alter_consumer_group_offsets(request)[group].result(timeout=10)
-            errors = [tp.error for tp in result.topic_partitions if tp.error is not None]
-        except KafkaException as exc:
-            errors = [exc.args[0]]
-        if not errors:
-            return
-        assert time.monotonic() < deadline, f"offsets of {group} not reset: {errors[0]}"
-        time.sleep(0.5)
+    set_group_offsets(bootstrap, group, partitions, timeout_s)
 
 
 def origin(message: Message) -> str:

@@ -14,12 +14,9 @@ import pytest
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    ConsumerGroupTopicPartitions,
-    KafkaException,
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
@@ -29,6 +26,7 @@ from producers import TrainerClient
 from producers.ratings import RatingClient
 from rules.reward_window import RewardWindow
 from schemas import Topic, topic_name
+from tests.helpers.kafka import set_group_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -136,20 +134,8 @@ def reward_stats(bootstrap: str, prefix: str, run_id: str, step: int) -> dict[st
 def replay_from(bootstrap: str, group: str, message: Message, timeout_s: float = 60) -> None:
     """Set ``group``'s offset of ``message``'s partition to it (read again), once the group
     has no member (a killed worker's session must end first)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     at = TopicPartition(message.topic() or "", message.partition() or 0, message.offset() or 0)
-    request = [ConsumerGroupTopicPartitions(group, [at])]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = admin.alter_consumer_group_offsets(request)[group].result(timeout=10)
-            errors = [tp.error for tp in result.topic_partitions if tp.error is not None]
-        except KafkaException as exc:
-            errors = [exc.args[0]]
-        if not errors:
-            return
-        assert time.monotonic() < deadline, f"offset of {group} not set: {errors[0]}"
-        time.sleep(0.5)
+    set_group_offsets(bootstrap, group, [at], timeout_s)
 
 
 def events_read(port: int, topic: str) -> float:
