@@ -116,13 +116,17 @@ _NORMAL = NormalDist()
 # --- quantiles ------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4096)
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile: exact for df 1 and 2, Cornish-Fisher (A&S 26.7.5) from df 3."""
+def _check_quantile_arguments(p: float, df: int) -> None:
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must lie in (0, 1), got {p!r}")
     if df < 1:
         raise ValueError(f"df must be at least 1, got {df}")
+
+
+@lru_cache(maxsize=4096)
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile: exact for df 1 and 2, Cornish-Fisher (A&S 26.7.5) from df 3."""
+    _check_quantile_arguments(p, df)
     if df == 1:
         return math.tan(math.pi * (p - 0.5))
     if df == 2:
@@ -139,10 +143,7 @@ def t_quantile(p: float, df: int) -> float:
 @lru_cache(maxsize=4096)
 def chi2_quantile(p: float, df: int) -> float:
     """Chi-square quantile: exact for df 1 and 2, Wilson-Hilferty from df 3 (at least 0)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1), got {p!r}")
-    if df < 1:
-        raise ValueError(f"df must be at least 1, got {df}")
+    _check_quantile_arguments(p, df)
     if df == 1:
         return _NORMAL.inv_cdf((1.0 + p) / 2.0) ** 2
     if df == 2:
