@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
 from hypothesis import given
@@ -34,7 +35,12 @@ def test_the_mean_and_the_sample_variance_are_the_exact_ones_correctly_rounded(
     variance = sum(((value - mean) ** 2 for value in exact), Fraction(0)) / (len(exact) - 1)
     assert sums.sample_variance() == float(variance)
     population = variance * (len(exact) - 1) / len(exact)
-    expected_std = math.sqrt(float(population)) if population else 0.0
+    # The root of the exact population variance: a float variance underflows for spreads
+    # below ~1e-154 (and overflows above ~1e154) where the std itself is an ordinary float.
+    with localcontext() as context:
+        context.prec = 60
+        root = (Decimal(population.numerator) / Decimal(population.denominator)).sqrt()
+    expected_std = float(root)
     assert math.isclose(sums.population_std(), expected_std, rel_tol=1e-15, abs_tol=0.0)
 
 
