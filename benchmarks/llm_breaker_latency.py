@@ -29,12 +29,14 @@ import uuid
 import orjson
 from confluent_kafka import Consumer, Producer
 from harness import (
+    add_worker_setting_option,
     broker,
     fresh_settings,
     latency_summary,
     running_service,
     running_worker,
     subscribe_then_ready,
+    worker_settings,
 )
 
 from config.settings import BreakerSettings, SdkSettings, Settings
@@ -171,6 +173,7 @@ def main() -> int:
     parser.add_argument("--samples-per-model", type=int, default=10)
     parser.add_argument("--open-s", type=float, default=1.0)
     parser.add_argument("--partitions", type=int, default=8)
+    add_worker_setting_option(parser)
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
@@ -193,7 +196,9 @@ def main() -> int:
                 drive(plain_settings, args.models, args.rate, args.samples_per_model),
             )
         settings = fresh_settings(bootstrap, embedded, args.partitions, "llm", **groups)
-        with running_worker(settings, BREAKER__OPEN_S=str(args.open_s)):
+        with running_worker(
+            settings, **{"BREAKER__OPEN_S": str(args.open_s), **worker_settings(args)}
+        ):
             ops = latency_summary(
                 "fragrance-ops worker",
                 "downshifts",

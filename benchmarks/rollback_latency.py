@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import Consumer, Producer
 from harness import (
+    add_worker_setting_option,
     broker,
     fresh_settings,
     latency_summary,
     running_service,
     running_worker,
     subscribe_then_ready,
+    worker_settings,
 )
 
 from config.settings import Settings
@@ -166,9 +168,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="metrics/s over all runs")
     parser.add_argument("--samples-per-run", type=int, default=4)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument(
-        "--batch-within-s", type=float, help="the worker's worker.batch_within_s (default: its own)"
-    )
+    add_worker_setting_option(parser)
     args = parser.parse_args()
 
     with broker(args.broker, args.bootstrap) as (bootstrap, embedded):
@@ -184,8 +184,7 @@ def main() -> int:
                 drive(plain_settings, args.runs, args.rate, args.samples_per_run),
             )
         settings = fresh_settings(bootstrap, embedded, args.partitions, "lat")
-        within = {"WORKER__BATCH_WITHIN_S": str(args.batch_within_s)} if args.batch_within_s else {}
-        with running_worker(settings, **within):
+        with running_worker(settings, **worker_settings(args)):
             ops = latency_summary(
                 "fragrance-ops worker",
                 "rollbacks",

@@ -2,12 +2,15 @@
 
 Each module names the upstream behaviour it corrects and the test that covers it:
 
-- ``consumer``: whole fetches handed to the agents' runtime instead of Faust's per-record
-  path; offsets committed behind checkpointed state; the broker holding a fetch for a
-  batch; records dropped before a seek back read again; never-committed partitions read
-  from their beginning.
+- ``consumer``: aiokafka's consumer served on the worker's loop, not in a thread of its
+  own; whole fetches handed to the agents' runtime instead of Faust's per-record path;
+  offsets committed behind checkpointed state; the broker holding a fetch for a batch;
+  records dropped before a seek back read again; never-committed partitions read from
+  their beginning.
 - ``fetch_sessions``: aiokafka's fetcher with Kafka's incremental fetch sessions
-  (KIP-227), which aiokafka lacks: an idle fetch names no partitions.
+  (KIP-227), which aiokafka lacks: an idle fetch names no partitions; after an empty
+  fetch, one answered at the first record; aiokafka's per-fetch decisions in one lean
+  pass.
 - ``monitor``: Faust's per-event monitor bookkeeping skipped.
 - ``worker``: Faust's worker without the spinner that set the root logger to DEBUG.
 
@@ -40,6 +43,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_fetch_records"),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_ensure_consumer"),
     ("faust.app.base", "App", "_new_transport"),
+    ("mode.threads", "ServiceThread", "_thread_started"),
+    ("mode.threads", "ServiceThread", "_thread_running"),
+    ("mode.threads", "ServiceThread", "_serve"),
+    ("mode.threads", "ServiceThread", "_gather_remaining_tasks"),
+    ("mode.threads", "ServiceThread", "parent_loop"),
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_min_bytes"),
     ("aiokafka.consumer.consumer", "AIOKafkaConsumer", "_fetch_max_wait_ms"),
     ("mode.services", "Service", "_stopped"),
@@ -48,6 +56,23 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("aiokafka.consumer.fetcher", "Fetcher", "_client"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_subscriptions"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_get_actions_per_node"),
+    *(
+        ("aiokafka.consumer.fetcher", "Fetcher", name)
+        for name in (
+            "_records",
+            "_in_flight",
+            "_preferred_read_replica",
+            "_select_read_replica",
+            "_fetcher_timeout",
+            "_fetch_min_bytes",
+            "_fetch_max_bytes",
+            "_fetch_max_wait_ms",
+            "_max_partition_fetch_bytes",
+            "_isolation_level",
+            "_client_rack",
+        )
+    ),
+    ("aiokafka.consumer.subscription_state", "Assignment", "_tp_state"),
     ("aiokafka.protocol.fetch", "FetchRequest", "_max_wait_ms"),
     ("aiokafka.protocol.fetch", "FetchRequest", "_min_bytes"),
     ("aiokafka.protocol.fetch", "FetchRequest", "_max_bytes"),
