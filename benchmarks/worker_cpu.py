@@ -227,7 +227,8 @@ def measure(
     per_event = busy / events * 1e6
     print(
         f"{label}: {events} events in {elapsed:.1f} s; CPU {used:.2f} s "
-        f"(idle share {idle_per_s * elapsed:.2f} s): {per_event:,.0f} us per event"
+        f"(idle share {idle_per_s * elapsed:.2f} s): {per_event:,.0f} us per event "
+        f"({used / events * 1e6:,.0f} us idle included)"
     )
     return per_event
 
