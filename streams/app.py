@@ -10,26 +10,51 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import faust
+from faust.types import TP
 from prometheus_client import start_http_server
 
 from config.kafka import faust_credentials, require_bootstrap
 from config.settings import OutputTopic, Settings
 from schemas import Topic, topic_name
 from schemas.events import CommandType
-from streams.agents import feedback, llm, training
+from streams.agents import AgentFactory, register
+from streams.agents.feedback import Feedback
+from streams.agents.llm import Breakers
+from streams.agents.training import TrainingAgent
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
 from streams.faust_fixes import LeanMonitor, WorkerApp
 from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer
 from streams.runtime import AgentRuntime
-from streams.state import StateWriter
+from streams.state import StateWriter, state_tables
 from streams.watchdog import watch_partitions
 
 log = logging.getLogger(__name__)
+
+AGENTS: tuple[AgentFactory, ...] = (TrainingAgent, Breakers, Feedback)
+"""Every agent the worker runs, made and registered in this order."""
+
+
+@dataclass(frozen=True)
+class FaustAssignment:
+    """The agents' ``Assignment``: the partitions Faust's assignor gave this worker."""
+
+    app: faust.App
+
+    @property
+    def rebalancing(self) -> bool:
+        rebalancing: bool = self.app.rebalancing
+        return rebalancing
+
+    def assigned_actives(self) -> AbstractSet[TP]:
+        assigned: AbstractSet[TP] = self.app.assignor.assigned_actives()
+        return assigned
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -62,9 +87,8 @@ def create_app(settings: Settings) -> faust.App:
     app.fetch_with(settings)
     output = OutputProducer(settings)
     metrics = WorkerMetrics(settings.metrics.max_run_labels)
-    app.runtime = AgentRuntime(app, output, StateWriter(settings), metrics)
+    runtime = app.runtime = AgentRuntime(app, output, StateWriter(settings), metrics)
     context = ProcessorContext(
-        app=app,
         settings=settings,
         output=output,
         dead_letters=DeadLetterSink(
@@ -72,18 +96,19 @@ def create_app(settings: Settings) -> faust.App:
         ),
         run_settings=RunSettingsCache(settings),
         metrics=metrics,
-        runtime=app.runtime,
+        checkpoints=runtime,
+        assignment=FaustAssignment(app),
     )
-    training.register(context)
-    llm.register(context)
-    feedback.register(context)
+    stores = state_tables(app, settings)
+    for make in AGENTS:
+        register(app, runtime, make(context, stores))
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         context.forget_partitions()
 
     app.on_partitions_revoked.connect(on_rebalance)
-    serve_metrics(context)
-    watch_partitions(context)
+    serve_metrics(app, runtime, context)
+    watch_partitions(app, runtime, context)
     app.task(freeze_startup_objects)
 
     async def connect_outputs() -> None:
@@ -105,13 +130,13 @@ async def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def serve_metrics(ctx: ProcessorContext) -> None:
+def serve_metrics(app: faust.App, runtime: AgentRuntime, ctx: ProcessorContext) -> None:
     """``/metrics`` over HTTP."""
-    app, settings = ctx.app, ctx.settings.metrics
+    settings = ctx.settings.metrics
     if settings.port is None:
         return
     metrics = ctx.metrics
-    metrics.start_at_zero(sorted(ctx.runtime.input_topics), sorted(get_args(CommandType)))
+    metrics.start_at_zero(sorted(runtime.input_topics), sorted(get_args(CommandType)))
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         metrics.forget_partition_state()

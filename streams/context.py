@@ -1,25 +1,55 @@
-"""What every processor needs: settings, topic names, outputs, the dead-letter sink."""
+"""What every agent is given: settings, topic names, and its boundaries with the world.
+
+An agent reaches the world only through the narrow protocols held here: where outputs go
+(``Output``), where bad input goes (``DeadLetters``), the clock (``clock``), which
+partitions this worker owns (``Assignment``) and how it asks for a prompt checkpoint
+(``CheckpointRequests``); its state stores it is handed when made (``streams.state.OpenStore``).
+The worker fills them with Kafka and Faust (``streams.app``); a unit test fills them with
+in-memory ones and drives an agent with in-memory records, no broker, no Faust app.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import faust
 import orjson
+from faust.types import TP
 
 from config.settings import Settings, run_overrides
 from schemas import CommandBase, Event, Topic, encode, topic_name
 from schemas.signing import signature_header
-from streams.dead_letter import DeadLetterSink
+from streams.dead_letter import DeadLetters
 from streams.metrics import WorkerMetrics
-from streams.output import Headers, OutputDeliveryError, OutputProducer
-from streams.runtime import AgentRuntime, InputRecord
+from streams.output import Headers, Output, OutputDeliveryError
+from streams.runtime import InputRecord
 
 if TYPE_CHECKING:
-    from streams.state import StateWriter
+    from streams.state import StateSink
+
+
+class Assignment(Protocol):
+    """The input partitions this worker owns, as its consumer group assigned them."""
+
+    @property
+    def rebalancing(self) -> bool:
+        """Partitions are moving: ownership is unknown, tables may be mid-recovery."""
+        ...
+
+    def assigned_actives(self) -> AbstractSet[TP]:
+        """The partitions this worker actively owns (standbys aside)."""
+        ...
+
+
+class CheckpointRequests(Protocol):
+    """How an agent asks for its state to be checkpointed soon (``AgentRuntime``)."""
+
+    def checkpoint_soon(self) -> None:
+        """Checkpoint once the running batch or tick is over: a decision read the clock."""
+        ...
 
 
 @dataclass
@@ -49,20 +79,24 @@ class RunStateHolder(Protocol):
         """Whether none of the run's input was applied here after ``since``."""
         ...
 
-    def drop_run(self, run_id: str, writer: StateWriter) -> bool:
+    def drop_run(self, run_id: str, writer: StateSink) -> bool:
         """Drop the run's state (tombstones); whether there was any."""
         ...
 
 
 @dataclass
 class ProcessorContext:
-    app: faust.App
+    """Shared by the worker's agents; every boundary a protocol (see the module doc)."""
+
     settings: Settings
-    output: OutputProducer
-    dead_letters: DeadLetterSink
+    output: Output
+    dead_letters: DeadLetters
     run_settings: RunSettingsCache
     metrics: WorkerMetrics
-    runtime: AgentRuntime
+    checkpoints: CheckpointRequests
+    assignment: Assignment
+    # The worker's clock (Unix seconds): the one time source decisions read.
+    clock: Callable[[], float] = time.time
     # run id -> the hyperparameters its latest metric reported (the training agent writes,
     # the feedback agent reads; both own the run's partition).
     hyperparameters: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -108,7 +142,6 @@ class ProcessorContext:
         """On a rebalance: what was learnt from partitions this worker may no longer own."""
         self.hyperparameters.clear()  # the runs' next metrics refill it
 
-    @staticmethod
-    def now() -> float:
+    def now(self) -> float:
         """The worker's clock: the one trusted time source for decisions."""
-        return time.time()
+        return self.clock()

@@ -5,19 +5,26 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from typing import Protocol
 
 from schemas import DeadLetter, InvalidEvent, encode
 from streams.metrics import WorkerMetrics
-from streams.output import Headers, OutputProducer
+from streams.output import Headers, Output
 from streams.runtime import InputRecord
 
 log = logging.getLogger(__name__)
 
 
+class DeadLetters(Protocol):
+    """Where bad input goes (``DeadLetterSink``)."""
+
+    async def send(self, message: InputRecord, error: Exception) -> None: ...
+
+
 class DeadLetterSink:
     """Sends rejected records to ``ops.dead-letter`` keyed by their original key."""
 
-    def __init__(self, output: OutputProducer, topic: str, metrics: WorkerMetrics) -> None:
+    def __init__(self, output: Output, topic: str, metrics: WorkerMetrics) -> None:
         self._output = output
         self._topic = topic
         self._metrics = metrics

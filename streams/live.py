@@ -5,8 +5,9 @@ arrive (a downshift ends, a window times out). A timer needs the state in memory
 does every batch. ``LiveStates`` holds the objects of the keys this worker owns; the
 runtime runs batches and ticks of one agent one at a time (``AgentRuntime.run_exclusive``),
 so a tick never interleaves with a half-processed batch, and writes the changed keys at its
-checkpoints (``streams.runtime``). A rebalance drops them all; they are reloaded from the
-table (Faust has recovered it from its changelog by then).
+checkpoints (``streams.runtime``, through the agent's ``write_state``). A rebalance drops
+them all; they are reloaded from the table (Faust has recovered it from its changelog by
+then).
 
 Each stored value carries the partition it was written to (the source event's), so the
 timer acts exactly on the keys whose partitions this worker owns, whatever partitioner
@@ -29,7 +30,7 @@ key's state is dropped (``drop``: a tombstone) only once no input has changed it
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -39,7 +40,7 @@ from faust.types import TP
 from streams.context import ProcessorContext
 from streams.output import OutputDeliveryError
 from streams.runtime import InputRecord
-from streams.state import StateTable, StateWriter
+from streams.state import StateSink, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ class _Entry(Generic[T]):
 
 
 class LiveStates(Generic[T]):
-    """Live objects per key, loaded from and written back to a ``PartitionedTable``."""
+    """Live objects per key, loaded from and written back to a ``StateStore``."""
 
     def __init__(
         self,
         ctx: ProcessorContext,
-        table: StateTable,
+        table: StateStore,
         source_topics: Iterable[str],
         *,
         name: str,
@@ -143,9 +144,9 @@ class LiveStates(Generic[T]):
 
     def owned(self) -> Iterable[tuple[bytes, int]]:
         """(key, partition) of every stored key on a partition this worker actively owns."""
-        if self.ctx.app.rebalancing:
+        if self.ctx.assignment.rebalancing:
             return  # the table may be mid-recovery; the next tick catches up
-        assigned = self.ctx.app.assignor.assigned_actives()
+        assigned = self.ctx.assignment.assigned_actives()
         for key in list(self.table.keys()):
             entry = self._live.get(key)
             if entry is not None:
@@ -170,7 +171,7 @@ class LiveStates(Generic[T]):
                 return None
             record = orjson.loads(stored)
             partition, applied_at = record["partition"], record.get("applied_at")
-        assigned = self.ctx.app.assignor.assigned_actives()
+        assigned = self.ctx.assignment.assigned_actives()
         if not any(TP(topic, partition) in assigned for topic in self.source_topics):
             return None
         return partition, applied_at
@@ -181,7 +182,7 @@ class LiveStates(Generic[T]):
         held = self._held(key)
         return held is None or held[1] is None or held[1] <= since
 
-    def drop(self, key: bytes, writer: StateWriter) -> bool:
+    def drop(self, key: bytes, writer: StateSink) -> bool:
         """Forget the key's state for good (at a checkpoint, every agent held): tombstone
         its stored value. Returns whether there was one to drop."""
         held = self._held(key)
@@ -193,7 +194,7 @@ class LiveStates(Generic[T]):
             writer.delete(self.table, key, held[0])
         return True
 
-    def write(self, writer: StateWriter) -> None:
+    def write(self, writer: StateSink) -> None:
         """Write the touched keys (their outputs are on the broker already)."""
         for key in self._touched:
             entry = self._live[key]
@@ -216,47 +217,3 @@ class LiveStates(Generic[T]):
             except Exception:
                 log.exception("%s: the timer failed on %r; it retries next tick", self.name, key)
                 self.ctx.metrics.tick_errors.labels(self.name).inc()
-
-
-@dataclass(eq=False)
-class LiveAgent(Generic[T]):
-    """An agent over ``LiveStates``: each record through ``on_record``, bad input
-    dead-lettered; the live objects checkpointed and forgotten by the runtime."""
-
-    ctx: ProcessorContext
-    live: LiveStates[T]
-    topics: tuple[str, ...]
-    on_record: Callable[[InputRecord], Awaitable[None]]
-
-    @property
-    def name(self) -> str:
-        return self.live.name
-
-    async def process(self, records: Sequence[InputRecord]) -> None:
-        await self.ctx.apply_each(records, self.on_record)
-
-    def write_state(self, writer: StateWriter) -> None:
-        self.live.write(writer)
-
-    def forget(self) -> None:
-        self.live.forget()
-
-
-def register_live_agent(
-    ctx: ProcessorContext,
-    live: LiveStates[T],
-    topics: Iterable[str],
-    *,
-    on_record: Callable[[InputRecord], Awaitable[None]],
-    on_tick: Callable[[bytes, T], Awaitable[None]],
-    tick_interval_s: float,
-) -> LiveAgent[T]:
-    """A batch agent over ``topics`` and a timer, never running at the same time."""
-    agent = LiveAgent(ctx, live, tuple(topics), on_record)
-    ctx.runtime.register(agent)
-
-    async def clock() -> None:
-        await ctx.runtime.run_exclusive(agent, lambda: live.tick(on_tick))
-
-    ctx.app.timer(tick_interval_s)(clock)
-    return agent

@@ -45,6 +45,16 @@ class OutputDeliveryError(RuntimeError):
     """Outputs could not be delivered; the state implying them must not be written."""
 
 
+class Output(Protocol):
+    """Where an agent's outputs go (``OutputProducer``; a test's records them)."""
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
+        """Send one record; raise ``OutputDeliveryError`` when it cannot be sent."""
+        ...
+
+
 class OutputProducer:
     def __init__(self, settings: Settings) -> None:
         worker = settings.worker

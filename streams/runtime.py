@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from streams.metrics import WorkerMetrics
     from streams.output import OutputProducer
-    from streams.state import StateWriter
+    from streams.state import StateSink, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class BatchAgent(Protocol):
         """Apply each record (dead-lettering bad input) and forward the outputs."""
         ...
 
-    def write_state(self, writer: StateWriter) -> None:
+    def write_state(self, writer: StateSink) -> None:
         """Write the state changed since the last checkpoint (its outputs are delivered)."""
         ...
 

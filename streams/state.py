@@ -16,7 +16,8 @@ decodes its own objects.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import faust
 from confluent_kafka import KafkaError, Producer
@@ -28,6 +29,33 @@ from streams.output import flushed
 
 class StateDeliveryError(RuntimeError):
     """A checkpoint's state did not reach the changelog: its offsets must not be committed."""
+
+
+class StateStore(Protocol):
+    """One keyed state store, bytes to bytes: what an agent reads its stored state from and
+    hands to a ``StateSink`` to write. ``StateTable`` is the worker's; a test's can be a
+    dict."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def changelog_topic(self) -> str: ...
+    def get(self, key: bytes) -> bytes | None: ...
+    def keys(self) -> list[bytes]: ...
+    def mirror(self, key: bytes, value: bytes | None) -> None:
+        """Set the value reads see once the write is durable (None: the key is gone)."""
+        ...
+
+
+class StateSink(Protocol):
+    """Where an agent writes its changed state at a checkpoint (``StateWriter``)."""
+
+    def put(self, table: StateStore, key: bytes, value: bytes, partition: int) -> None: ...
+    def delete(self, table: StateStore, key: bytes, partition: int) -> None: ...
+
+
+OpenStore = Callable[[str], StateStore]
+"""Opens the named state store of an agent (each name opened once, by one agent)."""
 
 
 class StateTable:
@@ -96,11 +124,11 @@ class StateWriter:
         if error is not None:
             self._failures.append(error)
 
-    def put(self, table: StateTable, key: bytes, value: bytes, partition: int) -> None:
+    def put(self, table: StateStore, key: bytes, value: bytes, partition: int) -> None:
         self._producer.produce(table.changelog_topic, value, key, partition=partition)
         table.mirror(key, value)
 
-    def delete(self, table: StateTable, key: bytes, partition: int) -> None:
+    def delete(self, table: StateStore, key: bytes, partition: int) -> None:
         """A tombstone: Faust's recovery (and standbys) drop the key, compaction its history."""
         self._producer.produce(table.changelog_topic, None, key, partition=partition)
         table.mirror(key, None)
@@ -114,3 +142,12 @@ class StateWriter:
     def take_failures(self) -> list[KafkaError]:
         failures, self._failures = self._failures, []
         return failures
+
+
+def state_tables(app: faust.App, settings: Settings) -> OpenStore:
+    """The worker's ``OpenStore``: each name a ``StateTable`` of ``app``."""
+
+    def open_table(name: str) -> StateStore:
+        return StateTable(app, name, settings)
+
+    return open_table

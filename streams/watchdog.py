@@ -18,10 +18,12 @@ import logging
 import time
 from collections.abc import Hashable, Mapping
 
+import faust
 from faust.types import TP
 
 from rules.progress import StallDetector
 from streams.context import ProcessorContext
+from streams.runtime import AgentRuntime
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,16 @@ class WorkerStalled(RuntimeError):
     """Input has waited on a partition with no progress for longer than the timeout."""
 
 
-def watch_partitions(ctx: ProcessorContext) -> None:
+def watch_partitions(app: faust.App, runtime: AgentRuntime, ctx: ProcessorContext) -> None:
     """Register the timer (when lag is exported or the watchdog is on)."""
-    app, settings = ctx.app, ctx.settings
+    settings = ctx.settings
     timeout_s = settings.worker.stall_timeout_s
     export_lag = settings.metrics.port is not None
     if timeout_s is None and not export_lag:
         return
     detector = StallDetector(timeout_s) if timeout_s is not None else None
     lag = ctx.metrics.consumer_lag
-    inputs = ctx.runtime.input_topics
+    inputs = runtime.input_topics
     interval_s = settings.metrics.lag_interval_s
     if timeout_s is not None:
         interval_s = min(interval_s, timeout_s / 4)
@@ -100,7 +102,7 @@ def watch_partitions(ctx: ProcessorContext) -> None:
                 progress[f"{tp} commit"] = (done, position)
         # A batch in progress "waits" until the next one starts: a hung agent (outputs never
         # acknowledged, a lock never released) stalls while Faust keeps fetching ahead for it.
-        for agent, serial in ctx.runtime.running_batches.items():
+        for agent, serial in runtime.running_batches.items():
             progress[f"agent {agent}'s batch"] = (serial, serial + 1)
         stalls = detector.observe(time.monotonic(), progress)
         if stalls:

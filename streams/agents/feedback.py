@@ -1,10 +1,11 @@
 """``feedback.ratings`` -> rating windows per target run -> ``retune`` commands.
 
-Per rating the agent decodes it, adds it to its target's window (``rules.retune``)
-and, when a window closes, forwards the proposal as a ``retune`` command on
-``trainer.commands`` (nothing when no rule fired; a log line and the
-``fragrance_ops_feedback_windows_total{result}`` metric say why). A timer closes windows
-whose wall-clock timeout passed, so a run with few ratings still gets an answer.
+Per record the agent decodes the rating, adds it to its target's window (``rules.retune``)
+once (a rating read again, a replay, changes nothing) and, when a window closes, forwards
+the proposal as a ``retune`` command on ``trainer.commands`` (nothing when no rule fired; a
+log line and the ``fragrance_ops_feedback_windows_total{result}`` metric say why). A timer
+closes windows whose wall-clock timeout passed, so a run with few ratings still gets an
+answer.
 
 Targets and partitions: a rating naming a run is keyed by its run id, the target. A
 rating without one is keyed by its formula id, but its target is the configured default
@@ -26,15 +27,16 @@ window's state keeps the last values seen, so a restarted worker proposes from t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from config.settings import Settings
 from rules.retune import Retuner, WindowVerdict, retune_target
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
-from streams.live import LiveStates, origin_header, register_live_agent
+from streams.live import LiveStates, origin_header
 from streams.metrics import remove_series
 from streams.runtime import InputRecord
-from streams.state import StateTable, StateWriter
+from streams.state import OpenStore, StateSink
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +47,56 @@ def by_target_topic(settings: Settings) -> str:
 
 
 class Feedback:
-    def __init__(self, ctx: ProcessorContext) -> None:
+    """The rating windows of the targets whose partitions this worker owns, and their
+    proposals."""
+
+    name = "feedback"
+
+    def __init__(self, ctx: ProcessorContext, stores: OpenStore) -> None:
         self.ctx = ctx
         settings = ctx.settings.retune
         self.settings = settings
         self.source = ctx.topic(Topic.RATINGS)
         self.by_target = by_target_topic(ctx.settings)
-        table = StateTable(ctx.app, "feedback-windows", ctx.settings)
+        self.topics = (self.source, self.by_target)
+        self.internal_topics = (self.by_target,)
+        self.tick_interval_s: float | None = settings.tick_interval_s
+        self._max_bytes = ctx.settings.worker.max_event_bytes
         self.live: LiveStates[Retuner] = LiveStates(
             ctx,
-            table,
-            [self.source, self.by_target],
-            name="feedback",
+            stores("feedback-windows"),
+            self.topics,
+            name=self.name,
             new=lambda target: Retuner(target, settings),
             load=lambda _target, state: Retuner.from_state(state, settings),
             dump=lambda retuner: retuner.to_state(),
         )
+        # A run's window goes with the run's state (see the module doc).
+        ctx.run_state.append(self)
 
-    async def on_rating(self, message: InputRecord) -> None:
-        rating = decode(Rating, message.value, max_bytes=self.ctx.settings.worker.max_event_bytes)
+    # The runtime's side.
+    async def process(self, records: Sequence[InputRecord]) -> None:
+        await self.ctx.apply_each(records, self.on_record)
+
+    async def tick(self) -> None:
+        """``on_tick`` for every window this worker owns."""
+        await self.live.tick(self.on_tick)
+
+    def write_state(self, writer: StateSink) -> None:
+        self.live.write(writer)
+
+    def forget(self) -> None:
+        self.live.forget()
+
+    # Per record: decode, call the rule, forward.
+    async def on_record(self, record: InputRecord) -> None:
+        """Decode a rating (``InvalidEvent``: dead-lettered) and apply it."""
+        rating = decode(Rating, record.value, max_bytes=self._max_bytes)
+        await self.on_rating(rating, record)
+
+    async def on_rating(self, rating: Rating, message: InputRecord) -> None:
+        """Re-key the rating to its target's partition, or add it to the target's window,
+        once; forward the proposal of a window it closed."""
         target = retune_target(rating.run_id, self.settings)
         key = target.encode()
         if message.key != key and message.topic == self.source:
@@ -83,11 +116,12 @@ class Feedback:
         await self.close(outcome.verdict)
 
     async def close(self, verdict: WindowVerdict | None) -> None:
+        """A closed window's verdict: its ``retune`` command forwarded, if a rule fired."""
         if verdict is None:
             return
         # A window closes at a time (its timeout, its ratings' arrival): a replay, later,
         # could close it differently, so the state that closed it is checkpointed now.
-        self.ctx.runtime.checkpoint_soon()
+        self.ctx.checkpoints.checkpoint_soon()
         command = verdict.command(issued_at=self.ctx.now())
         if command is not None:
             result = "proposed"
@@ -99,6 +133,7 @@ class Feedback:
         self.ctx.metrics.feedback_windows.labels(result).inc()
 
     async def on_tick(self, key: bytes, retuner: Retuner) -> None:
+        """The time that passed, for one window: one whose timeout passed closes."""
         verdict = retuner.on_tick(self.ctx.now())
         if verdict is not None:
             self.live.touch(key)
@@ -110,33 +145,8 @@ class Feedback:
     def run_quiet(self, run_id: str, since: float) -> bool:
         return self.live.quiet(run_id.encode(), since)
 
-    def drop_run(self, run_id: str, writer: StateWriter) -> bool:
+    def drop_run(self, run_id: str, writer: StateSink) -> bool:
         if not self.live.drop(run_id.encode(), writer):
             return False
         remove_series(self.ctx.metrics.feedback_window_size, run_id)
         return True
-
-
-def register(ctx: ProcessorContext) -> Feedback:
-    feedback = Feedback(ctx)
-    ctx.run_state.append(feedback)
-    # Internal: the conductor creates the re-keying topic when it subscribes (the contract
-    # topic exists already).
-    ctx.app.topics.add(
-        ctx.app.topic(
-            feedback.by_target,
-            internal=True,
-            partitions=ctx.settings.kafka.partitions,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-    )
-    register_live_agent(
-        ctx,
-        feedback.live,
-        [feedback.source, feedback.by_target],
-        on_record=feedback.on_rating,
-        on_tick=feedback.on_tick,
-        tick_interval_s=ctx.settings.retune.tick_interval_s,
-    )
-    return feedback

@@ -5,7 +5,8 @@ One agent reads ``trainer.runs``, ``trainer.metrics``, ``trainer.checkpoints``,
 co-partitioned): each metric feeds both the
 reward window and the run's operations. Per record it decodes, calls a rule, and forwards.
 Each run's state (settings, ``RunOperations``, ``RewardWindow``) stays live in memory
-between batches; the runtime's checkpoints write the runs a batch changed, once each.
+between batches; the runtime's checkpoints write the runs a batch changed, once each. It
+has no timer: its decisions, like its statistics, are a function of its records alone.
 
 The end of a run (``rules.run_lifecycle``): a finish on ``trainer.runs`` marks the run
 finished; at a checkpoint (every agent held, outputs delivered) a finished run quiet for
@@ -56,7 +57,7 @@ from streams.context import ProcessorContext
 from streams.live import input_origin
 from streams.metrics import RUN_VALUE_NAMES, remove_series
 from streams.runtime import InputRecord
-from streams.state import StateTable, StateWriter
+from streams.state import OpenStore, StateSink, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class TrainingTables:
     # run id -> {"overrides", "algorithm", "announced_at", "partition", "finished" (the
     # RunLifecycle state; absent while it runs)} as JSON; before the algorithm was
     # announced, the overrides alone (a dict of dotted paths, or null): read as PPO's.
-    run_settings: StateTable
-    windows: StateTable  # run id -> RewardWindow snapshot
-    operations: StateTable  # run id -> RunOperations state (JSON)
+    run_settings: StateStore
+    windows: StateStore  # run id -> RewardWindow snapshot
+    operations: StateStore  # run id -> RunOperations state (JSON)
 
 
 @dataclass(eq=False)
@@ -94,13 +95,15 @@ class TrainingAgent:
     """Runs' metrics, checkpoints, acks and announcements -> statistics and commands."""
 
     name = "training"
+    internal_topics: tuple[str, ...] = ()
+    tick_interval_s: float | None = None  # no timer (see the module doc)
 
-    def __init__(self, ctx: ProcessorContext) -> None:
+    def __init__(self, ctx: ProcessorContext, stores: OpenStore) -> None:
         self.ctx = ctx
         self.tables = TrainingTables(
-            run_settings=StateTable(ctx.app, "run-settings", ctx.settings),
-            windows=StateTable(ctx.app, "reward-windows", ctx.settings),
-            operations=StateTable(ctx.app, "run-operations", ctx.settings),
+            run_settings=stores("run-settings"),
+            windows=stores("reward-windows"),
+            operations=stores("run-operations"),
         )
         self._max_bytes = ctx.settings.worker.max_event_bytes
         # Metrics last: of what a trainer sent in one millisecond, the rules take the rest
@@ -129,13 +132,13 @@ class TrainingAgent:
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
-        await self.ctx.apply_each(records, self._apply)
+        await self.ctx.apply_each(records, self.on_record)
         self._share_hyperparameters()
 
-    async def _apply(self, record: InputRecord) -> None:
-        await self._handlers[record.topic](record)
+    async def tick(self) -> None:
+        """Never called (``tick_interval_s`` is None): nothing here waits for time."""
 
-    def write_state(self, writer: StateWriter) -> None:
+    def write_state(self, writer: StateSink) -> None:
         tables = self.tables
         for key in self._settings_changed:
             run = self._runs[key]
@@ -221,6 +224,10 @@ class TrainingAgent:
         )
 
     # Per record: decode, call a rule, forward.
+    async def on_record(self, record: InputRecord) -> None:
+        """Apply a record by its topic's handler (``InvalidEvent``: dead-lettered)."""
+        await self._handlers[record.topic](record)
+
     async def on_run(self, record: InputRecord) -> None:
         event = decode_run_event(record.value, max_bytes=self._max_bytes)
         if isinstance(event, RunFinished):
@@ -428,8 +435,8 @@ class TrainingAgent:
         self._latest.clear()
 
     # The end of finished runs, at each checkpoint (see the module doc).
-    def _end_finished_runs(self, writer: StateWriter) -> None:
-        if self.ctx.app.rebalancing:
+    def _end_finished_runs(self, writer: StateSink) -> None:
+        if self.ctx.assignment.rebalancing:
             return  # partitions move, tables recover: the next checkpoint after it decides
         now = self.ctx.now()
         if self._finished is None:
@@ -460,14 +467,14 @@ class TrainingAgent:
             else:
                 self._drop(key, writer)
         if self._releasing:
-            self.ctx.runtime.checkpoint_soon()
+            self.ctx.checkpoints.checkpoint_soon()
 
     def _expired(self, lifecycle: RunLifecycle, now: float) -> bool:
         return lifecycle.expired(now, self._retention_s, held_since=self._held_since)
 
     def _finished_runs_owned(self) -> dict[bytes, tuple[int, RunLifecycle]]:
         """The finished runs in the run-settings table on partitions this worker owns."""
-        assigned = self.ctx.app.assignor.assigned_actives()
+        assigned = self.ctx.assignment.assigned_actives()
         table = self.tables.run_settings
         found: dict[bytes, tuple[int, RunLifecycle]] = {}
         for key in list(table.keys()):
@@ -490,7 +497,7 @@ class TrainingAgent:
                 found[key] = (partition, lifecycle)
         return found
 
-    def _drop(self, key: bytes, writer: StateWriter) -> None:
+    def _drop(self, key: bytes, writer: StateSink) -> None:
         """Forget a finished run: tombstones for its keys, its live state, its series."""
         assert self._finished is not None
         partition, lifecycle = self._finished.pop(key)
@@ -547,9 +554,3 @@ def stored_announcement(
         )
     # Stored before announcements named their algorithm and position.
     return announced, DEFAULT_ALGORITHM, None
-
-
-def register(ctx: ProcessorContext) -> TrainingAgent:
-    agent = TrainingAgent(ctx)
-    ctx.runtime.register(agent)
-    return agent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any, cast
 
 from pydantic import SecretStr
@@ -37,13 +36,13 @@ def forwarded(
     )
     output = RecordingOutput()
     context = ProcessorContext(
-        app=cast(Any, None),
         settings=settings,
-        output=cast(Any, output),
+        output=output,
         dead_letters=cast(Any, None),
         run_settings=RunSettingsCache(settings),
         metrics=WorkerMetrics(),
-        runtime=cast(Any, SimpleNamespace(checkpoint_soon=lambda: None)),
+        checkpoints=cast(Any, None),
+        assignment=cast(Any, None),
     )
 
     async def forward_all() -> None:
