@@ -13,7 +13,6 @@ import logging
 from typing import Any, get_args
 
 import faust
-from prometheus_client import start_http_server
 
 from config.kafka import faust_credentials, require_bootstrap
 from config.settings import OutputTopic, Settings
@@ -23,8 +22,10 @@ from streams.agents import feedback, llm, training
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
 from streams.faust_fixes import LeanMonitor, WorkerApp
+from streams.http import StateRoutes, start_server
 from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer
+from streams.queries import StateQueries
 from streams.runtime import AgentRuntime
 from streams.state import StateWriter
 from streams.watchdog import watch_partitions
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=worker.web_port or 6066,
         web_bind="127.0.0.1",
         producer_acks=-1,
+        **advertised(settings),
         **({"broker_max_poll_records": worker.batch_max_events} | worker.faust_options),
     )
     app.fetch_with(settings)
@@ -74,15 +76,15 @@ def create_app(settings: Settings) -> faust.App:
         metrics=metrics,
         runtime=app.runtime,
     )
-    training.register(context)
-    llm.register(context)
-    feedback.register(context)
+    queries = StateQueries(
+        app, training.register(context), llm.register(context), feedback.register(context)
+    )
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         context.forget_partitions()
 
     app.on_partitions_revoked.connect(on_rebalance)
-    serve_metrics(context)
+    serve_http(context, queries)
     watch_partitions(context)
     app.task(freeze_startup_objects)
 
@@ -105,8 +107,16 @@ async def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def serve_metrics(ctx: ProcessorContext) -> None:
-    """``/metrics`` over HTTP."""
+def advertised(settings: Settings) -> dict[str, Any]:
+    """Faust's ``canonical_url``, which its assignor tells every worker of the group: this
+    worker's HTTP server (``metrics.url``), where the others route state requests for the
+    keys it owns. None when its port is not known before it binds (0) or it has none."""
+    url = settings.metrics.advertised_url()
+    return {"canonical_url": url} if url is not None else {}
+
+
+def serve_http(ctx: ProcessorContext, queries: StateQueries) -> None:
+    """``/metrics``, ``/runs`` and ``/models`` over HTTP (``streams.http``)."""
     app, settings = ctx.app, ctx.settings.metrics
     if settings.port is None:
         return
@@ -120,15 +130,21 @@ def serve_metrics(ctx: ProcessorContext) -> None:
 
     async def start_metrics_server() -> None:
         try:
-            server, _thread = start_http_server(
-                settings.port or 0, settings.bind, registry=ctx.metrics.registry
+            server = start_server(
+                settings.bind,
+                settings.port or 0,
+                ctx.metrics.registry,
+                StateRoutes(queries),
+                queries.own_url,
             )
         except OSError as exc:  # processing matters more than its metrics: say so, go on
             log.error(
                 "metrics endpoint not started on %s:%s: %s", settings.bind, settings.port, exc
             )
             return
-        host, port = server.server_address[:2]
-        log.warning("metrics on http://%s:%s/metrics", host, port)
+        host, port = str(server.server_address[0]), server.server_address[1]
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        queries.serving_at = url
+        log.warning("metrics on %s/metrics, state on /runs and /models", url)
 
     app.task(start_metrics_server)

@@ -19,11 +19,18 @@ import logging
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Producer
 
 from config.kafka import confluent_config
 from config.settings import Settings
 from streams.output import flushed
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives ``key``, as the SDKs'
+    producers and Faust use: where a key's events, and so its state, are."""
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 class StateDeliveryError(RuntimeError):

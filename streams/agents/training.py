@@ -56,7 +56,7 @@ from streams.context import ProcessorContext
 from streams.live import input_origin
 from streams.metrics import RUN_VALUE_NAMES, remove_series
 from streams.runtime import InputRecord
-from streams.state import StateTable, StateWriter
+from streams.state import StateTable, StateWriter, key_partition
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,12 @@ class TrainingAgent:
     def _run(self, key: bytes, partition: int) -> _Run:
         """The run's live state, loaded from the tables on first use."""
         run = self._runs.get(key)
-        if run is not None:
-            return run
+        if run is None:
+            run = self._runs[key] = self._load_run(key, partition)
+        return run
+
+    def _load_run(self, key: bytes, partition: int) -> _Run:
+        """The run's state as the tables hold it (new when they hold none)."""
         tables = self.tables
         stored_settings = tables.run_settings.get(key)
         overrides, algorithm, announced_at = stored_announcement(stored_settings)
@@ -197,10 +201,7 @@ class TrainingAgent:
         lifecycle = indexed[1] if indexed is not None else stored_lifecycle(stored_settings)[0]
         if lifecycle.reached is None:  # kept only once finished: what the state knows
             lifecycle.reached = _newest(ops.detector.last_position, window.last_position)
-        run = self._runs[key] = _Run(
-            key, partition, overrides, algorithm, announced_at, ops, window, lifecycle
-        )
-        return run
+        return _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
 
     def _changed_run(self, key: bytes, partition: int, position: Position | None = None) -> _Run:
         """The run an input is applied to; a finished run's quiet time starts again."""
@@ -211,6 +212,32 @@ class TrainingAgent:
         if lifecycle.on_metric(position, now) if position is not None else lifecycle.on_input(now):
             self._settings_changed.add(key)
         return run
+
+    # Read-only views, for state queries (``streams.queries``).
+    def peek(self, key: bytes) -> _Run | None:
+        """The run's state, live or stored, if this worker actively owns its partition;
+        None otherwise. Never creates a run, and one loaded from the tables is not kept
+        live."""
+        run = self._runs.get(key)
+        if run is None:
+            if not self._holds(key):
+                return None
+            partition = stored_lifecycle(self.tables.run_settings.get(key))[1]
+            if partition is None:  # never announced: where its events' partitioner put them
+                partition = key_partition(key, self.ctx.settings.kafka.partitions)
+            run = self._load_run(key, partition)
+        assigned = self.ctx.app.assignor.assigned_actives()
+        if not any(TP(topic, run.partition) in assigned for topic in self.topics):
+            return None
+        return run
+
+    def held_keys(self) -> list[bytes]:
+        """Every run with state live or in a table here (owned or not: ``peek`` tells)."""
+        tables = self.tables
+        keys = set(self._runs)
+        for table in (tables.run_settings, tables.operations, tables.windows):
+            keys.update(table.keys())
+        return sorted(keys)
 
     def _holds(self, key: bytes) -> bool:
         """Whether this worker holds any state of the run (live or in a table)."""
