@@ -169,14 +169,15 @@ class LiveStates(Generic[T]):
         from the table is not kept live."""
         entry = self._live.get(key)
         if entry is not None:
-            value, partition = entry.value, entry.partition
-        else:
-            stored = self.table.get(key)
-            if not stored:
-                return None
-            record = orjson.loads(stored)
-            value, partition = self._load(key.decode(), record["state"]), record["partition"]
-        return (value, partition) if self._owns(partition) else None
+            return (entry.value, entry.partition) if self._owns(entry.partition) else None
+        stored = self.table.get(key)
+        if not stored:
+            return None
+        record = orjson.loads(stored)
+        partition = int(record["partition"])
+        if not self._owns(partition):
+            return None
+        return self._load(key.decode(), record["state"]), partition
 
     def held_keys(self) -> list[bytes]:
         """Every key with an object live or stored here (owned or not: ``peek`` tells)."""

@@ -39,6 +39,9 @@ the window).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypedDict
 
 from rules.breaker import ModelBreaker
@@ -48,6 +51,8 @@ from rules.reward_window import RewardWindow
 from rules.run_lifecycle import RunLifecycle
 from rules.training import RunOperations
 from streams.state import key_partition
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import faust
@@ -322,8 +327,15 @@ class StateQueries:
         )
 
     def runs(self) -> dict[str, RunState]:
-        found = (self.run(key.decode()) for key in self.training.held_keys())
-        return {state["run_id"]: state for state in found if state is not None}
+        """Every run this worker holds on a partition it owns; one whose stored state cannot
+        be read is left out (and logged), not the others."""
+        found: dict[str, RunState] = {}
+        for key in self.training.held_keys():
+            with _logged("run", key):
+                state = self.run(key.decode())
+                if state is not None:
+                    found[state["run_id"]] = state
+        return found
 
     def model(self, model: str) -> ModelState | None:
         """The model's breaker, if this worker holds it on a partition it owns."""
@@ -334,8 +346,14 @@ class StateQueries:
         return model_state(breaker, partition=partition, now=self.breakers.ctx.now())
 
     def models(self) -> dict[str, ModelState]:
-        found = (self.model(key.decode()) for key in self.breakers.live.held_keys())
-        return {state["model"]: state for state in found if state is not None}
+        """Every model this worker holds on a partition it owns (as ``runs``)."""
+        found: dict[str, ModelState] = {}
+        for key in self.breakers.live.held_keys():
+            with _logged("model", key):
+                state = self.model(key.decode())
+                if state is not None:
+                    found[state["model"]] = state
+        return found
 
     @property
     def rebalancing(self) -> bool:
@@ -376,3 +394,11 @@ class StateQueries:
             if partition in topics.get(changelog_topic, ()):
                 return str(url)
         return None
+
+
+@contextlib.contextmanager
+def _logged(kind: str, key: bytes) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("state query: the %s %r could not be read; left out", kind, key)

@@ -120,6 +120,7 @@ class TrainingAgent:
         self._latest: dict[str, StepMetric] = {}  # run id -> newest metric since a checkpoint
         self._updates: Counter[str] = Counter()  # metrics per algorithm since a checkpoint
         self._retention_s = ctx.settings.worker.finished_run_retention_s
+        self._partitions = ctx.settings.kafka.partitions
         # Finished runs on the partitions this worker owns: key -> (partition, lifecycle),
         # the lifecycle shared with the live run. None: to be read from the table (at the
         # first checkpoint after a start or a rebalance, once the table is recovered).
@@ -219,17 +220,18 @@ class TrainingAgent:
         None otherwise. Never creates a run, and one loaded from the tables is not kept
         live."""
         run = self._runs.get(key)
-        if run is None:
-            if not self._holds(key):
-                return None
-            partition = stored_lifecycle(self.tables.run_settings.get(key))[1]
-            if partition is None:  # never announced: where its events' partitioner put them
-                partition = key_partition(key, self.ctx.settings.kafka.partitions)
-            run = self._load_run(key, partition)
-        assigned = self.ctx.app.assignor.assigned_actives()
-        if not any(TP(topic, run.partition) in assigned for topic in self.topics):
+        if run is not None:
+            partition = run.partition
+        elif self._holds(key):
+            stored = stored_lifecycle(self.tables.run_settings.get(key))[1]
+            # Never announced: where the default partitioner put its events.
+            partition = stored if stored is not None else key_partition(key, self._partitions)
+        else:
             return None
-        return run
+        assigned = self.ctx.app.assignor.assigned_actives()
+        if not any(TP(topic, partition) in assigned for topic in self.topics):
+            return None  # a standby's copy, or a partition this worker gave up
+        return run if run is not None else self._load_run(key, partition)
 
     def held_keys(self) -> list[bytes]:
         """Every run with state live or in a table here (owned or not: ``peek`` tells)."""

@@ -272,3 +272,30 @@ def test_the_advertised_url_is_the_bind_and_port_or_the_one_given() -> None:
     assert MetricsSettings().worker_urls() == ["http://127.0.0.1:9300"]
     assert MetricsSettings(port=0).worker_urls() == []
     assert MetricsSettings(status_urls=["http://w:1/"]).worker_urls() == ["http://w:1"]
+
+
+def test_a_worker_advertising_no_url_names_itself_where_it_listens(
+    worker: tuple[Any, StateQueries],
+) -> None:
+    app, queries = worker  # metrics.port None: Faust's default canonical URL, not reachable
+    canonical = str(app.conf.canonical_url)
+    app.router.tables_metadata = lambda: {canonical: {}, "http://b:9300": {}}
+    assert queries.own_url() == canonical
+    queries.serving_at = "http://127.0.0.1:41234"
+    assert queries.own_url() == "http://127.0.0.1:41234"
+    assert queries.is_self(canonical)
+    assert queries.workers() == ["http://127.0.0.1:41234", "http://b:9300"]
+
+
+def test_a_run_whose_state_cannot_be_read_is_left_out_of_the_list(
+    worker: tuple[Any, StateQueries],
+) -> None:
+    app, queries = worker
+    training = queries.training
+    assign(app, training.topics[0], set(range(PARTITIONS)))
+    ops, _ = ops_after_a_nan_loss()
+    training.tables.operations.mirror(RUN.encode(), orjson.dumps(ops.to_state()))
+    training.tables.operations.mirror(b"unreadable", orjson.dumps({"version": 99}))
+    assert list(queries.runs()) == [RUN]
+    with pytest.raises(ValueError, match="state version 99"):
+        queries.run("unreadable")  # asked alone: the HTTP server answers 500 with the reason

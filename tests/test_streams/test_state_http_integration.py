@@ -23,7 +23,9 @@ from fragrance_ops.worker_process import WorkerProcess
 from producers import TrainerClient
 from schemas import CheckpointSaved, LlmOutcome, StepMetric, encode, topic_name
 from streams.http import OWNER_HEADER
+from streams.state import key_partition
 from tests.helpers.kafka import produce_records
+from tests.test_streams.conftest import TEST_PARTITIONS
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +169,17 @@ def test_a_worker_answers_for_a_run_and_a_model_and_status_reads_it(
         assert orjson.loads(result.stdout)["runs"][RUN]["halted"] is True
 
 
+def one_run_per_partition() -> list[str]:
+    """Run ids whose (murmur2) partitions are every partition: each worker owns some."""
+    runs: dict[int, str] = {}
+    candidate = 0
+    while len(runs) < TEST_PARTITIONS:
+        run = f"state-run-{candidate}"
+        runs.setdefault(key_partition(run.encode(), TEST_PARTITIONS), run)
+        candidate += 1
+    return sorted(runs.values())
+
+
 def at_step_2(status: int, body: Any) -> bool:
     return status == 200 and body.get("step") == 2
 
@@ -176,7 +189,7 @@ def test_either_of_two_workers_answers_for_every_key(
 ) -> None:
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    runs = [f"state-run-{i}" for i in range(8)]
+    runs = one_run_per_partition()
     with make_worker(METRICS__PORT=str(ports[0])), make_worker(METRICS__PORT=str(ports[1])):
         # Both in the group (each names the other), every partition owned by one of them.
         for url in urls:
