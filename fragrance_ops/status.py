@@ -244,6 +244,7 @@ def collect(
 ) -> dict[str, Any]:
     """From the workers (``worker_urls``, default ``metrics.status_urls`` or the local
     worker), else from the topics (``topics``: from the topics only)."""
+    urls: Sequence[str] = []
     if not topics:
         urls = settings.metrics.worker_urls() if worker_urls is None else worker_urls
         answered = ask_workers(urls) if urls else None
@@ -254,7 +255,9 @@ def collect(
             "no worker answered and status needs a broker to read the topics: set "
             "KAFKA_BOOTSTRAP_SERVERS"
         )
-    return collect_status(settings, tail=tail, timeout_s=timeout_s)
+    status = collect_status(settings, tail=tail, timeout_s=timeout_s)
+    status["unanswered"] = list(urls)  # the workers asked first
+    return status
 
 
 class NoSource(RuntimeError):
@@ -270,8 +273,10 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"  not answering: {', '.join(status['unreachable'])}")
         if status.get("rebalancing"):
             lines.append("  (the group is rebalancing: some runs or models may be missing)")
+    elif status.get("unanswered"):
+        lines.append(f"From the topics (no worker answered: {', '.join(status['unanswered'])}):")
     else:
-        lines.append("From the topics (no worker answered):")
+        lines.append("From the topics:")
     lines.append("LLM models:")
     for model, breaker in sorted(status["models"].items()):
         recovery = breaker["recovers_in_s"]

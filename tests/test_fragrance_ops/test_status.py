@@ -151,8 +151,9 @@ def test_the_topics_are_read_when_no_worker_answers(monkeypatch: pytest.MonkeyPa
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
         metrics=MetricsSettings(status_urls=[nobody()]),
     )
-    assert collect(settings)["source"] == "topics"
-    assert collect(settings, worker_urls=[], topics=False)["source"] == "topics"
+    status = collect(settings)
+    assert (status["source"], status["unanswered"]) == ("topics", settings.metrics.status_urls)
+    assert collect(settings, topics=True)["unanswered"] == []  # no worker asked
     assert len(read) == 2
 
 
@@ -180,8 +181,10 @@ def test_status_json_shows_each_runs_halted_flag(
 
 
 def test_the_rendering_says_where_it_read() -> None:
-    from_topics = render({"source": "topics", "models": {}, "runs": {}, "at": 0.0})
-    assert from_topics.splitlines()[0] == "From the topics (no worker answered):"
+    from_topics = {"source": "topics", "models": {}, "runs": {}, "at": 0.0}
+    assert render(from_topics).splitlines()[0] == "From the topics:"
+    unanswered = render(from_topics | {"unanswered": ["http://a", "http://b"]})
+    assert unanswered.splitlines()[0] == "From the topics (no worker answered: http://a, http://b):"
     status = {
         "source": "workers",
         "workers": ["http://a"],
