@@ -131,7 +131,10 @@ def test_no_worker_answering_is_none() -> None:
     assert ask_workers([nobody(), nobody()]) is None
 
 
-def test_without_a_worker_or_a_broker_there_is_nothing_to_read() -> None:
+def test_without_a_worker_or_a_broker_there_is_nothing_to_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     settings = Settings(metrics=MetricsSettings(status_urls=[nobody()]))
     with pytest.raises(NoSource, match="KAFKA_BOOTSTRAP_SERVERS"):
         collect(settings)
