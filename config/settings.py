@@ -14,6 +14,7 @@ validated against the same models (see ``run_overrides``).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -778,17 +779,33 @@ class RetuneSettings(_Group):
 
 
 class MetricsSettings(_Group):
-    """The worker's Prometheus endpoint. Env: FRAGRANCE_OPS_METRICS__<NAME>."""
+    """The worker's HTTP server: Prometheus' /metrics and state on request (/runs, /models).
+    Env: FRAGRANCE_OPS_METRICS__<NAME>."""
 
     port: int | None = Field(
         default=9300,
         ge=0,
         le=65535,
-        description="HTTP port of /metrics (0: any free port, logged at start; None: off)",
+        description="HTTP port of /metrics, /runs and /models (0: any free port, logged at "
+        "start; None: off)",
     )
     bind: str = Field(
         default="127.0.0.1",
-        description="address /metrics listens on (0.0.0.0 in containers, for the scraper)",
+        description="address the HTTP server listens on (0.0.0.0 in containers, for the "
+        "scraper and the other workers)",
+    )
+    url: str | None = Field(
+        default=None,
+        description="the URL other workers reach this worker's HTTP server at: they route "
+        "state requests for the runs and models it owns there (the pod's address in "
+        "Kubernetes). None: http://<bind>:<port>, the host name for a bind of 0.0.0.0 or ::; "
+        "with port 0 and no url, requests for its keys cannot be routed to it",
+    )
+    status_urls: list[str] = Field(
+        default_factory=list,
+        description="workers `fragrance-ops status` asks first (each answers for its runs and "
+        "models and names the others); empty: the local worker, http://127.0.0.1:<port>. "
+        "When none answers, status reads the topics",
     )
     max_run_labels: int = Field(
         default=50,
@@ -805,6 +822,22 @@ class MetricsSettings(_Group):
     lag_interval_s: float = Field(
         default=5.0, gt=0, description="how often consumer lag is measured"
     )
+
+    def advertised_url(self) -> str | None:
+        """This worker's HTTP server as the other workers reach it (``url``); None when its
+        port is not known before it binds (0) or it has none."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        if not self.port:
+            return None
+        host = socket.gethostname() if self.bind in ("0.0.0.0", "::", "") else self.bind
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def worker_urls(self) -> list[str]:
+        """The workers ``status`` asks first (``status_urls``, else the local worker)."""
+        if self.status_urls:
+            return [url.rstrip("/") for url in self.status_urls]
+        return [f"http://127.0.0.1:{self.port}"] if self.port else []
 
 
 class SecuritySettings(_Group):

@@ -4,7 +4,7 @@
     fragrance-ops topics create    create the contract topics, idempotently
     fragrance-ops demo             embedded broker + worker + a simulated trainer
     fragrance-ops settings         print every setting with its value (secrets masked)
-    fragrance-ops status           breakers per model, latest step and command per run
+    fragrance-ops status           breakers per model, each run's state (workers, else topics)
     fragrance-ops run ACTION RUN   ask the worker to halt, resume, roll back or set entropy
 
 ``--debug`` before the command shows the traceback of an error instead of its message.
@@ -115,16 +115,30 @@ def topics_create() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     tail: Annotated[int, typer.Option(help="records per partition read for runs")] = 2000,
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--worker",
+            help="a worker's HTTP URL to ask first (repeatable; default: metrics.status_urls, "
+            "else the local worker)",
+            show_default=False,
+        ),
+    ] = None,
+    topics: Annotated[
+        bool, typer.Option("--topics", help="read the topics only, ask no worker")
+    ] = False,
 ) -> None:
     """Print each model's breaker state, mode, TTL and time to recovery, and each run's
-    latest step, entropy coefficient and last command."""
-    from fragrance_ops.status import collect_status, render
+    state (halted, step, entropy coefficient, rollbacks, checkpoints, windows), as the
+    workers hold them; read from the topics when no worker answers."""
+    from fragrance_ops.status import NoSource, collect, render
 
     settings = Settings()
-    if not settings.kafka.bootstrap_servers:
-        typer.echo("status needs a broker: set KAFKA_BOOTSTRAP_SERVERS", err=True)
-        raise typer.Exit(2)
-    current = collect_status(settings, tail=tail)
+    try:
+        current = collect(settings, worker_urls=worker or None, topics=topics, tail=tail)
+    except NoSource as error:
+        typer.echo(f"fragrance-ops: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(
         orjson.dumps(current, option=orjson.OPT_INDENT_2).decode() if as_json else render(current)
     )

@@ -1,4 +1,13 @@
-"""``fragrance-ops status``: what the operations layer currently says, read from Kafka.
+"""``fragrance-ops status``: what the operations layer currently says.
+
+From the workers first (``ask_workers``): each worker answers, over HTTP, for the runs and
+models whose partitions it owns (``streams.queries``: per run whether it is halted, its
+attempt, rollbacks used and budget, pending rollback, kept and protected checkpoints,
+reward window, entropy coefficient last sent, rating window progress; per model its
+breaker), and names the other workers of its group, which are asked too. The workers
+asked first are ``metrics.status_urls`` (default: the local worker, on ``metrics.port``).
+
+When no worker answers, from the topics (``collect_status``):
 
 - each LLM model's breaker: the newest ``llm.control`` event per model (the topic is
   compacted, so this is a full read of small data);
@@ -17,7 +26,10 @@ and commits nothing.
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -163,11 +175,109 @@ def collect_status(
         run["stale"] = not run["finished"] and (
             run["silent_s"] is None or run["silent_s"] > stale_after
         )
-    return {"models": models, "runs": runs, "at": now}
+    return {"source": "topics", "models": models, "runs": runs, "at": now}
+
+
+# Workers are asked directly, never through an HTTP proxy of the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get_json(url: str, timeout_s: float) -> Any:
+    """The JSON a worker answers at ``url``; None when it does not answer (or not JSON)."""
+    try:
+        with _DIRECT.open(url, timeout=timeout_s) as response:
+            return orjson.loads(response.read())
+    except urllib.error.HTTPError as error:  # answered, but not the state: not a worker
+        error.close()
+        return None
+    except (urllib.error.URLError, OSError, orjson.JSONDecodeError, ValueError):
+        return None
+
+
+def ask_workers(urls: Sequence[str], *, timeout_s: float = 3.0) -> dict[str, Any] | None:
+    """The runs and models as the workers hold them (``/runs``, ``/models``); None when no
+    worker answers. Every worker an answer names (the group's) is asked too, once."""
+    pending = [url.rstrip("/") for url in urls]
+    asked: set[str] = set()
+    answered: list[str] = []
+    unreachable: list[str] = []
+    runs: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    rebalancing = False
+    while pending:
+        url = pending.pop(0)
+        if url in asked:
+            continue
+        asked.add(url)
+        listed_runs = _get_json(f"{url}/runs", timeout_s)
+        listed_models = _get_json(f"{url}/models", timeout_s)
+        if not isinstance(listed_runs, dict) or not isinstance(listed_models, dict):
+            unreachable.append(url)
+            continue
+        answered.append(url)
+        asked.add(str(listed_runs.get("worker", url)).rstrip("/"))  # its own name for itself
+        runs.update(listed_runs.get("runs", {}))
+        models.update(listed_models.get("models", {}))
+        rebalancing = rebalancing or bool(listed_runs.get("rebalancing"))
+        named = listed_runs.get("workers", []) + listed_models.get("workers", [])
+        pending += [str(other).rstrip("/") for other in named if str(other) not in asked]
+    if not answered:
+        return None
+    return {
+        "source": "workers",
+        "workers": answered,
+        "unreachable": unreachable,
+        "rebalancing": rebalancing,
+        "models": models,
+        "runs": runs,
+        "at": time.time(),
+    }
+
+
+def collect(
+    settings: Settings,
+    *,
+    worker_urls: Sequence[str] | None = None,
+    topics: bool = False,
+    tail: int = 2000,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
+    """From the workers (``worker_urls``, default ``metrics.status_urls`` or the local
+    worker), else from the topics (``topics``: from the topics only)."""
+    urls: Sequence[str] = []
+    if not topics:
+        urls = settings.metrics.worker_urls() if worker_urls is None else worker_urls
+        answered = ask_workers(urls) if urls else None
+        if answered is not None:
+            return answered
+    if not settings.kafka.bootstrap_servers:
+        raise NoSource(
+            "no worker answered and status needs a broker to read the topics: set "
+            "KAFKA_BOOTSTRAP_SERVERS"
+        )
+    status = collect_status(settings, tail=tail, timeout_s=timeout_s)
+    status["unanswered"] = list(urls)  # the workers asked first
+    return status
+
+
+class NoSource(RuntimeError):
+    """Neither a worker nor a broker to ask."""
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = ["LLM models:"]
+    from_workers = status.get("source") == "workers"
+    lines = []
+    if from_workers:
+        lines.append(f"From the workers: {', '.join(status['workers'])}")
+        if status.get("unreachable"):
+            lines.append(f"  not answering: {', '.join(status['unreachable'])}")
+        if status.get("rebalancing"):
+            lines.append("  (the group is rebalancing: some runs or models may be missing)")
+    elif status.get("unanswered"):
+        lines.append(f"From the topics (no worker answered: {', '.join(status['unanswered'])}):")
+    else:
+        lines.append("From the topics:")
+    lines.append("LLM models:")
     for model, breaker in sorted(status["models"].items()):
         recovery = breaker["recovers_in_s"]
         lines.append(
@@ -180,6 +290,9 @@ def render(status: dict[str, Any]) -> str:
         lines.append("  (none reported)")
     lines.append("Training runs:")
     for run_id, run in sorted(status["runs"].items()):
+        if from_workers:
+            lines.append(f"  {run_id}: {_held_run(run)}")
+            continue
         command = run.get("last_command")
         entropy = run.get("entropy_coef")
         flags = [flag for flag in ("halted", "finished", "stale") if run.get(flag)]
@@ -195,3 +308,33 @@ def render(status: dict[str, Any]) -> str:
     if not status["runs"]:
         lines.append("  (none reported)")
     return "\n".join(lines)
+
+
+def _held_run(run: dict[str, Any]) -> str:
+    """One line for a run as its worker holds it (``streams.queries.RunState``)."""
+    entropy = run.get("entropy_coef")
+    rollbacks = run["rollbacks"]
+    parts = [
+        f"step {run.get('step')} (attempt {run.get('attempt')})",
+        f"entropy_coef {entropy if entropy is not None else '?'}",
+        f"rollbacks {rollbacks['used']}/{rollbacks['budget']}",
+    ]
+    pending = run.get("pending_rollback")
+    if pending is not None:
+        parts.append(f"rollback to step {pending['step']} pending")
+    window = run["reward_window"]
+    if window["count"]:
+        mean, std, count = window["mean"], window["std"], window["count"]
+        parts.append(f"reward mean {mean:.4g} std {std:.4g} (n={count})")
+    kept = run["checkpoints"]["kept"]
+    protected = run["checkpoints"]["protected"]
+    parts.append(
+        "checkpoints "
+        + (", ".join(str(checkpoint["step"]) for checkpoint in kept) or "none")
+        + (f" (protected {protected})" if protected is not None else "")
+    )
+    rating = run.get("rating_window")
+    if rating is not None:
+        parts.append(f"ratings {rating['size']}/{rating['min_window']}")
+    flags = [flag for flag in ("halted", "finished") if run.get(flag)]
+    return ", ".join(parts) + (f" [{', '.join(flags)}]" if flags else "")

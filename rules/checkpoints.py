@@ -335,10 +335,23 @@ class RollbackBudget:
         """Rollbacks so far, oldest first (``RollbackRecord``), as a halt command lists them."""
         return [record.to_state() for record in self._history]
 
+    @property
+    def max_rollbacks(self) -> int:
+        """Rollbacks allowed whose anomaly steps lie fewer than ``within_steps`` apart."""
+        return self._max
+
+    @property
+    def within_steps(self) -> int:
+        return self._within
+
+    def used(self, step: int) -> int:
+        """Rollbacks counted against one more for an anomaly at ``step``: those whose
+        anomaly step lies fewer than ``within_steps`` from it."""
+        return sum(1 for record in self._history if abs(record.step - step) < self._within)
+
     def allow(self, step: int) -> bool:
         """Whether one more rollback for an anomaly at ``step`` stays within the budget."""
-        near = sum(1 for record in self._history if abs(record.step - step) < self._within)
-        return near < self._max
+        return self.used(step) < self._max
 
     def record(self, step: int, checkpoint_step: int, reason: str, attempt: int = 0) -> bool:
         """A rollback was sent; False for a replay (same attempt and anomaly step)."""

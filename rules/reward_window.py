@@ -65,6 +65,16 @@ class RewardWindow:
         return self._sums.count
 
     @property
+    def mean(self) -> float | None:
+        """The mean of the rewards in the window; None when it is empty."""
+        return self._sums.mean() if self._sums.count else None
+
+    @property
+    def std(self) -> float | None:
+        """Their population standard deviation (ddof=0); None when the window is empty."""
+        return self._sums.population_std() if self._sums.count else None
+
+    @property
     def last_position(self) -> tuple[int, int]:
         """(attempt, step) of the newest reward, or (-1, -1) when empty."""
         return self._last

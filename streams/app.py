@@ -16,29 +16,27 @@ from typing import Any, get_args
 
 import faust
 from faust.types import TP
-from prometheus_client import start_http_server
 
 from config.kafka import faust_credentials, require_bootstrap
 from config.settings import OutputTopic, Settings
 from schemas import Topic, topic_name
 from schemas.events import CommandType
-from streams.agents import AgentFactory, register
+from streams.agents import register
 from streams.agents.feedback import Feedback
 from streams.agents.llm import Breakers
 from streams.agents.training import TrainingAgent
 from streams.context import ProcessorContext, RunSettingsCache
 from streams.dead_letter import DeadLetterSink
 from streams.faust_fixes import LeanMonitor, WorkerApp
+from streams.http import StateRoutes, start_server
 from streams.metrics import WorkerMetrics
 from streams.output import OutputProducer
+from streams.queries import StateQueries
 from streams.runtime import AgentRuntime
 from streams.state import StateWriter, state_tables
 from streams.watchdog import watch_partitions
 
 log = logging.getLogger(__name__)
-
-AGENTS: tuple[AgentFactory, ...] = (TrainingAgent, Breakers, Feedback)
-"""Every agent the worker runs, made and registered in this order."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +80,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=worker.web_port or 6066,
         web_bind="127.0.0.1",
         producer_acks=-1,
+        **advertised(settings),
         **({"broker_max_poll_records": worker.batch_max_events} | worker.faust_options),
     )
     app.fetch_with(settings)
@@ -100,14 +99,20 @@ def create_app(settings: Settings) -> faust.App:
         assignment=FaustAssignment(app),
     )
     stores = state_tables(app, settings)
-    for make in AGENTS:
-        register(app, runtime, make(context, stores))
+    training, breakers, feedback = agents = (
+        TrainingAgent(context, stores),
+        Breakers(context, stores),
+        Feedback(context, stores),
+    )
+    for agent in agents:
+        register(app, runtime, agent)
+    queries = StateQueries(app, training, breakers, feedback)
 
     async def on_rebalance(*_args: Any, **_kwargs: Any) -> None:
         context.forget_partitions()
 
     app.on_partitions_revoked.connect(on_rebalance)
-    serve_metrics(app, runtime, context)
+    serve_http(app, runtime, context, queries)
     watch_partitions(app, runtime, context)
     app.task(freeze_startup_objects)
 
@@ -130,8 +135,18 @@ async def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def serve_metrics(app: faust.App, runtime: AgentRuntime, ctx: ProcessorContext) -> None:
-    """``/metrics`` over HTTP."""
+def advertised(settings: Settings) -> dict[str, Any]:
+    """Faust's ``canonical_url``, which its assignor tells every worker of the group: this
+    worker's HTTP server (``metrics.url``), where the others route state requests for the
+    keys it owns. None when its port is not known before it binds (0) or it has none."""
+    url = settings.metrics.advertised_url()
+    return {"canonical_url": url} if url is not None else {}
+
+
+def serve_http(
+    app: faust.App, runtime: AgentRuntime, ctx: ProcessorContext, queries: StateQueries
+) -> None:
+    """``/metrics``, ``/runs`` and ``/models`` over HTTP (``streams.http``)."""
     settings = ctx.settings.metrics
     if settings.port is None:
         return
@@ -145,15 +160,21 @@ def serve_metrics(app: faust.App, runtime: AgentRuntime, ctx: ProcessorContext) 
 
     async def start_metrics_server() -> None:
         try:
-            server, _thread = start_http_server(
-                settings.port or 0, settings.bind, registry=ctx.metrics.registry
+            server = start_server(
+                settings.bind,
+                settings.port or 0,
+                ctx.metrics.registry,
+                StateRoutes(queries),
+                queries.own_url,
             )
         except OSError as exc:  # processing matters more than its metrics: say so, go on
             log.error(
                 "metrics endpoint not started on %s:%s: %s", settings.bind, settings.port, exc
             )
             return
-        host, port = server.server_address[:2]
-        log.warning("metrics on http://%s:%s/metrics", host, port)
+        host, port = str(server.server_address[0]), server.server_address[1]
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        queries.serving_at = url
+        log.warning("metrics on %s/metrics, state on /runs and /models", url)
 
     app.task(start_metrics_server)

@@ -159,6 +159,31 @@ class LiveStates(Generic[T]):
             if any(TP(topic, partition) in assigned for topic in self.source_topics):
                 yield key, partition
 
+    def _owns(self, partition: int) -> bool:
+        """Whether this worker actively owns ``partition`` of the source topics."""
+        assigned = self.ctx.assignment.assigned_actives()
+        return any(TP(topic, partition) in assigned for topic in self.source_topics)
+
+    def peek(self, key: bytes) -> tuple[T, int] | None:
+        """(object, partition) of the key, live or stored, if this worker actively owns it;
+        None otherwise. Read-only (state queries): never creates an object, and one loaded
+        from the table is not kept live."""
+        entry = self._live.get(key)
+        if entry is not None:
+            return (entry.value, entry.partition) if self._owns(entry.partition) else None
+        stored = self.table.get(key)
+        if not stored:
+            return None
+        record = orjson.loads(stored)
+        partition = int(record["partition"])
+        if not self._owns(partition):
+            return None
+        return self._load(key.decode(), record["state"]), partition
+
+    def held_keys(self) -> list[bytes]:
+        """Every key with an object live or stored here (owned or not: ``peek`` tells)."""
+        return sorted(set(self._live) | set(self.table.keys()))
+
     def _held(self, key: bytes) -> tuple[int, float | None] | None:
         """(partition, applied_at) of the key's state, live or stored, if this worker
         actively owns it; None otherwise."""
@@ -171,8 +196,7 @@ class LiveStates(Generic[T]):
                 return None
             record = orjson.loads(stored)
             partition, applied_at = record["partition"], record.get("applied_at")
-        assigned = self.ctx.assignment.assigned_actives()
-        if not any(TP(topic, partition) in assigned for topic in self.source_topics):
+        if not self._owns(partition):
             return None
         return partition, applied_at
 

@@ -20,11 +20,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import faust
+from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError, Producer
 
 from config.kafka import confluent_config
 from config.settings import Settings
 from streams.output import flushed
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives ``key``, as the SDKs'
+    producers and Faust use: where a key's events, and so its state, are."""
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 class StateDeliveryError(RuntimeError):

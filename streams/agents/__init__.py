@@ -14,14 +14,11 @@ unit test makes one with in-memory ones, feeds it records and fires its timer by
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import faust
 
-from streams.context import ProcessorContext
 from streams.runtime import AgentRuntime, BatchAgent
-from streams.state import OpenStore
 
 
 class Agent(BatchAgent, Protocol):
@@ -43,7 +40,6 @@ class Agent(BatchAgent, Protocol):
 
 
 A = TypeVar("A", bound=Agent)
-AgentFactory = Callable[[ProcessorContext, OpenStore], Agent]
 
 
 def register(app: faust.App, runtime: AgentRuntime, agent: A) -> A:

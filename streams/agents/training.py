@@ -57,7 +57,7 @@ from streams.context import ProcessorContext
 from streams.live import input_origin
 from streams.metrics import RUN_VALUE_NAMES, remove_series
 from streams.runtime import InputRecord
-from streams.state import OpenStore, StateSink, StateStore
+from streams.state import OpenStore, StateSink, StateStore, key_partition
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class TrainingAgent:
         self._latest: dict[str, StepMetric] = {}  # run id -> newest metric since a checkpoint
         self._updates: Counter[str] = Counter()  # metrics per algorithm since a checkpoint
         self._retention_s = ctx.settings.worker.finished_run_retention_s
+        self._partitions = ctx.settings.kafka.partitions
         # Finished runs on the partitions this worker owns: key -> (partition, lifecycle),
         # the lifecycle shared with the live run. None: to be read from the table (at the
         # first checkpoint after a start or a rebalance, once the table is recovered).
@@ -176,8 +177,12 @@ class TrainingAgent:
     def _run(self, key: bytes, partition: int) -> _Run:
         """The run's live state, loaded from the tables on first use."""
         run = self._runs.get(key)
-        if run is not None:
-            return run
+        if run is None:
+            run = self._runs[key] = self._load_run(key, partition)
+        return run
+
+    def _load_run(self, key: bytes, partition: int) -> _Run:
+        """The run's state as the tables hold it (new when they hold none)."""
         tables = self.tables
         stored_settings = tables.run_settings.get(key)
         overrides, algorithm, announced_at = stored_announcement(stored_settings)
@@ -200,10 +205,7 @@ class TrainingAgent:
         lifecycle = indexed[1] if indexed is not None else stored_lifecycle(stored_settings)[0]
         if lifecycle.reached is None:  # kept only once finished: what the state knows
             lifecycle.reached = _newest(ops.detector.last_position, window.last_position)
-        run = self._runs[key] = _Run(
-            key, partition, overrides, algorithm, announced_at, ops, window, lifecycle
-        )
-        return run
+        return _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
 
     def _changed_run(self, key: bytes, partition: int, position: Position | None = None) -> _Run:
         """The run an input is applied to; a finished run's quiet time starts again."""
@@ -214,6 +216,33 @@ class TrainingAgent:
         if lifecycle.on_metric(position, now) if position is not None else lifecycle.on_input(now):
             self._settings_changed.add(key)
         return run
+
+    # Read-only views, for state queries (``streams.queries``).
+    def peek(self, key: bytes) -> _Run | None:
+        """The run's state, live or stored, if this worker actively owns its partition;
+        None otherwise. Never creates a run, and one loaded from the tables is not kept
+        live."""
+        run = self._runs.get(key)
+        if run is not None:
+            partition = run.partition
+        elif self._holds(key):
+            stored = stored_lifecycle(self.tables.run_settings.get(key))[1]
+            # Never announced: where the default partitioner put its events.
+            partition = stored if stored is not None else key_partition(key, self._partitions)
+        else:
+            return None
+        assigned = self.ctx.assignment.assigned_actives()
+        if not any(TP(topic, partition) in assigned for topic in self.topics):
+            return None  # a standby's copy, or a partition this worker gave up
+        return run if run is not None else self._load_run(key, partition)
+
+    def held_keys(self) -> list[bytes]:
+        """Every run with state live or in a table here (owned or not: ``peek`` tells)."""
+        tables = self.tables
+        keys = set(self._runs)
+        for table in (tables.run_settings, tables.operations, tables.windows):
+            keys.update(table.keys())
+        return sorted(keys)
 
     def _holds(self, key: bytes) -> bool:
         """Whether this worker holds any state of the run (live or in a table)."""

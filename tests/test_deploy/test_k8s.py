@@ -47,7 +47,8 @@ def worker_env(resources: dict[str, dict[str, Any]]) -> dict[str, str]:
             env |= resources[f"ConfigMap/{source['configMapRef']['name']}"]["data"]
         else:
             env |= resources[f"Secret/{source['secretRef']['name']}"]["stringData"]
-    env |= {item["name"]: item["value"] for item in container.get("env", [])}
+    # Values Kubernetes fills in (valueFrom: the pod's IP) are not settings.
+    env |= {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
     return env
 
 
@@ -112,6 +113,18 @@ def test_the_worker_deployment(resources: dict[str, dict[str, Any]]) -> None:
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     assert "emptyDir" in volumes[mounts[DATA_DIR]]
     assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_each_worker_advertises_its_pod_ip_for_state_requests(
+    resources: dict[str, dict[str, Any]],
+) -> None:
+    container = pod_spec(resources["Deployment/fragrance-ops-worker"])["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    names = [item["name"] for item in container["env"]]
+    assert names.index("POD_IP") < names.index("FRAGRANCE_OPS_METRICS__URL")  # $() order
+    port = worker_env(resources)["FRAGRANCE_OPS_METRICS__PORT"]
+    assert worker_env(resources)["FRAGRANCE_OPS_METRICS__URL"] == f"http://$(POD_IP):{port}"
 
 
 def test_the_metrics_service_selects_the_workers_for_prometheus(

@@ -55,6 +55,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def no_worker() -> dict[str, str]:
+    """The setting that points ``status`` at a worker nobody runs (not the default port,
+    where another worker on this machine may answer)."""
+    urls = orjson.dumps([f"http://{LOCALHOST}:{free_port()}"]).decode()
+    return {"FRAGRANCE_OPS_METRICS__STATUS_URLS": urls}
+
+
 def leftovers(scratch: Path) -> list[Path]:
     """What the demo left in its temp directory; torch's compile cache, which torch keeps
     per user across runs, is not the demo's."""
@@ -207,7 +214,8 @@ def test_an_invalid_setting_is_one_message_naming_the_variable(command: list[str
 )
 def test_an_unreachable_broker_is_one_message_saying_what_to_check(command: list[str]) -> None:
     address = f"{LOCALHOST}:{free_port()}"  # nothing listens there
-    env = clean_env(FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS=address)
+    # status asks a worker first; none answering, it reads the topics.
+    env = clean_env(FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS=address, **no_worker())
     result = run_cli(*command, env=env, timeout=60)
     assert result.returncode == 1, result.stderr
     assert result.stdout == ""
@@ -275,11 +283,14 @@ def test_status_reports_breakers_and_runs_from_the_topics(
             [(event.key().encode(), encode(event)) for event in events],
         )
     env = clean_env(
-        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX=topic_prefix
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+        FRAGRANCE_OPS_KAFKA__TOPIC_PREFIX=topic_prefix,
+        **no_worker(),
     )
     result = run_cli("status", "--json", env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     status = orjson.loads(result.stdout)
+    assert status["source"] == "topics"
     qwen = status["models"]["qwen"]
     assert (qwen["state"], qwen["mode"], qwen["cache_ttl_s"]) == ("open", "balanced", 300.0)
     assert qwen["recovers_in_s"] > 0
