@@ -30,7 +30,7 @@ key's state is dropped (``drop``: a tombstone) only once no input has changed it
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -241,3 +241,32 @@ class LiveStates(Generic[T]):
             except Exception:
                 log.exception("%s: the timer failed on %r; it retries next tick", self.name, key)
                 self.ctx.metrics.tick_errors.labels(self.name).inc()
+
+
+class LiveStatesAgent(Generic[T]):
+    """The runtime's side of an agent whose state is one object per key in ``live``: a batch
+    applied record by record (``on_record``, bad input dead-lettered), a tick per owned key
+    (``on_tick``), the changed objects written at a checkpoint, all dropped on a rebalance."""
+
+    ctx: ProcessorContext
+    live: LiveStates[T]
+
+    async def process(self, records: Sequence[InputRecord]) -> None:
+        await self.ctx.apply_each(records, self.on_record)
+
+    async def tick(self) -> None:
+        await self.live.tick(self.on_tick)
+
+    def write_state(self, writer: StateSink) -> None:
+        self.live.write(writer)
+
+    def forget(self) -> None:
+        self.live.forget()
+
+    async def on_record(self, record: InputRecord) -> None:
+        """Decode one record and apply it."""
+        raise NotImplementedError
+
+    async def on_tick(self, key: bytes, value: T) -> None:
+        """Act on the time that passed for one owned key."""
+        raise NotImplementedError

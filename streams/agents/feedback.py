@@ -27,13 +27,12 @@ window's state keeps the last values seen, so a restarted worker proposes from t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from config.settings import Settings
 from rules.retune import Retuner, WindowVerdict, retune_target
 from schemas import Rating, Topic, decode
 from streams.context import ProcessorContext
-from streams.live import LiveStates, origin_header
+from streams.live import LiveStates, LiveStatesAgent, origin_header
 from streams.metrics import remove_series
 from streams.runtime import InputRecord
 from streams.state import OpenStore, StateSink
@@ -46,7 +45,7 @@ def by_target_topic(settings: Settings) -> str:
     return f"{settings.kafka.topic_prefix}{settings.worker.app_id}-ratings-by-target"
 
 
-class Feedback:
+class Feedback(LiveStatesAgent[Retuner]):
     """The rating windows of the targets whose partitions this worker owns, and their
     proposals."""
 
@@ -73,20 +72,6 @@ class Feedback:
         )
         # A run's window goes with the run's state (see the module doc).
         ctx.run_state.append(self)
-
-    # The runtime's side.
-    async def process(self, records: Sequence[InputRecord]) -> None:
-        await self.ctx.apply_each(records, self.on_record)
-
-    async def tick(self) -> None:
-        """``on_tick`` for every window this worker owns."""
-        await self.live.tick(self.on_tick)
-
-    def write_state(self, writer: StateSink) -> None:
-        self.live.write(writer)
-
-    def forget(self) -> None:
-        self.live.forget()
 
     # Per record: decode, call the rule, forward.
     async def on_record(self, record: InputRecord) -> None:

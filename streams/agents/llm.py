@@ -11,22 +11,21 @@ batches and ticks (``streams.live``); an outcome read again (a replay) changes n
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict
 
 from rules.breaker import BreakerPolicy, ModelBreaker, Transition
 from schemas import LlmControl, LlmOutcome, Topic, decode
 from schemas.events import LlmMode
 from streams.context import ProcessorContext
-from streams.live import LiveStates
+from streams.live import LiveStates, LiveStatesAgent
 from streams.metrics import MODE_VALUES, STATE_VALUES
 from streams.runtime import InputRecord
-from streams.state import OpenStore, StateSink
+from streams.state import OpenStore
 
 log = logging.getLogger(__name__)
 
 
-class Breakers:
+class Breakers(LiveStatesAgent[ModelBreaker]):
     """The breakers of the models whose partitions this worker owns, and their outputs."""
 
     name = "llm-breakers"
@@ -48,20 +47,6 @@ class Breakers:
             load=lambda model, state: ModelBreaker.from_state(model, self.policy(model), state),
             dump=lambda breaker: breaker.to_state(),
         )
-
-    # The runtime's side.
-    async def process(self, records: Sequence[InputRecord]) -> None:
-        await self.ctx.apply_each(records, self.on_record)
-
-    async def tick(self) -> None:
-        """``on_tick`` for every breaker this worker owns."""
-        await self.live.tick(self.on_tick)
-
-    def write_state(self, writer: StateSink) -> None:
-        self.live.write(writer)
-
-    def forget(self) -> None:
-        self.live.forget()
 
     # Per record: decode, call the rule, forward.
     async def on_record(self, record: InputRecord) -> None:
