@@ -17,6 +17,9 @@ state written and acknowledged) and commits the offsets that checkpoint reached.
 acked-offset lists, gaps and per-message acks are not used for input topics. Tested by
 ``tests/test_faults`` (SIGKILL loop, slow batch, rebalances, broker restart).
 
+**The consumer on the worker's loop** (``_SeekingConsumerThread``): Faust's consumer
+thread served as a task, its class docstring says why.
+
 **Fetch sessions** (``_SeekingConsumerThread.on_start``): aiokafka's fetcher replaced by
 one fetching in incremental sessions, ``fetch_sessions.py`` says why.
 
@@ -31,13 +34,12 @@ broker holds a fetch here until ``worker.batch_min_bytes`` arrived or
 **Nothing is delivered past records dropped before a seek back; they are read again.** A
 rebalance clears what Faust buffered (``FlowControlEvent.clear``) and seeks back to the
 committed offsets (``Recovery._resume_streams``), and records fetched before that seek may
-still come back from the consumer thread afterwards. Every clear asks for a seek back before
+still come back from a fetch in flight afterwards. Every clear asks for a seek back before
 the next fetch, and input records of a fetch made before the latest seek back (or while one
 is asked for) are dropped, to be read again after it: delivered, they would be applied
 before the records they skipped, and the state, which recognises replays by position, would
-then take those for replays and lose them. Seeks back and fetches both run in the
-consumer's thread, one after the other, so each fetch is tagged there with the number of
-seeks back done before it. Tested by
+then take those for replays and lose them. Each fetch is tagged, when it completes, with
+the number of seeks back done before it. Tested by
 ``test_consumer.py::test_records_dropped_by_a_seek_back_are_read_again_before_newer_ones``.
 
 **A partition the group never committed is read again from its beginning** on a seek back.
