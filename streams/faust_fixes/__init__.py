@@ -73,11 +73,6 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         )
     ),
     ("aiokafka.consumer.subscription_state", "Assignment", "_tp_state"),
-    ("aiokafka.protocol.fetch", "FetchRequest", "_max_wait_ms"),
-    ("aiokafka.protocol.fetch", "FetchRequest", "_min_bytes"),
-    ("aiokafka.protocol.fetch", "FetchRequest", "_max_bytes"),
-    ("aiokafka.protocol.fetch", "FetchRequest", "_isolation_level"),
-    ("aiokafka.protocol.fetch", "FetchRequest", "_rack_id"),
     ("aiokafka.protocol.fetch", "FetchRequest", "build"),
     ("aiokafka.protocol.fetch", "FetchRequest", "_topics"),
     *(
