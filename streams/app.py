@@ -7,7 +7,6 @@ each table's state moves with its partition.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import Set as AbstractSet
@@ -119,7 +118,7 @@ def create_app(settings: Settings) -> faust.App:
     async def connect_outputs() -> None:
         # Every output topic's producer connected before the first decision needs it.
         topics = [topic_name(Topic(name), kafka.topic_prefix) for name in get_args(OutputTopic)]
-        await asyncio.get_running_loop().run_in_executor(None, output.connect, topics)
+        await output.connect(topics)
 
     app.task(connect_outputs)
 

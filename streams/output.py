@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -79,13 +80,22 @@ class OutputProducer:
         self._by_topic: dict[str, Producer] = {}
         self._failures: list[KafkaError] = []
 
-    def connect(self, topics: Iterable[str], timeout_s: float = 10.0) -> None:
-        """Make the producers of ``topics`` and load their metadata (blocking). Made on a
-        topic's first record instead, a producer's connection and metadata requests held
-        back the first outputs (e.g. every model's first downshift) by hundreds of ms."""
-        for topic in topics:
+    async def connect(self, topics: Iterable[str], timeout_s: float = 10.0) -> None:
+        """Make the producers of ``topics`` and load their metadata. Made on a topic's first
+        record instead, a producer's connection and metadata requests held back the first
+        outputs (e.g. every model's first downshift) by hundreds of ms.
+
+        The producers are made here, on the loop: ``send`` and ``serve`` read the same maps
+        meanwhile, and a producer made in another thread once changed ``serve``'s map under
+        its iteration (the batch failed) and could leave a codec with two producers, one of
+        them never flushed by ``delivered``. Only the metadata requests, which block, run in
+        threads.
+        """
+        loop = asyncio.get_running_loop()
+        producers = {topic: self._producer(topic) for topic in topics}
+        for topic, producer in producers.items():
             try:
-                self._producer(topic).list_topics(topic, timeout=timeout_s)
+                await loop.run_in_executor(None, partial(producer.list_topics, topic, timeout_s))
             except KafkaException as exc:  # not fatal: the first record retries
                 log.warning("output topic %s not ready yet: %s", topic, exc)
 

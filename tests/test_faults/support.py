@@ -849,8 +849,10 @@ def stall_restarts(worker: WorkerProcess) -> int:
     """How often the supervisor restarted ``worker`` after its stall watchdog crashed it;
     fails on any other exit."""
     for ended in worker.exits:
-        tail = ended.log[-5000:]
-        assert "input stalled" in ended.log, f"the worker exited ({ended.returncode}):\n{tail}"
+        # From the first critical record: the cause, not the shutdown that followed it.
+        first = max(0, ended.log.find("[CRITICAL]"))
+        cause = ended.log[first : first + 5000]
+        assert "input stalled" in ended.log, f"the worker exited ({ended.returncode}):\n{cause}"
     return len(worker.exits)
 
 

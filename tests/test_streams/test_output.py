@@ -67,6 +67,26 @@ def test_an_unknown_codec_or_a_topic_the_worker_does_not_write_is_refused(
 OUTPUTS = (Topic.COMMANDS, Topic.REWARD_STATS, Topic.DEAD_LETTER)  # none, gzip, lz4
 
 
+def test_connect_makes_every_producer_before_it_waits_for_the_broker() -> None:
+    """``send`` and ``serve`` run on the loop while ``connect`` waits for metadata: the
+    producers they use are all made before that wait and do not change under them."""
+    settings = Settings()
+    prefix = settings.kafka.topic_prefix
+    output = OutputProducer(settings)
+    topics = [topic_name(topic, prefix) for topic in OUTPUTS]
+
+    async def connect_meanwhile() -> None:
+        connecting = asyncio.create_task(output.connect(topics, timeout_s=0.5))
+        await asyncio.sleep(0.1)  # connect now waits for the first topic's metadata
+        made = dict(output._by_codec)
+        assert set(made) == {output.codec(topic) for topic in topics}
+        output.serve()
+        await connecting  # the unreachable broker times out: warned, not raised
+        assert output._by_codec == made
+
+    asyncio.run(connect_meanwhile())
+
+
 @pytest.fixture
 def small_record_topics(kafka_bootstrap: str, topic_prefix: str) -> Settings:
     """The worker's output topics, each refusing records over 2 KiB (broker-side)."""
