@@ -46,11 +46,14 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Codec = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 OutputTopic = Literal["trainer.commands", "llm.control", "trainer.reward-stats", "ops.dead-letter"]
 # Output topics read by clients in any language: kafkajs, the most used Node.js client,
-# reads gzip and uncompressed batches only (snappy, lz4 and zstd need codec plugins).
+# reads gzip and uncompressed batches only (snappy, lz4 and zstd need codec plugins). None
+# for all three: at a trainer's rate a batch holds one record, which gzip does not shrink,
+# and compressing it cost the worker 17 us of CPU per metric (131 against 148 us, in
+# benchmarks/worker_cpu.py); gzip stays a setting for a topic read over a thin link.
 CLIENT_READABLE_COMPRESSION: dict[OutputTopic, Codec] = {
     "trainer.commands": "none",
     "llm.control": "none",
-    "trainer.reward-stats": "gzip",
+    "trainer.reward-stats": "none",
 }
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
@@ -171,9 +174,8 @@ class WorkerSettings(_Group):
         default_factory=lambda: dict(CLIENT_READABLE_COMPRESSION),
         description="compression per output topic (contract names, without the prefix); "
         "entries given are merged over these defaults. The topics other clients read "
-        "(commands, llm.control, reward-stats) default to a codec every common Kafka client "
-        "reads without a plugin (kafkajs reads only gzip): none for the low-volume ones, gzip "
-        "for reward-stats (one record per metric)",
+        "(commands, llm.control, reward-stats) default to none, which every Kafka client "
+        "reads (kafkajs reads only none and gzip without a plugin)",
     )
     output_flush_timeout_s: float = Field(
         default=30.0,

@@ -1,7 +1,8 @@
 """A trainer in another language: Node.js with kafkajs, coded from the contract alone.
 
 kafkajs with its defaults reads uncompressed and gzip batches only; the worker's commands
-and reward statistics must reach it (``worker.output_topic_compression``), and its records,
+(uncompressed, the default) and reward statistics (gzip here, the setting for a thin link:
+``worker.output_topic_compression``) must reach it, and its records,
 partitioned by kafkajs's default partitioner, must land where the worker and the Python SDK
 put the run's.
 """
@@ -74,7 +75,7 @@ def test_a_kafkajs_trainer_receives_its_rollback_and_acknowledges_it(
         "SPIKE_STEP": str(SPIKE_STEP),
         "KAFKAJS_NO_PARTITIONER_WARNING": "1",
     }
-    with make_worker():
+    with make_worker(WORKER__OUTPUT_TOPIC_COMPRESSION='{"trainer.reward-stats": "gzip"}'):
         trainer = subprocess.run(
             ["node", "trainer.js"],
             cwd=node_trainer,

@@ -44,7 +44,7 @@ async function main() {
   const handled = new Set(); // command ids already applied: each is applied once
   const pending = []; // commands read, applied between steps (in the training loop)
 
-  let rewardStats = null; // the newest window statistics of this run (gzip-compressed)
+  let rewardStats = null; // the newest window statistics of this run
   let rewardStatsRead = 0;
   await consumer.subscribe({
     topics: [topic('trainer.commands'), topic('trainer.reward-stats')],
