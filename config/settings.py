@@ -476,6 +476,13 @@ class CheckpointSettings(_Group):
         ge=1,
         description="the span, in steps around an anomaly, in which max_rollbacks counts",
     )
+    silent_decision_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="an anomaly waiting for the checkpoint its metrics named is decided "
+        "without it once the run has sent nothing for this long (a trainer that died after "
+        "the anomaly never sends it)",
+    )
 
 
 class BreakerSettings(_Group):

@@ -230,6 +230,11 @@ class AnomalyDetector:
     def last_position(self) -> Position | None:
         return self._last
 
+    def in_streak(self, attempt: int, streak_start: int) -> bool:
+        """Whether the newest metric judged is still in that anomalous streak."""
+        last = self._last
+        return last is not None and last[0] == attempt and self._streak_start == streak_start
+
     def _clear(self, step: int) -> None:
         self._loss.clear()
         self._reward.clear()

@@ -17,7 +17,9 @@ contract commands with deterministic ids:
   is halted, and a young run that had saved none is not: the anomaly is reported and the
   next streak may act (on a non-finite value, this one still does). (A
   trainer that names no checkpoint in its metrics gets the bounded wait alone, and its
-  target can depend on the read order);
+  target can depend on the read order.) A run that falls silent while its anomaly waits (a
+  trainer that died after it never sends the save it named) is decided on the worker's
+  timer (``on_silence``, after ``checkpoints.silent_decision_after_s``), with what was read;
 - every checkpoint: ``prune_checkpoints`` when retention drops some. Retention protects
   the newest healthy checkpoint, and health is known from the metrics, so a checkpoint
   read before the run's metrics reached its step is held back and recorded when they do
@@ -289,21 +291,37 @@ class RunOperations:
         )
         return []
 
+    def on_silence(self, now: float) -> list[CommandBase]:
+        """The run has sent nothing for ``checkpoints.silent_decision_after_s``: an anomaly
+        still waiting for its target is decided with the checkpoints read, the save it waited
+        for counted as lost (no metric will make it overdue): a rollback to the newest healthy
+        one before the streak, else as when no target came within the wait (``_no_target``).
+        """
+        trigger = self.awaiting_target
+        if trigger is None or self.halted:
+            return []
+        decision = self._decide(now, waited=True)
+        if decision is not None:
+            return [decision]
+        ongoing = self.detector.in_streak(trigger.attempt, trigger.streak_start)
+        return self._no_target(trigger, now, ongoing=ongoing)
+
     def take_notices(self) -> list[str]:
         """What the run's operations decided not to act on since last asked (for the log)."""
         notices, self._notices = self._notices, []
         return notices
 
-    def _decide(self, now: float) -> CommandBase | None:
+    def _decide(self, now: float, *, waited: bool = False) -> CommandBase | None:
         """Roll back for the awaiting anomaly if a target is known (or halt on the budget).
 
         While the trainer's newest checkpoint (named in its metrics) has not been read, wait
-        for it rather than pick an older one: however long, as only then are the candidates
-        the same whatever the read order.
+        for it rather than pick an older one: as long as the run goes on (only then are the
+        candidates the same whatever the read order), and no longer once it is silent
+        (``waited``).
         """
         trigger = self.awaiting_target
         assert trigger is not None
-        if not self._expected_read(trigger):
+        if not waited and not self._expected_read(trigger):
             return None
         target = self.ledger.newest_healthy_before(trigger.streak_start)
         if target is None:

@@ -5,8 +5,14 @@ One agent reads ``trainer.runs``, ``trainer.metrics``, ``trainer.checkpoints``,
 co-partitioned): each metric feeds both the
 reward window and the run's operations. Per record it decodes, calls a rule, and forwards.
 Each run's state (settings, ``RunOperations``, ``RewardWindow``) stays live in memory
-between batches; the runtime's checkpoints write the runs a batch changed, once each. It
-has no timer: its decisions, like its statistics, are a function of its records alone.
+between batches; the runtime's checkpoints write the runs a batch changed, once each. Its
+decisions, like its statistics, are a function of its records alone, but one: its timer
+(every ``SILENCE_CHECK_INTERVAL_S``) decides for an anomaly still waiting for its rollback
+target on a run silent for ``checkpoints.silent_decision_after_s`` (``RunOperations
+.on_silence``). That decision reads the clock, so it is checkpointed promptly: a replay must
+not remake it differently. A run's silence counts from its newest input applied here, or
+from when this worker took the run over (a start, a rebalance): the timer then finds the
+runs waiting in the run-operations table.
 
 The end of a run (``rules.run_lifecycle``): a finish on ``trainer.runs`` marks the run
 finished; at a checkpoint (every agent held, outputs delivered) a finished run quiet for
@@ -62,6 +68,7 @@ from streams.state import OpenStore, StateSink, StateStore, key_partition
 log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
+SILENCE_CHECK_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -96,7 +103,7 @@ class TrainingAgent:
 
     name = "training"
     internal_topics: tuple[str, ...] = ()
-    tick_interval_s: float | None = None  # no timer (see the module doc)
+    tick_interval_s: float | None = SILENCE_CHECK_INTERVAL_S  # silent runs (the module doc)
 
     def __init__(self, ctx: ProcessorContext, stores: OpenStore) -> None:
         self.ctx = ctx
@@ -130,6 +137,8 @@ class TrainingAgent:
         self._finished: dict[bytes, tuple[int, RunLifecycle]] | None = None
         self._held_since = 0.0  # the worker's clock when it last took its partitions over
         self._releasing: set[bytes] = set()  # finished runs whose other state was dropped
+        self._last_input: dict[bytes, float] = {}  # live run -> the worker's clock at its input
+        self._waiting_found = False  # the table's waiting runs made live since the takeover
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
@@ -137,7 +146,37 @@ class TrainingAgent:
         self._share_hyperparameters()
 
     async def tick(self) -> None:
-        """Never called (``tick_interval_s`` is None): nothing here waits for time."""
+        """Decide for the anomalies waiting for their target on silent runs."""
+        if self.ctx.assignment.rebalancing:
+            return  # partitions move, tables recover: a later tick decides
+        now = self.ctx.now()
+        if not self._waiting_found:
+            self._find_waiting_runs(now)
+        for key, run in list(self._runs.items()):
+            ops = run.ops
+            if ops.awaiting_target is None or ops.halted:
+                continue
+            silent_s = now - self._last_input.setdefault(key, now)
+            if silent_s < ops.settings.checkpoints.silent_decision_after_s:
+                continue
+            self._changed.add(key)
+            self.ctx.checkpoints.checkpoint_soon()
+            for command in ops.on_silence(now):
+                await self.ctx.forward(command)
+            self._log_notices(run)
+
+    def _find_waiting_runs(self, now: float) -> None:
+        """Make live the runs the table holds waiting for a target, on owned partitions."""
+        self._waiting_found = True
+        table = self.tables.operations
+        for key in list(table.keys()):
+            stored = table.get(key)
+            if key in self._runs or not stored or b'"awaiting_target":null' in stored:
+                continue  # cheap: most runs wait for nothing
+            run = self.peek(key)
+            if run is not None:
+                self._runs[key] = run
+                self._last_input[key] = now
 
     def write_state(self, writer: StateSink) -> None:
         tables = self.tables
@@ -169,6 +208,8 @@ class TrainingAgent:
         self._latest.clear()
         self._finished = None
         self._releasing.clear()
+        self._last_input.clear()
+        self._waiting_found = False
 
     # Live runs.
     def _settings(self, overrides: dict[str, Any] | None) -> Settings:
@@ -211,7 +252,7 @@ class TrainingAgent:
         """The run an input is applied to; a finished run's quiet time starts again."""
         self._changed.add(key)
         run = self._run(key, partition)
-        now = self.ctx.now()
+        now = self._last_input[key] = self.ctx.now()
         lifecycle = run.lifecycle
         if lifecycle.on_metric(position, now) if position is not None else lifecycle.on_input(now):
             self._settings_changed.add(key)
@@ -335,9 +376,7 @@ class TrainingAgent:
         # must not hide an anomaly from them.
         for command in run.ops.on_metric(metric, now):
             await ctx.forward(command)
-        for notice in run.ops.take_notices():
-            log.warning("%s", notice)
-            ctx.metrics.unanswered_anomalies.inc()
+        self._log_notices(run)
         if not math.isfinite(metric.reward):
             return  # kept out of the window (it would poison 1,000 others); the rules acted
         stats = run.window.add(metric.reward, step=metric.step, attempt=metric.attempt)
@@ -353,6 +392,12 @@ class TrainingAgent:
                 ts=now,
             )
             await ctx.output.send(self._stats_topic, run.key, value)
+
+    def _log_notices(self, run: _Run) -> None:
+        """What the run's operations decided not to act on: logged and counted."""
+        for notice in run.ops.take_notices():
+            log.warning("%s", notice)
+            self.ctx.metrics.unanswered_anomalies.inc()
 
     async def on_checkpoint(self, record: InputRecord) -> None:
         checkpoint = decode(CheckpointSaved, record.value, max_bytes=self._max_bytes)
@@ -535,6 +580,7 @@ class TrainingAgent:
             if table.get(key) is not None:
                 writer.delete(table, key, partition)
         self._runs.pop(key, None)
+        self._last_input.pop(key, None)
         run_id = key.decode()
         self._latest.pop(run_id, None)
         self.ctx.hyperparameters.pop(run_id, None)

@@ -464,6 +464,34 @@ def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen
     assert rollback.checkpoint_step == 1000
 
 
+def test_a_silent_run_is_rolled_back_without_the_checkpoint_its_metrics_named() -> None:
+    # As above, but the announcement of step 1000 never comes: the trainer died after the
+    # spike. Once silent, the run is rolled back to the newest healthy checkpoint read.
+    ops = RunOperations(RUN, Settings())
+    ops.on_checkpoint(checkpoint(500), now=1.0)
+    for step in range(1100):
+        ops.on_metric(metric(step), now=1.0)
+    spike = StepMetric(run_id=RUN, step=1100, loss=9.0, reward=1.0, ts=1100.0, checkpoint_step=1000)
+    assert not [c for c in ops.on_metric(spike, now=1.0) if isinstance(c, Rollback)]
+    [rollback] = ops.on_silence(now=61.0)
+    assert isinstance(rollback, Rollback)
+    assert (rollback.checkpoint_step, rollback.anomaly_step) == (500, 1100)
+    assert ops.awaiting_target is None
+    assert ops.on_silence(now=122.0) == []  # decided once
+
+
+def test_a_silent_run_with_no_healthy_checkpoint_is_decided_as_after_the_wait() -> None:
+    # No checkpoint before a non-finite loss: halted (a finite one would be reported).
+    ops = RunOperations(RUN, Settings())
+    feed(ops, range(120))
+    assert ops.on_metric(metric(120, loss=math.nan), now=1.0) == []
+    [halt] = ops.on_silence(now=61.0)
+    assert isinstance(halt, Halt)
+    assert "non-finite loss; no healthy checkpoint before step 120" in halt.reason
+    # A run that waits for nothing is left alone.
+    assert RunOperations(RUN, Settings()).on_silence(now=61.0) == []
+
+
 def test_an_anomaly_on_a_checkpoint_step_waits_for_the_checkpoint_before_it() -> None:
     # The trainer saves step 700, then logs metric 700 naming that save; the worker has read
     # the checkpoints topic only up to 600. The target is 650, read with 700.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import torch
+from confluent_kafka import Message
 
 from config.settings import Settings
 from fragrance_ops.worker_process import WorkerProcess
@@ -16,8 +19,8 @@ from producers import TrainerClient
 from producers.reference import PPOConfig, ReferencePPOTrainer
 from producers.reference.ppo import StepReport
 from producers.torch_ops import TorchRunOps
-from schemas import Topic, topic_name
-from tests.helpers.kafka import consume_until
+from schemas import CheckpointSaved, StepMetric, Topic, encode, topic_name
+from tests.helpers.kafka import consume_until, produce_records
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +224,44 @@ def test_sigkill_of_the_worker_mid_run_misses_no_anomaly_and_duplicates_no_rollb
     assert ops.client.attempt == 3
     applied = [ack for ack in acks if ack["detail"] == "rollback applied"]
     assert sorted(ack["command_id"] for ack in applied) == sorted(distinct)
+
+
+def test_a_rollback_waiting_on_a_run_that_fell_silent_is_sent_on_the_timer(
+    make_worker: Callable[..., WorkerProcess], ops_settings: Settings, kafka_bootstrap: str
+) -> None:
+    """The trainer died after its anomaly: the save of step 130 its metrics named never
+    arrives, and no metric follows. The running worker rolls the run back to the newest
+    healthy checkpoint it read once the run has been silent for the setting."""
+    prefix, run = ops_settings.kafka.topic_prefix, "silent-run"
+
+    def step(number: int, loss: float = 1.0) -> StepMetric:
+        named = 130 if number > 130 else 100 if number > 100 else None
+        value = loss + 0.01 * (number % 3)
+        return StepMetric(
+            run_id=run, step=number, loss=value, reward=0.5, ts=time.time(), checkpoint_step=named
+        )
+
+    with make_worker(CHECKPOINTS__SILENT_DECISION_AFTER_S="2"):
+        saved = CheckpointSaved(run_id=run, step=100, uri="file:///ckpt/100.pt", ts=time.time())
+        produce_records(
+            kafka_bootstrap, topic_name(Topic.CHECKPOINTS, prefix), [(run, encode(saved))]
+        )
+        metrics = [step(number) for number in range(140)] + [step(140, loss=math.nan)]
+        produce_records(
+            kafka_bootstrap,
+            topic_name(Topic.METRICS, prefix),
+            [(run, encode(metric)) for metric in metrics],
+        )
+
+        def rollbacks(messages: list[Message]) -> list[dict[str, Any]]:
+            commands = [orjson.loads(m.value()) for m in messages if m.key() == run.encode()]
+            return [c for c in commands if c["type"] == "rollback"]
+
+        got = consume_until(
+            kafka_bootstrap,
+            topic_name(Topic.COMMANDS, prefix),
+            lambda messages: bool(rollbacks(messages)),
+            to_end=True,
+        )
+    (rollback,) = rollbacks(got)
+    assert (rollback["checkpoint_step"], rollback["anomaly_step"]) == (100, 140)

@@ -14,7 +14,7 @@ import pytest
 from streams.agents import register
 from streams.agents.feedback import Feedback
 from streams.agents.llm import Breakers
-from streams.agents.training import TrainingAgent
+from streams.agents.training import SILENCE_CHECK_INTERVAL_S, TrainingAgent
 from streams.metrics import WorkerMetrics
 from streams.runtime import AgentRuntime
 from tests.test_streams.test_agents.memory import PARTITIONS, Harness
@@ -48,9 +48,11 @@ def test_every_agent_is_registered_the_same_way(monkeypatch: pytest.MonkeyPatch)
         (topic.get_topic_name(), topic.partitions) for topic in app.topics if topic.internal
     ]
     assert internal == [(feedback.by_target, PARTITIONS)]
-    # The training agent has no timer; the others tick at their settings' intervals.
+    # The training agent looks for silent runs every second; the others tick at their
+    # settings' intervals.
     settings = harness.settings
     assert [interval for interval, _ in timers] == [
+        SILENCE_CHECK_INTERVAL_S,
         settings.breaker.tick_interval_s,
         settings.retune.tick_interval_s,
     ]
@@ -58,6 +60,6 @@ def test_every_agent_is_registered_the_same_way(monkeypatch: pytest.MonkeyPatch)
     harness.feed(feedback, ratings(harness, low_ratings(40)))
     harness.checkpoint(feedback)
     harness.clock.advance(settings.retune.window_timeout_s)
-    asyncio.run(timers[1][1]())
+    asyncio.run(timers[2][1]())
     (proposal,) = harness.commands("retune")
     assert proposal["window"]["closed_by"] == "timeout"

@@ -256,3 +256,54 @@ def test_a_finished_run_is_dropped_once_quiet_for_the_retention() -> None:
         ("run-operations", RUN.encode()),
     }
     assert all(store.data == {} for store in harness.stores.opened.values())
+
+
+def waiting_for_a_lost_checkpoint(harness: Harness) -> list[Record]:
+    """An announced healthy run whose metrics name a save of step 130 that never comes (the
+    trainer died), then a NaN loss: the rollback waits for step 130's checkpoint."""
+    records = [harness.record(RunAnnounced(run_id=RUN, ts=harness.clock(), settings={}))]
+    records += healthy_run(harness)
+    records += [metric(harness, step, checkpoint_step=100) for step in range(110, 131)]
+    records += [metric(harness, step, checkpoint_step=130) for step in range(131, 140)]
+    records.append(metric(harness, 140, loss=math.nan, checkpoint_step=130))
+    return records
+
+
+def test_a_rollback_waiting_on_a_silent_run_is_sent_by_the_timer() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    harness.feed(agent, waiting_for_a_lost_checkpoint(harness))
+    assert harness.commands("rollback") == []
+    wait_s = harness.settings.checkpoints.silent_decision_after_s
+    harness.clock.advance(wait_s - 1)
+    harness.tick(agent)
+    assert harness.commands("rollback") == []  # not silent for long enough yet
+    requested = harness.checkpoints.requested
+    harness.clock.advance(1)
+    harness.tick(agent)
+    (rollback,) = harness.commands("rollback")
+    assert (rollback["checkpoint_step"], rollback["anomaly_step"]) == (100, 140)
+    assert rollback["command_id"] == rollback_command_id(RUN, attempt=0, streak_start=140)
+    assert harness.checkpoints.requested == requested + 1  # a clock decision: made durable
+    harness.tick(agent)
+    harness.checkpoint(agent)
+    # Decided once, and stored: the restarted worker does not decide again.
+    restarted = harness.restart(TrainingAgent)
+    harness.clock.advance(2 * wait_s)
+    harness.tick(restarted)
+    assert len(harness.commands("rollback")) == 1
+
+
+def test_a_restarted_worker_finds_the_waiting_run_and_counts_its_silence_anew() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    harness.feed(agent, waiting_for_a_lost_checkpoint(harness))
+    harness.checkpoint(agent)
+    harness.clock.advance(1_000)  # silent while no worker ran
+    restarted = harness.restart(TrainingAgent)
+    harness.tick(restarted)
+    assert harness.commands("rollback") == []  # silence counts from the takeover
+    harness.clock.advance(harness.settings.checkpoints.silent_decision_after_s)
+    harness.tick(restarted)
+    (rollback,) = harness.commands("rollback")
+    assert rollback["checkpoint_step"] == 100
