@@ -17,6 +17,8 @@ from prometheus_client.metrics import MetricWrapperBase
 OTHER_RUNS = "other"
 RUN_VALUE_NAMES = ("loss", "policy_loss", "value_loss", "reward", "entropy", "entropy_coef")
 """The ``name`` label values of ``fragrance_ops_rl_value``: a run's latest reported values."""
+WINDOW_STATS = ("mean", "std", "count")
+"""The ``stat`` label values of ``fragrance_ops_reward_window``."""
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 MODE_VALUES = {"creative": 0, "balanced": 1, "fast": 2}
 
@@ -112,6 +114,20 @@ class WorkerMetrics:
             registry=registry,
         )
 
+        self.run_halted = Gauge(
+            "fragrance_ops_run_halted",
+            "1 while the worker holds the run halted (until an operator resumes it), else 0",
+            ["run_id"],
+            registry=registry,
+        )
+        self.reward_window = Gauge(
+            "fragrance_ops_reward_window",
+            "the run's reward window (reward.window_size steps): mean, std and count, as "
+            "published on trainer.reward-stats",
+            ["run_id", "stat"],
+            registry=registry,
+        )
+
         self.run_finished = Gauge(
             "fragrance_ops_run_finished_timestamp_seconds",
             "when the worker read the run's finish (its clock, Unix seconds): the run ended, "
@@ -186,6 +202,8 @@ class WorkerMetrics:
         for gauge in (
             self.rl_values,
             self.run_last_metric,
+            self.run_halted,
+            self.reward_window,
             self.run_finished,
             self.breaker_state,
             self.breaker_mode,
@@ -203,9 +221,12 @@ class WorkerMetrics:
         self._run_labels.discard(run_id)
         for name in RUN_VALUE_NAMES:
             remove_series(self.rl_values, run_id, name)
+        for stat in WINDOW_STATS:
+            remove_series(self.reward_window, run_id, stat)
         # Its rating window's size is labelled by target, the run's id.
         for metric in (
             self.run_last_metric,
+            self.run_halted,
             self.run_finished,
             self.signature_rejections,
             self.feedback_window_size,

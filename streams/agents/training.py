@@ -192,14 +192,14 @@ class TrainingAgent:
             if finished is not None:
                 stored["finished"] = finished
             writer.put(tables.run_settings, key, orjson.dumps(stored), run.partition)
-        for key in self._changed:
-            run = self._runs[key]
-            writer.put(tables.windows, key, run.window.to_bytes(), run.partition)
-            writer.put(tables.operations, key, orjson.dumps(run.ops.to_state()), run.partition)
+        changed = [self._runs[key] for key in self._changed]
+        for run in changed:
+            writer.put(tables.windows, run.key, run.window.to_bytes(), run.partition)
+            writer.put(tables.operations, run.key, orjson.dumps(run.ops.to_state()), run.partition)
         self._settings_changed.clear()
         self._changed.clear()
+        self._export_metrics(changed)
         self._end_finished_runs(writer)
-        self._export_metrics()
 
     def forget(self) -> None:
         self._runs.clear()
@@ -491,10 +491,19 @@ class TrainingAgent:
             if hyperparameters:
                 self.ctx.hyperparameters[run_id] = hyperparameters
 
-    def _export_metrics(self) -> None:
+    def _export_metrics(self, changed: list[_Run]) -> None:
         """The per-run training gauges, from each run's newest metric since the last
-        checkpoint (Prometheus reads them every few seconds; a batch is milliseconds)."""
+        checkpoint and the state of the runs changed (Prometheus reads them every few
+        seconds; a batch is milliseconds)."""
         metrics = self.ctx.metrics
+        for run in changed:
+            label = metrics.run_label(run.key.decode())
+            metrics.run_halted.labels(label).set(1 if run.ops.halted else 0)
+            window = run.window
+            if window.count:
+                metrics.reward_window.labels(label, "mean").set(window.mean or 0.0)
+                metrics.reward_window.labels(label, "std").set(window.std or 0.0)
+                metrics.reward_window.labels(label, "count").set(window.count)
         for algorithm, updates in self._updates.items():
             metrics.rl_updates.labels(algorithm).inc(updates)
         self._updates.clear()

@@ -23,7 +23,13 @@ from tests.test_deploy.support import (
     run_promtool,
 )
 
-ROWS = ["Training health per run", "LLM breaker per model", "Feedback windows", "Operations"]
+ROWS = [
+    "Training health per run",
+    "Run health",
+    "LLM breaker per model",
+    "Feedback windows",
+    "Operations",
+]
 # Grafana's variables, replaced by values PromQL accepts before promtool parses a query.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$run_id": ".*", "$model": ".*"}
 

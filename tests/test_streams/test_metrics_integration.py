@@ -77,6 +77,10 @@ def test_prometheus_scrapes_training_breaker_and_dead_letter_metrics(
         eventually(prometheus, 'fragrance_ops_cache_ttl_seconds{model="qwen"}', 300)
         eventually(prometheus, 'fragrance_ops_rl_value{run_id="prom-run",name="loss"}', 1.49)
         eventually(prometheus, 'fragrance_ops_rl_updates_total{algorithm="ppo"}', 50)
+        # Run health: not halted; its reward window of 50 rewards of 2.0.
+        eventually(prometheus, 'fragrance_ops_run_halted{run_id="prom-run"}', 0)
+        eventually(prometheus, 'fragrance_ops_reward_window{run_id="prom-run",stat="mean"}', 2)
+        eventually(prometheus, 'fragrance_ops_reward_window{run_id="prom-run",stat="count"}', 50)
         # When the worker last read the run's metrics: within the last minute, on its clock.
         eventually(
             prometheus,

@@ -226,6 +226,34 @@ def test_an_operator_request_for_an_unknown_run_is_refused_with_the_reason() -> 
     assert harness.commands() == []
 
 
+def test_the_run_health_gauges_show_the_window_and_a_halt_at_each_checkpoint() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    harness.feed(agent, healthy_run(harness))
+    harness.checkpoint(agent)
+
+    def gauges() -> tuple[float | None, ...]:
+        window = [
+            harness.sample("fragrance_ops_reward_window", run_id=RUN, stat=stat)
+            for stat in ("mean", "std", "count")
+        ]
+        return (harness.sample("fragrance_ops_run_halted", run_id=RUN), *window)
+
+    assert gauges() == (0.0, 0.5, 0.0, 110.0)
+    request = OperatorRequest(
+        request_id="req-halt",
+        run_id=RUN,
+        action="halt",
+        requested_by="alice",
+        reason="looks wrong",
+        ts=harness.clock(),
+    )
+    harness.feed(agent, [harness.record(request)])
+    assert gauges()[0] == 0.0  # exported at the checkpoint, as the state is written
+    harness.checkpoint(agent)
+    assert gauges() == (1.0, 0.5, 0.0, 110.0)
+
+
 def test_a_finished_run_is_dropped_once_quiet_for_the_retention() -> None:
     harness = Harness()
     agent = harness.make(TrainingAgent)
@@ -239,6 +267,7 @@ def test_a_finished_run_is_dropped_once_quiet_for_the_retention() -> None:
     )
     harness.checkpoint(agent)
     assert harness.stores["run-settings"].json(RUN.encode())["finished"] is not None
+    assert harness.sample("fragrance_ops_run_halted", run_id=RUN) == 0.0
     retention = harness.settings.worker.finished_run_retention_s
     harness.clock.advance(retention - 1)
     harness.checkpoint(agent)
@@ -256,6 +285,9 @@ def test_a_finished_run_is_dropped_once_quiet_for_the_retention() -> None:
         ("run-operations", RUN.encode()),
     }
     assert all(store.data == {} for store in harness.stores.opened.values())
+    # Its series went with it.
+    assert harness.sample("fragrance_ops_run_halted", run_id=RUN) is None
+    assert harness.sample("fragrance_ops_reward_window", run_id=RUN, stat="mean") is None
 
 
 def waiting_for_a_lost_checkpoint(harness: Harness) -> list[Record]:
