@@ -38,6 +38,7 @@ from schemas import (
     CommandAck,
     LlmControl,
     LlmOutcome,
+    OperatorRequest,
     Rating,
     RunAnnounced,
     StepMetric,
@@ -472,6 +473,8 @@ class TrainingOracle:
     operations: dict[str, RunOperations] = field(default_factory=dict)
     stats: dict[str, list[tuple[Any, ...]]] = field(default_factory=lambda: defaultdict(list))
     commands: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> view
+    # operator request id -> (accepted, detail, the id of the command it caused)
+    answers: dict[str, tuple[bool, str, str | None]] = field(default_factory=dict)
     metrics: int = 0
 
     per_run: dict[str, Settings] = field(default_factory=dict)  # announced overrides
@@ -528,6 +531,16 @@ class TrainingOracle:
         elif kind == Topic.ACKS.value:
             ack = decode(CommandAck, sent.value)
             self._emit(self._ops(ack.run_id).on_ack(ack, 0.0))
+        elif kind == Topic.OPERATOR_REQUESTS.value:
+            request = decode(OperatorRequest, sent.value)
+            answer = self._ops(request.run_id).on_request(request, 0.0)
+            command = answer.command
+            self.answers[request.request_id] = (
+                answer.accepted,
+                answer.detail,
+                command.command_id if command is not None else None,
+            )
+            self._emit([command] if command is not None else [])
 
     def feed_all(self, records: Iterable[Sent], prefix: str) -> TrainingOracle:
         for sent in records:
