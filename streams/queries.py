@@ -12,6 +12,10 @@ request routed to the key's owner).
 What a run's answer says (each field's rule in its own module):
 
 - ``halted``, ``finished``, the newest metric's ``attempt`` and ``step``;
+- ``last_metric_at`` (the worker's clock when it applied the run's newest metric, kept
+  across restarts and rebalances), ``silent_s`` since then, and ``stale``: silent for
+  longer than ``metrics.stale_run_after_s`` and not finished (a finished run is silent by
+  design);
 - ``rollbacks``: ``used`` (rollbacks whose anomaly steps lie fewer than
   ``checkpoints.rollback_within_steps`` from the newest step: what the budget counts
   against the next one, ``rules.checkpoints.RollbackBudget``), ``budget``
@@ -126,6 +130,9 @@ class RunState(TypedDict):
     algorithm: str
     halted: bool
     finished: bool
+    last_metric_at: float | None  # the worker's clock; null: not known
+    silent_s: float | None
+    stale: bool
     attempt: int | None  # of the newest metric judged; null: none yet
     step: int | None
     rollbacks: Rollbacks
@@ -226,8 +233,12 @@ def run_state(
     window: RewardWindow,
     lifecycle: RunLifecycle,
     rating: RatingWindow | None,
+    last_metric_at: float | None,
+    now: float,
+    stale_after_s: float,
 ) -> RunState:
     """What the worker knows of one run (see the module doc)."""
+    silent_s = max(0.0, now - last_metric_at) if last_metric_at is not None else None
     position = ops.detector.last_position
     if position is None and window.last_position[0] >= 0:
         position = window.last_position
@@ -239,6 +250,9 @@ def run_state(
         "algorithm": algorithm,
         "halted": ops.halted,
         "finished": lifecycle.finished,
+        "last_metric_at": last_metric_at,
+        "silent_s": silent_s,
+        "stale": not lifecycle.finished and silent_s is not None and silent_s > stale_after_s,
         "attempt": attempt,
         "step": step,
         "rollbacks": rollbacks(ops.budget, step),
@@ -324,6 +338,9 @@ class StateQueries:
             window=run.window,
             lifecycle=run.lifecycle,
             rating=rating,
+            last_metric_at=run.last_metric_at,
+            now=now,
+            stale_after_s=self.training.ctx.settings.metrics.stale_run_after_s,
         )
 
     def runs(self) -> dict[str, RunState]:

@@ -68,6 +68,7 @@ from streams.state import OpenStore, StateSink, StateStore, key_partition
 log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
+NONE: Position = (-1, -1)  # before any metric
 SILENCE_CHECK_INTERVAL_S = 1.0
 
 
@@ -96,6 +97,9 @@ class _Run:
     ops: RunOperations
     window: RewardWindow
     lifecycle: RunLifecycle  # finished or not; kept with the settings
+    # The worker's clock when a metric newer than any before was applied; kept with the
+    # settings, so that a run's silence survives a restart or a move to another worker.
+    last_metric_at: float | None = None
 
 
 class TrainingAgent:
@@ -138,7 +142,7 @@ class TrainingAgent:
         self._held_since = 0.0  # the worker's clock when it last took its partitions over
         self._releasing: set[bytes] = set()  # finished runs whose other state was dropped
         self._last_input: dict[bytes, float] = {}  # live run -> the worker's clock at its input
-        self._waiting_found = False  # the table's waiting runs made live since the takeover
+        self._taken_over = False  # _take_over done since the start or the latest rebalance
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
@@ -150,8 +154,8 @@ class TrainingAgent:
         if self.ctx.assignment.rebalancing:
             return  # partitions move, tables recover: a later tick decides
         now = self.ctx.now()
-        if not self._waiting_found:
-            self._find_waiting_runs(now)
+        if not self._taken_over:
+            self._take_over(now)
         for key, run in list(self._runs.items()):
             ops = run.ops
             if ops.awaiting_target is None or ops.halted:
@@ -165,9 +169,22 @@ class TrainingAgent:
                 await self.ctx.forward(command)
             self._log_notices(run)
 
-    def _find_waiting_runs(self, now: float) -> None:
-        """Make live the runs the table holds waiting for a target, on owned partitions."""
-        self._waiting_found = True
+    def _take_over(self, now: float) -> None:
+        """After a start or a rebalance, for the runs the tables hold on owned partitions:
+        export when each was last heard of (a silent run stays visible to RunSilent), and
+        make live those waiting for a rollback target (their silence counts from now)."""
+        self._taken_over = True
+        metrics = self.ctx.metrics
+        settings = self.tables.run_settings
+        for key in list(settings.keys()):
+            stored = settings.get(key)
+            if key in self._runs or not stored or b'"last_metric_at"' not in stored:
+                continue
+            run = self.peek(key)
+            if run is not None and run.last_metric_at is not None and not run.lifecycle.finished:
+                metrics.run_last_metric.labels(metrics.run_label(key.decode())).set(
+                    run.last_metric_at
+                )
         table = self.tables.operations
         for key in list(table.keys()):
             stored = table.get(key)
@@ -191,6 +208,8 @@ class TrainingAgent:
             finished = run.lifecycle.to_state()
             if finished is not None:
                 stored["finished"] = finished
+            if run.last_metric_at is not None:
+                stored["last_metric_at"] = run.last_metric_at
             writer.put(tables.run_settings, key, orjson.dumps(stored), run.partition)
         changed = [self._runs[key] for key in self._changed]
         for run in changed:
@@ -209,7 +228,7 @@ class TrainingAgent:
         self._finished = None
         self._releasing.clear()
         self._last_input.clear()
-        self._waiting_found = False
+        self._taken_over = False
 
     # Live runs.
     def _settings(self, overrides: dict[str, Any] | None) -> Settings:
@@ -246,7 +265,9 @@ class TrainingAgent:
         lifecycle = indexed[1] if indexed is not None else stored_lifecycle(stored_settings)[0]
         if lifecycle.reached is None:  # kept only once finished: what the state knows
             lifecycle.reached = _newest(ops.detector.last_position, window.last_position)
-        return _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
+        run = _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
+        run.last_metric_at = stored_last_metric_at(stored_settings)
+        return run
 
     def _changed_run(self, key: bytes, partition: int, position: Position | None = None) -> _Run:
         """The run an input is applied to; a finished run's quiet time starts again."""
@@ -366,9 +387,11 @@ class TrainingAgent:
     async def on_metric(self, record: InputRecord) -> None:
         ctx = self.ctx
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
-        run = self._changed_run(
-            metric.run_id.encode(), record.partition, (metric.attempt, metric.step)
-        )
+        position = (metric.attempt, metric.step)
+        run = self._changed_run(metric.run_id.encode(), record.partition, position)
+        if position > (_newest(run.ops.detector.last_position, run.window.last_position) or NONE):
+            run.last_metric_at = self._last_input[run.key]  # the clock _changed_run read
+            self._settings_changed.add(run.key)
         self._latest[metric.run_id] = metric
         self._updates[run.algorithm] += 1
         now = ctx.now()
@@ -619,6 +642,15 @@ def stored_lifecycle(stored: bytes | None) -> tuple[RunLifecycle, int | None]:
     return RunLifecycle.from_state(record.get("finished")), (
         int(partition) if partition is not None else None
     )
+
+
+def stored_last_metric_at(stored: bytes | None) -> float | None:
+    """When the worker last applied a new metric of the run (its clock), from the
+    run-settings table; None: not known (no metric, or stored before it was kept)."""
+    if stored is None or b'"last_metric_at"' not in stored:
+        return None
+    record = orjson.loads(stored)
+    return float(record["last_metric_at"])
 
 
 def stored_announcement(

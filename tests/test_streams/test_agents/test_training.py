@@ -339,3 +339,24 @@ def test_a_restarted_worker_finds_the_waiting_run_and_counts_its_silence_anew() 
     harness.tick(restarted)
     (rollback,) = harness.commands("rollback")
     assert rollback["checkpoint_step"] == 100
+
+
+def test_when_a_run_was_last_heard_of_survives_a_restart_and_a_replay() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    announced = harness.record(RunAnnounced(run_id=RUN, ts=harness.clock(), settings={}))
+    heard_at = harness.clock()
+    harness.feed(agent, [announced, *(metric(harness, step) for step in range(20))])
+    harness.checkpoint(agent)
+    assert harness.stores["run-settings"].json(RUN.encode())["last_metric_at"] == heard_at
+    # A replayed metric is not news.
+    harness.clock.advance(100)
+    harness.feed(agent, [Record(**{**vars(metric(harness, 19)), "offset": 19})])
+    harness.checkpoint(agent)
+    assert harness.stores["run-settings"].json(RUN.encode())["last_metric_at"] == heard_at
+    # A restarted worker exports it at once (its first tick), not only at the run's next
+    # metric: a run silent across a restart stays visible to RunSilent.
+    harness.metrics.forget_partition_state()
+    restarted = harness.restart(TrainingAgent)
+    harness.tick(restarted)
+    assert harness.sample("fragrance_ops_run_last_metric_timestamp_seconds", run_id=RUN) == heard_at
