@@ -12,10 +12,11 @@ request routed to the key's owner).
 What a run's answer says (each field's rule in its own module):
 
 - ``halted``, ``finished``, the newest metric's ``attempt`` and ``step``;
-- ``last_metric_at`` (the worker's clock when it applied the run's newest metric, kept
-  across restarts and rebalances), ``silent_s`` since then, and ``stale``: silent for
-  longer than ``metrics.stale_run_after_s`` and not finished (a finished run is silent by
-  design);
+- ``last_metric_at`` (the worker's clock when it applied the run's newest metric, to the
+  nearest 10 s, kept across restarts and rebalances; null: none known), ``silent_s`` since
+  then, and ``stale``: silent for longer than ``metrics.stale_run_after_s`` (or no metric
+  known) and not finished (a finished run is silent by design), as status decides it
+  from the topics;
 - ``rollbacks``: ``used`` (rollbacks whose anomaly steps lie fewer than
   ``checkpoints.rollback_within_steps`` from the newest step: what the budget counts
   against the next one, ``rules.checkpoints.RollbackBudget``), ``budget``
@@ -252,7 +253,7 @@ def run_state(
         "finished": lifecycle.finished,
         "last_metric_at": last_metric_at,
         "silent_s": silent_s,
-        "stale": not lifecycle.finished and silent_s is not None and silent_s > stale_after_s,
+        "stale": not lifecycle.finished and (silent_s is None or silent_s > stale_after_s),
         "attempt": attempt,
         "step": step,
         "rollbacks": rollbacks(ops.budget, step),

@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
 NONE: Position = (-1, -1)  # before any metric
+# A run's last_metric_at moves (and its settings record is written) at most this often.
+LAST_METRIC_RESOLUTION_S = 10.0
 SILENCE_CHECK_INTERVAL_S = 1.0
 
 
@@ -158,8 +160,8 @@ class TrainingAgent:
             self._take_over(now)
         for key, run in list(self._runs.items()):
             ops = run.ops
-            if ops.awaiting_target is None or ops.halted:
-                continue
+            if ops.awaiting_target is None or ops.halted or run.lifecycle.finished:
+                continue  # a finished run is silent by design: nothing to roll back
             silent_s = now - self._last_input.setdefault(key, now)
             if silent_s < ops.settings.checkpoints.silent_decision_after_s:
                 continue
@@ -170,29 +172,20 @@ class TrainingAgent:
             self._log_notices(run)
 
     def _take_over(self, now: float) -> None:
-        """After a start or a rebalance, for the runs the tables hold on owned partitions:
-        export when each was last heard of (a silent run stays visible to RunSilent), and
-        make live those waiting for a rollback target (their silence counts from now)."""
+        """After a start or a rebalance (which cleared the per-run gauges), for every run
+        the tables hold on an owned partition: export its health (a halted or silent run
+        must stay visible without sending anything), and keep live those waiting for a
+        rollback target (their silence counts from now). Loads each run once."""
         self._taken_over = True
-        metrics = self.ctx.metrics
-        settings = self.tables.run_settings
-        for key in list(settings.keys()):
-            stored = settings.get(key)
-            if key in self._runs or not stored or b'"last_metric_at"' not in stored:
+        tables = self.tables
+        keys = {*tables.run_settings.keys(), *tables.operations.keys(), *self._runs}
+        for key in sorted(keys):
+            run = self.peek(key)
+            if run is None:
                 continue
-            run = self.peek(key)
-            if run is not None and run.last_metric_at is not None and not run.lifecycle.finished:
-                metrics.run_last_metric.labels(metrics.run_label(key.decode())).set(
-                    run.last_metric_at
-                )
-        table = self.tables.operations
-        for key in list(table.keys()):
-            stored = table.get(key)
-            if key in self._runs or not stored or b'"awaiting_target":null' in stored:
-                continue  # cheap: most runs wait for nothing
-            run = self.peek(key)
-            if run is not None:
-                self._runs[key] = run
+            self._export_run_health(run)
+            if key not in self._runs and run.ops.awaiting_target is not None:
+                self._runs[key] = run  # live from now on: the timer decides for it
                 self._last_input[key] = now
 
     def write_state(self, writer: StateSink) -> None:
@@ -390,8 +383,11 @@ class TrainingAgent:
         position = (metric.attempt, metric.step)
         run = self._changed_run(metric.run_id.encode(), record.partition, position)
         if position > (_newest(run.ops.detector.last_position, run.window.last_position) or NONE):
-            run.last_metric_at = self._last_input[run.key]  # the clock _changed_run read
-            self._settings_changed.add(run.key)
+            now = self._last_input[run.key]  # the clock _changed_run read
+            last = run.last_metric_at
+            if last is None or now - last >= LAST_METRIC_RESOLUTION_S:
+                run.last_metric_at = now
+                self._settings_changed.add(run.key)
         self._latest[metric.run_id] = metric
         self._updates[run.algorithm] += 1
         now = ctx.now()
@@ -520,25 +516,34 @@ class TrainingAgent:
         seconds; a batch is milliseconds)."""
         metrics = self.ctx.metrics
         for run in changed:
-            label = metrics.run_label(run.key.decode())
-            metrics.run_halted.labels(label).set(1 if run.ops.halted else 0)
-            window = run.window
-            if window.count:
-                metrics.reward_window.labels(label, "mean").set(window.mean or 0.0)
-                metrics.reward_window.labels(label, "std").set(window.std or 0.0)
-                metrics.reward_window.labels(label, "count").set(window.count)
+            self._export_run_health(run)
         for algorithm, updates in self._updates.items():
             metrics.rl_updates.labels(algorithm).inc(updates)
         self._updates.clear()
-        now = self.ctx.now()
         for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
-            metrics.run_last_metric.labels(label).set(now)
             for name in RUN_VALUE_NAMES:
                 value = getattr(metric, name)
                 if value is not None:
                     metrics.rl_values.labels(label, name).set(value)
         self._latest.clear()
+
+    def _export_run_health(self, run: _Run) -> None:
+        """Whether the run is halted, its reward window, when it was last heard of. Under its
+        own label only: the runs past ``metrics.max_run_labels`` share ``other``, where one
+        run's value would hide another's."""
+        metrics = self.ctx.metrics
+        run_id = run.key.decode()
+        if metrics.run_label(run_id) != run_id:
+            return
+        metrics.run_halted.labels(run_id).set(1 if run.ops.halted else 0)
+        window = run.window
+        if window.count:
+            metrics.reward_window.labels(run_id, "mean").set(window.mean or 0.0)
+            metrics.reward_window.labels(run_id, "std").set(window.std or 0.0)
+            metrics.reward_window.labels(run_id, "count").set(window.count)
+        if run.last_metric_at is not None and not run.lifecycle.finished:
+            metrics.run_last_metric.labels(run_id).set(run.last_metric_at)
 
     # The end of finished runs, at each checkpoint (see the module doc).
     def _end_finished_runs(self, writer: StateSink) -> None:

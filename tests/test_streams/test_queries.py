@@ -320,5 +320,5 @@ def test_a_run_silent_past_the_setting_is_stale_unless_it_finished() -> None:
     finished = RunLifecycle()
     finished.on_finish(150.0, None)
     assert state_of(ops, lifecycle=finished, now=1000.0)["stale"] is False
-    unknown = state_of(ops, last_metric_at=None, now=1000.0)
-    assert (unknown["silent_s"], unknown["stale"]) == (None, False)
+    unknown = state_of(ops, last_metric_at=None, now=1000.0)  # as status from the topics
+    assert (unknown["silent_s"], unknown["stale"]) == (None, True)
