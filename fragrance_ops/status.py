@@ -295,15 +295,10 @@ def render(status: dict[str, Any]) -> str:
             continue
         command = run.get("last_command")
         entropy = run.get("entropy_coef")
-        flags = [flag for flag in ("halted", "finished", "stale") if run.get(flag)]
-        silent = run.get("silent_s")
-        if run.get("stale") and silent is not None:
-            flags[-1] = f"stale: silent for {silent:.0f}s"
         lines.append(
             f"  {run_id}: step {run.get('step')} (attempt {run.get('attempt', 0)}), "
             f"entropy_coef {entropy if entropy is not None else '?'}, "
-            f"last command {command['type'] if command else 'none'}"
-            + (f" [{', '.join(flags)}]" if flags else "")
+            f"last command {command['type'] if command else 'none'}" + _flags(run)
         )
     if not status["runs"]:
         lines.append("  (none reported)")
@@ -336,5 +331,13 @@ def _held_run(run: dict[str, Any]) -> str:
     rating = run.get("rating_window")
     if rating is not None:
         parts.append(f"ratings {rating['size']}/{rating['min_window']}")
-    flags = [flag for flag in ("halted", "finished") if run.get(flag)]
-    return ", ".join(parts) + (f" [{', '.join(flags)}]" if flags else "")
+    return ", ".join(parts) + _flags(run)
+
+
+def _flags(run: dict[str, Any]) -> str:
+    """`` [halted, stale: silent for 412s]``: what needs a person's eye, from either source."""
+    flags = [flag for flag in ("halted", "finished", "stale") if run.get(flag)]
+    silent = run.get("silent_s")
+    if run.get("stale") and silent is not None:
+        flags[-1] = f"stale: silent for {silent:.0f}s"
+    return f" [{', '.join(flags)}]" if flags else ""

@@ -108,8 +108,9 @@ class WorkerMetrics:
 
         self.run_last_metric = Gauge(
             "fragrance_ops_run_last_metric_timestamp_seconds",
-            "when the worker last read a metric of the run (its clock, Unix seconds): "
-            "time() minus it is how long the run has been silent (alert RunSilent)",
+            "when the worker last read a new metric of the run (its clock, Unix seconds, to "
+            "the nearest 10 s; kept across restarts and rebalances): time() minus it is how "
+            "long the run has been silent (alert RunSilent)",
             ["run_id"],
             registry=registry,
         )

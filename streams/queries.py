@@ -12,6 +12,11 @@ request routed to the key's owner).
 What a run's answer says (each field's rule in its own module):
 
 - ``halted``, ``finished``, the newest metric's ``attempt`` and ``step``;
+- ``last_metric_at`` (the worker's clock when it applied the run's newest metric, to the
+  nearest 10 s, kept across restarts and rebalances; null: none known), ``silent_s`` since
+  then, and ``stale``: silent for longer than ``metrics.stale_run_after_s`` (or no metric
+  known) and not finished (a finished run is silent by design), as status decides it
+  from the topics;
 - ``rollbacks``: ``used`` (rollbacks whose anomaly steps lie fewer than
   ``checkpoints.rollback_within_steps`` from the newest step: what the budget counts
   against the next one, ``rules.checkpoints.RollbackBudget``), ``budget``
@@ -126,6 +131,9 @@ class RunState(TypedDict):
     algorithm: str
     halted: bool
     finished: bool
+    last_metric_at: float | None  # the worker's clock; null: not known
+    silent_s: float | None
+    stale: bool
     attempt: int | None  # of the newest metric judged; null: none yet
     step: int | None
     rollbacks: Rollbacks
@@ -226,8 +234,12 @@ def run_state(
     window: RewardWindow,
     lifecycle: RunLifecycle,
     rating: RatingWindow | None,
+    last_metric_at: float | None,
+    now: float,
+    stale_after_s: float,
 ) -> RunState:
     """What the worker knows of one run (see the module doc)."""
+    silent_s = max(0.0, now - last_metric_at) if last_metric_at is not None else None
     position = ops.detector.last_position
     if position is None and window.last_position[0] >= 0:
         position = window.last_position
@@ -239,6 +251,9 @@ def run_state(
         "algorithm": algorithm,
         "halted": ops.halted,
         "finished": lifecycle.finished,
+        "last_metric_at": last_metric_at,
+        "silent_s": silent_s,
+        "stale": not lifecycle.finished and (silent_s is None or silent_s > stale_after_s),
         "attempt": attempt,
         "step": step,
         "rollbacks": rollbacks(ops.budget, step),
@@ -324,6 +339,9 @@ class StateQueries:
             window=run.window,
             lifecycle=run.lifecycle,
             rating=rating,
+            last_metric_at=run.last_metric_at,
+            now=now,
+            stale_after_s=self.training.ctx.settings.metrics.stale_run_after_s,
         )
 
     def runs(self) -> dict[str, RunState]:

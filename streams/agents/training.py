@@ -68,6 +68,9 @@ from streams.state import OpenStore, StateSink, StateStore, key_partition
 log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
+NONE: Position = (-1, -1)  # before any metric
+# A run's last_metric_at moves (and its settings record is written) at most this often.
+LAST_METRIC_RESOLUTION_S = 10.0
 SILENCE_CHECK_INTERVAL_S = 1.0
 
 
@@ -96,6 +99,9 @@ class _Run:
     ops: RunOperations
     window: RewardWindow
     lifecycle: RunLifecycle  # finished or not; kept with the settings
+    # The worker's clock when a metric newer than any before was applied; kept with the
+    # settings, so that a run's silence survives a restart or a move to another worker.
+    last_metric_at: float | None = None
 
 
 class TrainingAgent:
@@ -138,7 +144,7 @@ class TrainingAgent:
         self._held_since = 0.0  # the worker's clock when it last took its partitions over
         self._releasing: set[bytes] = set()  # finished runs whose other state was dropped
         self._last_input: dict[bytes, float] = {}  # live run -> the worker's clock at its input
-        self._waiting_found = False  # the table's waiting runs made live since the takeover
+        self._taken_over = False  # _take_over done since the start or the latest rebalance
 
     # The runtime's side.
     async def process(self, records: Sequence[InputRecord]) -> None:
@@ -150,12 +156,12 @@ class TrainingAgent:
         if self.ctx.assignment.rebalancing:
             return  # partitions move, tables recover: a later tick decides
         now = self.ctx.now()
-        if not self._waiting_found:
-            self._find_waiting_runs(now)
+        if not self._taken_over:
+            self._take_over(now)
         for key, run in list(self._runs.items()):
             ops = run.ops
-            if ops.awaiting_target is None or ops.halted:
-                continue
+            if ops.awaiting_target is None or ops.halted or run.lifecycle.finished:
+                continue  # a finished run is silent by design: nothing to roll back
             silent_s = now - self._last_input.setdefault(key, now)
             if silent_s < ops.settings.checkpoints.silent_decision_after_s:
                 continue
@@ -165,17 +171,21 @@ class TrainingAgent:
                 await self.ctx.forward(command)
             self._log_notices(run)
 
-    def _find_waiting_runs(self, now: float) -> None:
-        """Make live the runs the table holds waiting for a target, on owned partitions."""
-        self._waiting_found = True
-        table = self.tables.operations
-        for key in list(table.keys()):
-            stored = table.get(key)
-            if key in self._runs or not stored or b'"awaiting_target":null' in stored:
-                continue  # cheap: most runs wait for nothing
+    def _take_over(self, now: float) -> None:
+        """After a start or a rebalance (which cleared the per-run gauges), for every run
+        the tables hold on an owned partition: export its health (a halted or silent run
+        must stay visible without sending anything), and keep live those waiting for a
+        rollback target (their silence counts from now). Loads each run once."""
+        self._taken_over = True
+        tables = self.tables
+        keys = {*tables.run_settings.keys(), *tables.operations.keys(), *self._runs}
+        for key in sorted(keys):
             run = self.peek(key)
-            if run is not None:
-                self._runs[key] = run
+            if run is None:
+                continue
+            self._export_run_health(run)
+            if key not in self._runs and run.ops.awaiting_target is not None:
+                self._runs[key] = run  # live from now on: the timer decides for it
                 self._last_input[key] = now
 
     def write_state(self, writer: StateSink) -> None:
@@ -191,6 +201,8 @@ class TrainingAgent:
             finished = run.lifecycle.to_state()
             if finished is not None:
                 stored["finished"] = finished
+            if run.last_metric_at is not None:
+                stored["last_metric_at"] = run.last_metric_at
             writer.put(tables.run_settings, key, orjson.dumps(stored), run.partition)
         changed = [self._runs[key] for key in self._changed]
         for run in changed:
@@ -209,7 +221,7 @@ class TrainingAgent:
         self._finished = None
         self._releasing.clear()
         self._last_input.clear()
-        self._waiting_found = False
+        self._taken_over = False
 
     # Live runs.
     def _settings(self, overrides: dict[str, Any] | None) -> Settings:
@@ -246,7 +258,9 @@ class TrainingAgent:
         lifecycle = indexed[1] if indexed is not None else stored_lifecycle(stored_settings)[0]
         if lifecycle.reached is None:  # kept only once finished: what the state knows
             lifecycle.reached = _newest(ops.detector.last_position, window.last_position)
-        return _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
+        run = _Run(key, partition, overrides, algorithm, announced_at, ops, window, lifecycle)
+        run.last_metric_at = stored_last_metric_at(stored_settings)
+        return run
 
     def _changed_run(self, key: bytes, partition: int, position: Position | None = None) -> _Run:
         """The run an input is applied to; a finished run's quiet time starts again."""
@@ -366,9 +380,14 @@ class TrainingAgent:
     async def on_metric(self, record: InputRecord) -> None:
         ctx = self.ctx
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
-        run = self._changed_run(
-            metric.run_id.encode(), record.partition, (metric.attempt, metric.step)
-        )
+        position = (metric.attempt, metric.step)
+        run = self._changed_run(metric.run_id.encode(), record.partition, position)
+        if position > (_newest(run.ops.detector.last_position, run.window.last_position) or NONE):
+            now = self._last_input[run.key]  # the clock _changed_run read
+            last = run.last_metric_at
+            if last is None or now - last >= LAST_METRIC_RESOLUTION_S:
+                run.last_metric_at = now
+                self._settings_changed.add(run.key)
         self._latest[metric.run_id] = metric
         self._updates[run.algorithm] += 1
         now = ctx.now()
@@ -497,25 +516,34 @@ class TrainingAgent:
         seconds; a batch is milliseconds)."""
         metrics = self.ctx.metrics
         for run in changed:
-            label = metrics.run_label(run.key.decode())
-            metrics.run_halted.labels(label).set(1 if run.ops.halted else 0)
-            window = run.window
-            if window.count:
-                metrics.reward_window.labels(label, "mean").set(window.mean or 0.0)
-                metrics.reward_window.labels(label, "std").set(window.std or 0.0)
-                metrics.reward_window.labels(label, "count").set(window.count)
+            self._export_run_health(run)
         for algorithm, updates in self._updates.items():
             metrics.rl_updates.labels(algorithm).inc(updates)
         self._updates.clear()
-        now = self.ctx.now()
         for run_id, metric in self._latest.items():
             label = metrics.run_label(run_id)
-            metrics.run_last_metric.labels(label).set(now)
             for name in RUN_VALUE_NAMES:
                 value = getattr(metric, name)
                 if value is not None:
                     metrics.rl_values.labels(label, name).set(value)
         self._latest.clear()
+
+    def _export_run_health(self, run: _Run) -> None:
+        """Whether the run is halted, its reward window, when it was last heard of. Under its
+        own label only: the runs past ``metrics.max_run_labels`` share ``other``, where one
+        run's value would hide another's."""
+        metrics = self.ctx.metrics
+        run_id = run.key.decode()
+        if metrics.run_label(run_id) != run_id:
+            return
+        metrics.run_halted.labels(run_id).set(1 if run.ops.halted else 0)
+        window = run.window
+        if window.count:
+            metrics.reward_window.labels(run_id, "mean").set(window.mean or 0.0)
+            metrics.reward_window.labels(run_id, "std").set(window.std or 0.0)
+            metrics.reward_window.labels(run_id, "count").set(window.count)
+        if run.last_metric_at is not None and not run.lifecycle.finished:
+            metrics.run_last_metric.labels(run_id).set(run.last_metric_at)
 
     # The end of finished runs, at each checkpoint (see the module doc).
     def _end_finished_runs(self, writer: StateSink) -> None:
@@ -619,6 +647,15 @@ def stored_lifecycle(stored: bytes | None) -> tuple[RunLifecycle, int | None]:
     return RunLifecycle.from_state(record.get("finished")), (
         int(partition) if partition is not None else None
     )
+
+
+def stored_last_metric_at(stored: bytes | None) -> float | None:
+    """When the worker last applied a new metric of the run (its clock), from the
+    run-settings table; None: not known (no metric, or stored before it was kept)."""
+    if stored is None or b'"last_metric_at"' not in stored:
+        return None
+    record = orjson.loads(stored)
+    return float(record["last_metric_at"])
 
 
 def stored_announcement(

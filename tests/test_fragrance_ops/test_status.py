@@ -26,6 +26,9 @@ def held_run(run_id: str, *, halted: bool) -> dict[str, Any]:
         "algorithm": "ppo",
         "halted": halted,
         "finished": False,
+        "last_metric_at": 100.0,
+        "silent_s": 5.0,
+        "stale": False,
         "attempt": 1,
         "step": 1200,
         "rollbacks": {"used": 1, "budget": 3, "within_steps": 2000, "history": []},
@@ -204,3 +207,6 @@ def test_the_rendering_says_where_it_read() -> None:
     ]
     assert "rollback to step" not in lines[-1]
     assert "[halted]" not in lines[-1]
+    silent = held_run("r", halted=True) | {"silent_s": 412.0, "stale": True}
+    line = render(status | {"runs": {"r": silent}}).splitlines()[-1]
+    assert line.endswith("[halted, stale: silent for 412s]")

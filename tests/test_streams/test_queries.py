@@ -41,15 +41,25 @@ def ops_after_a_nan_loss() -> tuple[RunOperations, list[object]]:
     return ops, commands
 
 
-def state_of(ops: RunOperations, window: RewardWindow | None = None) -> dict[str, Any]:
+def state_of(
+    ops: RunOperations,
+    window: RewardWindow | None = None,
+    *,
+    lifecycle: RunLifecycle | None = None,
+    last_metric_at: float | None = 100.0,
+    now: float = 130.0,
+) -> dict[str, Any]:
     state = run_state(
         RUN,
         partition=3,
         algorithm="ppo",
         ops=ops,
         window=window or RewardWindow(1000),
-        lifecycle=RunLifecycle(),
+        lifecycle=lifecycle or RunLifecycle(),
         rating=None,
+        last_metric_at=last_metric_at,
+        now=now,
+        stale_after_s=300.0,
     )
     return dict(orjson.loads(orjson.dumps(state)))  # as the HTTP answer carries it
 
@@ -60,6 +70,7 @@ def test_a_run_after_a_nan_loss_shows_the_pending_rollback_and_the_budget_used()
     state = state_of(ops)
     assert (state["run_id"], state["partition"], state["algorithm"]) == (RUN, 3, "ppo")
     assert (state["halted"], state["finished"]) == (False, False)
+    assert (state["last_metric_at"], state["silent_s"], state["stale"]) == (100.0, 30.0, False)
     assert (state["attempt"], state["step"]) == (0, 1200)
     assert state["pending_rollback"] == {
         "command_id": rollback.command_id,
@@ -299,3 +310,15 @@ def test_a_run_whose_state_cannot_be_read_is_left_out_of_the_list(
     assert list(queries.runs()) == [RUN]
     with pytest.raises(ValueError, match="state version 99"):
         queries.run("unreadable")  # asked alone: the HTTP server answers 500 with the reason
+
+
+def test_a_run_silent_past_the_setting_is_stale_unless_it_finished() -> None:
+    ops = RunOperations(RUN, Settings())
+    assert state_of(ops, now=400.0)["stale"] is False  # silent 300 s: not longer
+    silent = state_of(ops, now=400.5)
+    assert (silent["silent_s"], silent["stale"]) == (300.5, True)
+    finished = RunLifecycle()
+    finished.on_finish(150.0, None)
+    assert state_of(ops, lifecycle=finished, now=1000.0)["stale"] is False
+    unknown = state_of(ops, last_metric_at=None, now=1000.0)  # as status from the topics
+    assert (unknown["silent_s"], unknown["stale"]) == (None, True)

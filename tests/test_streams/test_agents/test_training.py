@@ -305,6 +305,8 @@ def test_a_rollback_waiting_on_a_silent_run_is_sent_by_the_timer() -> None:
     harness = Harness()
     agent = harness.make(TrainingAgent)
     harness.feed(agent, waiting_for_a_lost_checkpoint(harness))
+    harness.checkpoint(agent)
+    assert harness.stores["run-operations"].json(RUN.encode())["awaiting_target"] is not None
     assert harness.commands("rollback") == []
     wait_s = harness.settings.checkpoints.silent_decision_after_s
     harness.clock.advance(wait_s - 1)
@@ -319,6 +321,8 @@ def test_a_rollback_waiting_on_a_silent_run_is_sent_by_the_timer() -> None:
     assert harness.checkpoints.requested == requested + 1  # a clock decision: made durable
     harness.tick(agent)
     harness.checkpoint(agent)
+    stored = harness.stores["run-operations"].json(RUN.encode())
+    assert (stored["awaiting_target"], stored["pending_rollback"]["step"]) == (None, 100)
     # Decided once, and stored: the restarted worker does not decide again.
     restarted = harness.restart(TrainingAgent)
     harness.clock.advance(2 * wait_s)
@@ -339,3 +343,52 @@ def test_a_restarted_worker_finds_the_waiting_run_and_counts_its_silence_anew() 
     harness.tick(restarted)
     (rollback,) = harness.commands("rollback")
     assert rollback["checkpoint_step"] == 100
+
+
+def test_when_a_run_was_last_heard_of_survives_a_restart_and_a_replay() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    announced = harness.record(RunAnnounced(run_id=RUN, ts=harness.clock(), settings={}))
+    heard_at = harness.clock()
+    harness.feed(agent, [announced, *(metric(harness, step) for step in range(20))])
+    harness.checkpoint(agent)
+    assert harness.stores["run-settings"].json(RUN.encode())["last_metric_at"] == heard_at
+    # A replayed metric is not news.
+    harness.clock.advance(100)
+    harness.feed(agent, [Record(**{**vars(metric(harness, 19)), "offset": 19})])
+    harness.checkpoint(agent)
+    assert harness.stores["run-settings"].json(RUN.encode())["last_metric_at"] == heard_at
+    # A restarted worker exports it at once (its first tick), not only at the run's next
+    # metric: a run silent across a restart stays visible to RunSilent.
+    harness.metrics.forget_partition_state()
+    restarted = harness.restart(TrainingAgent)
+    harness.tick(restarted)
+    assert harness.sample("fragrance_ops_run_last_metric_timestamp_seconds", run_id=RUN) == heard_at
+
+
+def test_a_finished_run_waiting_for_a_target_is_left_alone() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    records = waiting_for_a_lost_checkpoint(harness)
+    records.append(harness.record(RunFinished(type="finished", run_id=RUN, ts=harness.clock())))
+    harness.feed(agent, records)
+    harness.clock.advance(2 * harness.settings.checkpoints.silent_decision_after_s)
+    harness.tick(agent)
+    assert harness.commands("rollback") == harness.commands("halt") == []
+
+
+def test_a_restarted_worker_shows_a_halted_runs_health_before_it_sends_anything() -> None:
+    harness = Harness()
+    agent = harness.make(TrainingAgent)
+    records = [harness.record(RunAnnounced(run_id=RUN, ts=harness.clock(), settings={}))]
+    records += [metric(harness, step) for step in range(30)]
+    request = OperatorRequest(
+        request_id="req-halt", run_id=RUN, action="halt", requested_by="a", reason="r", ts=0.0
+    )
+    harness.feed(agent, [*records, harness.record(request)])
+    harness.checkpoint(agent)
+    harness.metrics.forget_partition_state()  # a rebalance or a restart: gauges cleared
+    restarted = harness.restart(TrainingAgent)
+    harness.tick(restarted)
+    assert harness.sample("fragrance_ops_run_halted", run_id=RUN) == 1.0
+    assert harness.sample("fragrance_ops_reward_window", run_id=RUN, stat="count") == 30.0
