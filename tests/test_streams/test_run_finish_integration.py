@@ -271,9 +271,18 @@ def test_a_finished_run_is_dropped_after_the_retention_and_nothing_brings_it_bac
             "the new window of the late metric stored",
         )
         # Written at the checkpoint that stored the late metric's window, after the finish
-        # was read again: that finish created nothing.
+        # was read again: that finish created nothing. The run's settings record is the new
+        # run's: never announced, not finished, heard of at its late metric.
         latest = changelogs.latest(DONE)
-        assert latest["run-settings"] is None
+        settings_record = latest["run-settings"]
+        assert settings_record is not None
+        assert orjson.loads(settings_record) == {
+            "overrides": None,
+            "algorithm": "ppo",
+            "announced_at": None,
+            "partition": orjson.loads(settings_record)["partition"],
+            "last_metric_at": pytest.approx(time.time(), abs=120),
+        }
         assert latest["feedback-windows"] is None
         assert "fragrance_ops_run_finished_timestamp_seconds" not in series(port, DONE)
     finally:
