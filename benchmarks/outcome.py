@@ -15,8 +15,8 @@ clean trainer with the worker and the reference trainer's own overrides
 (``REFERENCE_RUN_SETTINGS``), for the false-rollback rate both ways.
 
 The final reward of a run is the mean of the reward it reported over the last 10% of its
-steps (the reference trainer reports each rollout's mean episode return on each of the
-rollout's 320 updates). After a rollback the steps from the checkpoint on are reported
+steps (the reference trainer reports, per update, the mean return of the episodes its
+minibatch learns from). After a rollback the steps from the checkpoint on are reported
 again; the curve and the final reward keep the last report of each step (the run as it
 ended). A rollback counts when the trainer's attempt number moved. Printed: each run,
 each arm's mean, the faulted/clean ratios with and without the worker, the rollbacks per
@@ -136,7 +136,7 @@ def write_png(
         panel.set_title("with the worker" if with_worker else "without the worker")
         panel.set_xlabel("step (minibatch update)")
         panel.legend(fontsize=8, loc="lower right")
-    panels[0].set_ylabel("mean episode reward (rollout)")
+    panels[0].set_ylabel("reward (mean return of the update's episodes)")
     figure.suptitle(
         f"reference PPO, {steps} steps, fault at {int(0.6 * steps)} (dashed), "
         f"mean of {len(seeds)} seeds"

@@ -6,8 +6,9 @@ environment steps, train ``epochs`` (10) epochs over it in minibatches of ``batc
 
 One operations *step* is one minibatch update (one optimizer step): 2,048 / 64 x 10 = 320
 steps per rollout, so the guide's checkpoint interval (500 steps) and entropy schedule
-(10,000 steps) fall within minutes on a CPU. Each step reports the minibatch's losses and
-the rollout's mean episode return as ``reward``. After a rollback the trainer drops the
+(10,000 steps) fall within minutes on a CPU. Each step reports the minibatch's losses and,
+as ``reward``, the mean return of the episodes its minibatch learns from
+(``episode_reward``). After a rollback the trainer drops the
 rest of the rollout (collected by the policy it just abandoned) and collects a fresh one
 with the restored policy.
 
@@ -18,6 +19,7 @@ the demo can show a real divergence being detected and rolled back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,9 @@ class Rollout:
     log_probs: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    # Per transition, the return of the episode it belongs to (NaN: still running when the
+    # rollout ended): what an update reports as its reward (``episode_reward``).
+    episode_returns: torch.Tensor
     mean_episode_return: float
 
 
@@ -101,7 +106,7 @@ class StepReport:
     policy_loss: float
     value_loss: float
     entropy: float
-    reward: float
+    reward: float  # the mean return of the episodes the minibatch learns from
     entropy_coef: float
 
 
@@ -158,6 +163,8 @@ class ReferencePPOTrainer:
         values = torch.zeros(size + 1)
         rewards = torch.zeros(size)
         dones = torch.zeros(size)
+        step_returns = torch.full((size,), math.nan)
+        episode_start = 0  # where the running episode's transitions begin in this rollout
         episode_returns: list[float] = []
         for index in range(size):
             observation = torch.as_tensor(self._observation)
@@ -173,6 +180,8 @@ class ReferencePPOTrainer:
             self._episode_return += float(reward)
             if terminated or truncated:
                 dones[index] = 1.0
+                step_returns[episode_start : index + 1] = self._episode_return
+                episode_start = index + 1
                 episode_returns.append(self._episode_return)
                 self._episode_return = 0.0
                 self._observation, _ = self.env.reset()
@@ -190,6 +199,7 @@ class ReferencePPOTrainer:
             log_probs=log_probs,
             advantages=advantages,
             returns=advantages + values[:size],
+            episode_returns=step_returns,
             mean_episode_return=float(np.mean(episode_returns)) if episode_returns else 0.0,
         )
 
@@ -248,7 +258,7 @@ class ReferencePPOTrainer:
             policy_loss=policy_loss.item(),
             value_loss=value_loss.item(),
             entropy=entropy.item(),
-            reward=rollout.mean_episode_return,
+            reward=episode_reward(rollout, batch),
             entropy_coef=ops.entropy_coef,
         )
         ops.end_step(
@@ -259,3 +269,18 @@ class ReferencePPOTrainer:
             entropy=report.entropy,
         )
         return report
+
+
+def episode_reward(rollout: Rollout, batch: torch.Tensor) -> float:
+    """An update's reward: the mean return of the episodes its minibatch learns from, each
+    weighted by its transitions there (the rollout's mean when none of them ended yet).
+
+    Per update, not per rollout: the rollout's mean repeated for its 320 updates left a
+    1,000-step reward window about three distinct values. A minibatch draws 64 of the
+    rollout's 2,048 transitions, from some 50 of its 170 episodes: an estimate of the
+    policy's return that varies from update to update by about an eighth of the episodes'
+    own spread, so a policy that got worse shows at its next rollout as before.
+    """
+    returns = rollout.episode_returns[batch]
+    ended = returns[~torch.isnan(returns)]
+    return float(ended.mean()) if len(ended) else rollout.mean_episode_return

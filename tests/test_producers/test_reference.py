@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 from config.settings import Settings
 from producers import InMemoryTransport, TrainerClient
 from producers.reference import FragranceFormulaEnv, PPOConfig, ReferencePPOTrainer
-from producers.reference.ppo import FaultKind, StepReport
+from producers.reference.ppo import FaultKind, Rollout, StepReport, episode_reward
 from schemas import Rollback, Topic
 from tests.helpers.operations import InMemoryOperations
 
@@ -50,15 +52,37 @@ def test_the_reference_trainer_learns_checkpoints_and_reports_every_update(
     trainer.train(1100, on_step=reports.append)
     assert [report.step for report in reports] == list(range(1100))
     assert trainer.ops.store.steps() == [500, 1000]
-    # 320 minibatch updates per rollout (2,048 / 64 x 10 epochs): the reward is per rollout.
-    assert len({report.reward for report in reports[:320]}) == 1
-    assert reports[-1].reward > reports[0].reward  # it learns
+    # 320 minibatch updates per rollout (2,048 / 64 x 10 epochs), each reporting the mean
+    # return of its own minibatch's episodes: a 1,000-step window holds 1,000 values, each
+    # near its rollout's mean.
+    first = reports[:320]
+    assert len({report.reward for report in first}) > 300
+    mean = sum(report.reward for report in first) / len(first)
+    assert all(abs(report.reward - mean) < 0.25 for report in first)
+    last = reports[960:]  # the fourth rollout's updates
+    assert sum(report.reward for report in last) / len(last) > mean  # it learns
     metrics = [orjson.loads(record.value) for record in transport.records(Topic.METRICS)]
     assert metrics[-1]["learning_rate"] == pytest.approx(1e-3)
     assert metrics[-1]["clip_epsilon"] == pytest.approx(0.2)
     assert {"policy_loss", "value_loss", "entropy", "entropy_coef"} <= set(metrics[-1])
     (announced,) = [orjson.loads(record.value) for record in transport.records(Topic.RUNS)]
     assert announced["settings"] == {"anomaly.baseline": "median", "anomaly.patience": 3}
+
+
+def test_an_updates_reward_is_the_mean_return_of_its_minibatchs_ended_episodes() -> None:
+    empty = torch.zeros(5)
+    rollout = Rollout(
+        observations=empty,
+        actions=empty,
+        log_probs=empty,
+        advantages=empty,
+        returns=empty,
+        episode_returns=torch.tensor([0.2, 0.2, 0.8, 0.8, math.nan]),
+        mean_episode_return=0.5,
+    )
+    # Weighted by transitions; the running episode's (NaN) left out.
+    assert episode_reward(rollout, torch.tensor([0, 2, 3, 4])) == pytest.approx(0.6)
+    assert episode_reward(rollout, torch.tensor([4])) == 0.5  # none ended: the rollout's
 
 
 def test_an_injected_fault_makes_the_loss_spike(tmp_path: Path) -> None:
