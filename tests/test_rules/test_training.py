@@ -450,14 +450,20 @@ def test_state_round_trips_and_continues_identically() -> None:
     )
 
 
-def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen() -> None:
+def spiked_naming_an_unread_checkpoint() -> RunOperations:
+    """Checkpoint 500 read; a spike at step 1100 whose metric names the trainer's save of
+    step 1000, not read (yet): the rollback waits for it."""
     ops = RunOperations(RUN, Settings())
     ops.on_checkpoint(checkpoint(500), now=1.0)
     for step in range(1100):
         ops.on_metric(metric(step), now=1.0)
-    # The trainer says it saved step 1000; that announcement has not been consumed yet.
     spike = StepMetric(run_id=RUN, step=1100, loss=9.0, reward=1.0, ts=1100.0, checkpoint_step=1000)
     assert not [c for c in ops.on_metric(spike, now=1.0) if isinstance(c, Rollback)]
+    return ops
+
+
+def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen() -> None:
+    ops = spiked_naming_an_unread_checkpoint()
     rollback = next(
         c for c in ops.on_checkpoint(checkpoint(1000), now=1.0) if isinstance(c, Rollback)
     )
@@ -465,14 +471,9 @@ def test_the_trainers_newest_checkpoint_is_awaited_before_an_older_one_is_chosen
 
 
 def test_a_silent_run_is_rolled_back_without_the_checkpoint_its_metrics_named() -> None:
-    # As above, but the announcement of step 1000 never comes: the trainer died after the
-    # spike. Once silent, the run is rolled back to the newest healthy checkpoint read.
-    ops = RunOperations(RUN, Settings())
-    ops.on_checkpoint(checkpoint(500), now=1.0)
-    for step in range(1100):
-        ops.on_metric(metric(step), now=1.0)
-    spike = StepMetric(run_id=RUN, step=1100, loss=9.0, reward=1.0, ts=1100.0, checkpoint_step=1000)
-    assert not [c for c in ops.on_metric(spike, now=1.0) if isinstance(c, Rollback)]
+    # The announcement of step 1000 never comes: the trainer died after the spike. Once
+    # silent, the run is rolled back to the newest healthy checkpoint read.
+    ops = spiked_naming_an_unread_checkpoint()
     [rollback] = ops.on_silence(now=61.0)
     assert isinstance(rollback, Rollback)
     assert (rollback.checkpoint_step, rollback.anomaly_step) == (500, 1100)
