@@ -68,7 +68,7 @@ from streams.state import OpenStore, StateSink, StateStore, key_partition
 log = logging.getLogger(__name__)
 
 HYPERPARAMETER_NAMES = ("entropy_coef", "learning_rate", "clip_epsilon")
-NONE: Position = (-1, -1)  # before any metric
+NO_POSITION: Position = (-1, -1)  # before any metric
 # A run's last_metric_at moves (and its settings record is written) at most this often.
 LAST_METRIC_RESOLUTION_S = 10.0
 SILENCE_CHECK_INTERVAL_S = 1.0
@@ -382,7 +382,8 @@ class TrainingAgent:
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
         position = (metric.attempt, metric.step)
         run = self._changed_run(metric.run_id.encode(), record.partition, position)
-        if position > (_newest(run.ops.detector.last_position, run.window.last_position) or NONE):
+        newest = _newest(run.ops.detector.last_position, run.window.last_position)
+        if position > (newest or NO_POSITION):
             now = self._last_input[run.key]  # the clock _changed_run read
             last = run.last_metric_at
             if last is None or now - last >= LAST_METRIC_RESOLUTION_S:
