@@ -222,8 +222,17 @@ def test_an_unreachable_broker_is_one_message_saying_what_to_check(command: list
     (line,) = result.stderr.splitlines()  # no librdkafka retries, no traceback
     assert line.startswith(f"fragrance-ops: cannot reach Kafka at {address}: "), line
     assert "FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS" in line
-    debugged = run_cli("--debug", *command, env=env, timeout=60)
+
+
+def test_debug_shows_the_traceback_of_an_unreachable_broker() -> None:
+    # One command is enough: main() turns the error into the message, or re-raises it with
+    # --debug, for every command alike (each one's wait for the broker costs 10 s).
+    address = f"{LOCALHOST}:{free_port()}"
+    env = clean_env(FRAGRANCE_OPS_KAFKA__BOOTSTRAP_SERVERS=address, **no_worker())
+    debugged = run_cli("--debug", "topics", "create", env=env, timeout=60)
+    assert debugged.returncode != 0
     assert "Traceback" in debugged.stderr
+    assert "KafkaUnreachable" in debugged.stderr
 
 
 @pytest.mark.integration
