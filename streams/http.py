@@ -134,10 +134,16 @@ class StateRoutes:
 
 
 def _json(status: int, body: Any, start_response: StartResponse) -> list[bytes]:
-    data = orjson.dumps(body)
+    return _respond(status, orjson.dumps(body), start_response)
+
+
+def _respond(
+    status: int, data: bytes, start_response: StartResponse, *headers: tuple[str, str]
+) -> list[bytes]:
+    """A JSON answer, already encoded (this worker's, or an owner's passed on)."""
     start_response(
         f"{status} {_REASONS.get(status, '')}".rstrip(),
-        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers],
     )
     return [data]
 
@@ -197,15 +203,7 @@ def _proxy(owner: str, path: str, own_url: str, start_response: StartResponse) -
     except (urllib.error.URLError, OSError) as error:
         body = {"error": "owner unreachable", "worker": owner, "reason": str(error)}
         return _json(502, body, start_response)
-    start_response(
-        f"{status} {_REASONS.get(status, '')}".rstrip(),
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            (OWNER_HEADER, owner),
-        ],
-    )
-    return [data]
+    return _respond(status, data, start_response, (OWNER_HEADER, owner))
 
 
 class _SilentHandler(WSGIRequestHandler):

@@ -177,9 +177,7 @@ class TrainingAgent:
         must stay visible without sending anything), and keep live those waiting for a
         rollback target (their silence counts from now). Loads each run once."""
         self._taken_over = True
-        tables = self.tables
-        keys = {*tables.run_settings.keys(), *tables.operations.keys(), *self._runs}
-        for key in sorted(keys):
+        for key in self.held_keys():
             run = self.peek(key)
             if run is None:
                 continue
@@ -382,16 +380,15 @@ class TrainingAgent:
         metric = decode(StepMetric, record.value, max_bytes=self._max_bytes)
         position = (metric.attempt, metric.step)
         run = self._changed_run(metric.run_id.encode(), record.partition, position)
+        now = self._last_input[run.key]  # the clock _changed_run read
         newest = _newest(run.ops.detector.last_position, run.window.last_position)
         if position > (newest or NO_POSITION):
-            now = self._last_input[run.key]  # the clock _changed_run read
             last = run.last_metric_at
             if last is None or now - last >= LAST_METRIC_RESOLUTION_S:
                 run.last_metric_at = now
                 self._settings_changed.add(run.key)
         self._latest[metric.run_id] = metric
         self._updates[run.algorithm] += 1
-        now = ctx.now()
         # The rules first: statistics the contract cannot carry (a dead-lettered metric)
         # must not hide an anomaly from them.
         for command in run.ops.on_metric(metric, now):
