@@ -6,7 +6,7 @@ Each module names the upstream behaviour it corrects and the test that covers it
   own; whole fetches handed to the agents' runtime instead of Faust's per-record path;
   offsets committed behind checkpointed state; the broker holding a fetch for a batch;
   records dropped before a seek back read again; never-committed partitions read from
-  their beginning.
+  their beginning; a partition Faust pauses paused in aiokafka too.
 - ``fetch_sessions``: aiokafka's fetcher with Kafka's incremental fetch sessions
   (KIP-227), which aiokafka lacks: an idle fetch names no partitions; after an empty
   fetch, one answered at the first record; aiokafka's per-fetch decisions in one lean
@@ -42,6 +42,7 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_create_consumer"),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_fetch_records"),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_ensure_consumer"),
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", "_consumer"),
     ("faust.app.base", "App", "_new_transport"),
     ("mode.threads", "ServiceThread", "_thread_started"),
     ("mode.threads", "ServiceThread", "_thread_running"),
@@ -56,6 +57,7 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("aiokafka.consumer.fetcher", "Fetcher", "_client"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_subscriptions"),
     ("aiokafka.consumer.fetcher", "Fetcher", "_get_actions_per_node"),
+    ("aiokafka.consumer.fetcher", "Fetcher", "_proc_fetch_request"),
     *(
         ("aiokafka.consumer.fetcher", "Fetcher", name)
         for name in (

@@ -51,17 +51,29 @@ moment, and Faust's livelock check crashes the worker on that. Tested by
 
 Input partitions only: Faust positions its changelog partitions itself (table recovery)
 and never reads its assignor's leader topic.
+
+**A partition Faust pauses is paused in aiokafka too** (``_Consumer.pause_partitions``).
+Faust pauses a partition only in its own bookkeeping (``Consumer.pause_partitions``): it
+stops asking ``getmany`` for it, while aiokafka's fetcher goes on fetching it (aiokafka
+expects pauses through ``AIOKafkaConsumer.pause``, aio-libs/aiokafka#304, #473). The table
+changelogs, paused once recovered, took every state write of the worker's checkpoints back
+in fetch responses; unread, those records held back the next fetch for aiokafka's retry
+backoff (100 ms), and with it every input record behind them: the rollback's and the
+downshift's p99 tails of 80-150 ms. Paused in both, a changelog is not fetched until Faust
+resumes it (recovery, standbys), and what was fetched before the pause is let go. Tested by
+``test_consumer.py::test_a_partition_faust_pauses_is_not_fetched_until_resumed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import aiokafka
 import faust
+from aiokafka import TopicPartition
 from aiokafka.errors import ConsumerStoppedError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
@@ -156,6 +168,27 @@ class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
         consumer._fetcher = SessionFetcher.for_consumer(consumer, app.quiet_fetch_wait_ms)
         await upstream.close()
 
+    def pause_fetching(self, tps: Iterable[TP]) -> None:
+        """Stop aiokafka fetching ``tps`` (those assigned); let go what it fetched of them."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        paused = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        paused = [tp for tp in paused if tp in assigned]
+        consumer.pause(*paused)
+        fetched = consumer._fetcher._records
+        for tp in paused:
+            fetched.pop(tp, None)  # unread, it would hold back its node's next fetch
+
+    def resume_fetching(self, tps: Iterable[TP]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        resumed = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+        consumer.resume(*(tp for tp in resumed if tp in assigned))
+
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed: Mapping[TP, int] = await self.call_thread(self._seek_back)
         return committed
@@ -185,6 +218,16 @@ class _Consumer(driver.Consumer):
     @property
     def _runtime(self) -> AgentRuntime:
         return cast(WorkerApp, self.app).runtime
+
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        tpset = set(tps)
+        super().pause_partitions(tpset)
+        self._thread.pause_fetching(tpset)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tpset = set(tps)
+        super().resume_partitions(tpset)
+        self._thread.resume_fetching(tpset)
 
     def buffers_cleared(self) -> None:
         """Faust cleared what it had fetched: it must be read again."""

@@ -100,6 +100,11 @@ class _FetchLimits:
     rack_id: str
 
 
+def _is_paused(assignment: Any, tp: TopicPartition) -> bool:
+    state = assignment.state_value(tp)
+    return state is not None and bool(state.paused)
+
+
 class _SessionFetchRequest(FetchRequest):  # type: ignore[misc]  # aiokafka is untyped
     """One fetch of a session: sends the changes; ``topics`` is every partition fetched."""
 
@@ -275,6 +280,16 @@ class SessionFetcher(Fetcher):  # type: ignore[misc]  # aiokafka is untyped
         else:
             timeout = self._fetcher_timeout
         return fetch_requests, awaiting_reset, timeout, invalid_metadata, resume_futures
+
+    async def _proc_fetch_request(self, assignment: Any, node_id: int, request: Any) -> bool:
+        """aiokafka's, letting go what a fetch brought of a partition paused while it was
+        in flight: unread (``getmany`` skips paused partitions), it would hold back every
+        next fetch of its node for the retry backoff (``consumer.py``, pauses)."""
+        needs_wakeup: bool = await super()._proc_fetch_request(assignment, node_id, request)
+        records = self._records
+        for tp in [tp for tp in records if _is_paused(assignment, tp)]:
+            del records[tp]
+        return needs_wakeup
 
     def fetch_request(
         self, node_id: int, wanted: dict[TopicPartition, _Position]

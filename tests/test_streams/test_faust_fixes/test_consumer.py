@@ -256,3 +256,38 @@ def test_commits_cover_only_what_a_checkpoint_wrote(
     assert agent.checkpoints
     assert max(agent.checkpoints) <= 2 * BATCH
     assert committed(kafka_bootstrap, group, topic) == 2 * BATCH
+
+
+def test_a_partition_faust_pauses_is_not_fetched_until_resumed(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Faust pauses in its own bookkeeping only; aiokafka's fetcher pauses too, so records of
+    a paused partition (a recovered changelog) are not fetched to sit unread, holding back
+    the next fetch. Resumed, the partition is read on from where it stopped."""
+    topic = inputs_topic(kafka_bootstrap, topic_prefix)
+    tp = TP(topic, 0)
+
+    async def scenario() -> tuple[RecordingAgent, bool, bool]:
+        app, agent = worker_app(
+            kafka_bootstrap, topic, tmp_path, commit_interval_s=3600.0, batch_within_s=0.05
+        )
+        await app.start()
+        try:
+            await asyncio.to_thread(produce, kafka_bootstrap, topic, BATCH)
+            await eventually(lambda: len(agent.seen) == BATCH, "the first batch")
+            consumer = app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+            app.consumer.pause_partitions({tp})
+            await asyncio.to_thread(produce, kafka_bootstrap, topic, BATCH)
+            await asyncio.sleep(1.0)  # 20 fetches' worth
+            paused = consumer.paused() == {tp}
+            fetched_while_paused = tp in consumer._fetcher._records
+            app.consumer.resume_partitions({tp})
+            await eventually(lambda: len(agent.seen) == 2 * BATCH, "the second batch")
+        finally:
+            await app.stop()
+        return agent, paused, fetched_while_paused
+
+    agent, paused, fetched_while_paused = asyncio.run(scenario())
+    assert paused
+    assert not fetched_while_paused
+    assert agent.seen == list(range(2 * BATCH))
