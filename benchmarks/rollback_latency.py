@@ -10,6 +10,13 @@ moment the trainer's ``rollback`` handler runs (the SDK's command thread receive
 the trainer's next poll, at most 1 ms later, handed it over). Each trainer then rolls back
 (new attempt, restored step) as a real one would, and spikes again later.
 
+Each latency is also split at the rollback's ``issued_at`` (the deciding service's clock;
+the same host's here): *decision*, from the spike's publication to the decision (the SDK's
+send, the broker, the service's fetch and processing), and *delivery*, from the decision to
+the handler (the service's produce, the broker, the SDK's command reader). On a shared
+machine the tails of both move with the load of the broker and the driver, which runs every
+simulated trainer in one process.
+
 The same trainers are measured twice in one run: against the fragrance-ops worker, and
 against a plain confluent-kafka service (consume, decode, "loss >= 2x previous", produce a
 rollback) on the same broker. Printed: p50/p99 of each and the ratio worker / plain.
@@ -57,13 +64,16 @@ class SimulatedRun:
     step: int = 0
     spike_at: int = SPIKE_AFTER_RESTORE
     spike_sent: float | None = None
+    spike_sent_at: float = 0.0  # the same moment on the wall clock, which issued_at reads
     latencies: list[float] = field(default_factory=list)
+    decisions: list[float] = field(default_factory=list)  # publication to issued_at
 
     def on_rollback(self, command: Command) -> None:
         assert isinstance(command, Rollback)
         if self.spike_sent is None:
             return  # a duplicate of an answered spike
         self.latencies.append(time.perf_counter() - self.spike_sent)
+        self.decisions.append(command.issued_at - self.spike_sent_at)
         self.spike_sent = None
         self.client.attempt += 1
         self.step = command.checkpoint_step + 1
@@ -75,7 +85,7 @@ class SimulatedRun:
             self.client.checkpoint_saved(step, f"file:///bench/{self.client.run_id}/{step}.pt")
         spike = step == self.spike_at and self.spike_sent is None
         if spike:
-            self.spike_sent = time.perf_counter()
+            self.spike_sent, self.spike_sent_at = time.perf_counter(), time.time()
         newest = step - step % CHECKPOINT_EVERY
         self.client.log_step(
             step,
@@ -87,7 +97,7 @@ class SimulatedRun:
             self.step = step + 1
 
 
-def drive(settings: Settings, runs: int, rate: float, samples_per_run: int) -> list[float]:
+def drive(settings: Settings, runs: int, rate: float, samples_per_run: int) -> list[SimulatedRun]:
     """Run the simulated trainers until each measured ``samples_per_run`` rollbacks."""
     transport = KafkaTransport(settings)
     tag = uuid.uuid4().hex[:6]
@@ -114,7 +124,18 @@ def drive(settings: Settings, runs: int, rate: float, samples_per_run: int) -> l
     for run in simulated:
         run.client.close()
     transport.close(10)
-    return [latency for run in simulated for latency in run.latencies[:samples_per_run]]
+    return simulated
+
+
+def summary(name: str, simulated: list[SimulatedRun], samples_per_run: int) -> tuple[float, float]:
+    """Print the latencies' p50/p99 with their split at the decision; return the former."""
+    latencies = [x for run in simulated for x in run.latencies[:samples_per_run]]
+    decisions = [x for run in simulated for x in run.decisions[:samples_per_run]]
+    deliveries = [total - decided for total, decided in zip(latencies, decisions, strict=True)]
+    result = latency_summary(name, "rollbacks", latencies)
+    latency_summary("  decision (publication to issued_at)", "rollbacks", decisions)
+    latency_summary("  delivery (issued_at to the handler)", "rollbacks", deliveries)
+    return result
 
 
 def plain_service(
@@ -178,17 +199,17 @@ def main() -> int:
         )
         plain_settings = fresh_settings(bootstrap, embedded, args.partitions, "plain")
         with running_service(plain_service, bootstrap, plain_settings.kafka.topic_prefix):
-            plain = latency_summary(
+            plain = summary(
                 "plain confluent-kafka service",
-                "rollbacks",
                 drive(plain_settings, args.runs, args.rate, args.samples_per_run),
+                args.samples_per_run,
             )
         settings = fresh_settings(bootstrap, embedded, args.partitions, "lat")
         with running_worker(settings, **worker_settings(args)):
-            ops = latency_summary(
+            ops = summary(
                 "fragrance-ops worker",
-                "rollbacks",
                 drive(settings, args.runs, args.rate, args.samples_per_run),
+                args.samples_per_run,
             )
         print(f"ratio worker / plain: p50 {ops[0] / plain[0]:.2f}, p99 {ops[1] / plain[1]:.2f}")
     return 0
