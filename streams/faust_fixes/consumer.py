@@ -170,24 +170,30 @@ class _SeekingConsumerThread(driver.AIOKafkaConsumerThread):
 
     def pause_fetching(self, tps: Iterable[TP]) -> None:
         """Stop aiokafka fetching ``tps`` (those assigned); let go what it fetched of them."""
-        consumer = self._consumer
+        consumer, paused = self._assigned(tps)
         if consumer is None:
             return
-        assigned = consumer.assignment()
-        paused = [TopicPartition(tp.topic, tp.partition) for tp in tps]
-        paused = [tp for tp in paused if tp in assigned]
         consumer.pause(*paused)
         fetched = consumer._fetcher._records
         for tp in paused:
             fetched.pop(tp, None)  # unread, it would hold back its node's next fetch
 
     def resume_fetching(self, tps: Iterable[TP]) -> None:
+        consumer, resumed = self._assigned(tps)
+        if consumer is not None:
+            consumer.resume(*resumed)
+
+    def _assigned(
+        self, tps: Iterable[TP]
+    ) -> tuple[aiokafka.AIOKafkaConsumer | None, list[TopicPartition]]:
+        """aiokafka's consumer (None before it starts) and those of ``tps`` assigned to it,
+        as the ``TopicPartition``s its pause and resume take."""
         consumer = self._consumer
         if consumer is None:
-            return
+            return None, []
         assigned = consumer.assignment()
-        resumed = [TopicPartition(tp.topic, tp.partition) for tp in tps]
-        consumer.resume(*(tp for tp in resumed if tp in assigned))
+        wanted = (TopicPartition(tp.topic, tp.partition) for tp in tps)
+        return consumer, [tp for tp in wanted if tp in assigned]
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed: Mapping[TP, int] = await self.call_thread(self._seek_back)
