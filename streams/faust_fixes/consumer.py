@@ -60,8 +60,8 @@ changelogs, paused once recovered, took every state write of the worker's checkp
 in fetch responses; unread, those records held back the next fetch for aiokafka's retry
 backoff (100 ms), and with it every input record behind them: the breaker's downshift
 p99 was 79-83 ms, and 30-34 ms once they were paused (``benchmarks/llm_breaker_latency.py``).
-Paused in both, a changelog is not fetched until Faust
-resumes it (recovery, standbys), and what was fetched before the pause is let go. Tested by
+Paused in both, a changelog is not fetched until Faust resumes it (recovery, standbys), and
+what was fetched before the pause is let go. Tested by
 ``test_consumer.py::test_a_partition_faust_pauses_is_not_fetched_until_resumed``.
 """
 
