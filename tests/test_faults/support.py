@@ -185,6 +185,33 @@ def wait_for(
         time.sleep(0.05)
 
 
+def wait_until_committed(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
+    """Wait until ``group`` has committed every record ``topics`` hold now: a worker killed
+    after this replays none of them."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        ends = {
+            (topic, partition): consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10
+            )[1]
+            for topic in topics
+            for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        }
+        wanted = [
+            TopicPartition(topic, partition) for (topic, partition), end in ends.items() if end
+        ]
+
+        def committed() -> bool:
+            done = consumer.committed(wanted, timeout=10)
+            return all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in done)
+
+        wait_for(committed, timeout_s, f"{group} committed all of {sorted(set(topics))}")
+    finally:
+        consumer.close()
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 

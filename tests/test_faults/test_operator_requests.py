@@ -5,6 +5,12 @@ again; while each request waits for its answer, the worker is SIGKILLed and rest
 Every request is answered as the rules answer it, the commands it causes equal the rules'
 (derived from the request id, so a request read again after a crash acts once), and the
 trainer applies each command once.
+
+Each request is sent once the worker has committed every record before it. A request is
+answered against what the worker applied when it read it: after a crash, one read in the
+same replay as the run's metrics (another topic) may come before them, and would then name
+an older step than the oracle, which applies everything in the order it was produced
+(docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tests.test_faults.support import (
     stall_restarts,
     training_oracle,
     wait_until_applied,
+    wait_until_committed,
     worker_settings_env,
 )
 
@@ -82,7 +89,19 @@ def test_operator_requests_through_sigkills_are_answered_and_act_once(
         assert trainer.last_checkpoint is not None
         rollback_step = trainer.last_checkpoint - 2 * settings.checkpoints.interval_steps
         request_ids = []
+        before_requests = [
+            topic_name(topic, prefix)
+            for topic in (
+                Topic.RUNS,
+                Topic.METRICS,
+                Topic.CHECKPOINTS,
+                Topic.ACKS,
+                Topic.OPERATOR_REQUESTS,
+            )
+        ]
         for action, value, _accepted in PLAN:
+            trainer.transport.flush(10)  # the acks of a rollback included
+            wait_until_committed(kafka_bootstrap, f"app-{prefix.rstrip('.')}", before_requests, 60)
             # Sent through the trainer's recording transport: the oracle reads the run's
             # records and the requests in the order they were produced.
             request = OperatorRequest(
