@@ -89,6 +89,7 @@ def test_operator_requests_through_sigkills_are_answered_and_act_once(
         assert trainer.last_checkpoint is not None
         rollback_step = trainer.last_checkpoint - 2 * settings.checkpoints.interval_steps
         request_ids = []
+        group = f"app-{prefix.rstrip('.')}"  # make_worker's
         before_requests = [
             topic_name(topic, prefix)
             for topic in (
@@ -101,7 +102,7 @@ def test_operator_requests_through_sigkills_are_answered_and_act_once(
         ]
         for action, value, _accepted in PLAN:
             trainer.transport.flush(10)  # the acks of a rollback included
-            wait_until_committed(kafka_bootstrap, f"app-{prefix.rstrip('.')}", before_requests, 60)
+            wait_until_committed(kafka_bootstrap, group, before_requests, 60)
             # Sent through the trainer's recording transport: the oracle reads the run's
             # records and the requests in the order they were produced.
             request = OperatorRequest(
