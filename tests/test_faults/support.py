@@ -185,31 +185,29 @@ def wait_for(
         time.sleep(0.05)
 
 
-def wait_until_committed(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
-    """Wait until ``group`` has committed every record ``topics`` hold now: a worker killed
-    after this replays none of them."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
-    )
+def uncommitted(bootstrap: str, group: str, topic: str, end: int | None = None) -> int:
+    """Records of ``topic`` past ``group``'s commit: of ``end`` records when given, else of
+    what the topic holds."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        ends = {
-            (topic, partition): consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )[1]
-            for topic in topics
-            for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        }
-        wanted = [
-            TopicPartition(topic, partition) for (topic, partition), end in ends.items() if end
-        ]
-
-        def committed() -> bool:
-            done = consumer.committed(wanted, timeout=10)
-            return all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in done)
-
-        wait_for(committed, timeout_s, f"{group} committed all of {sorted(set(topics))}")
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = reader.committed(tps, timeout=10)
+        if end is None:
+            end = sum(reader.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
     finally:
-        consumer.close()
+        reader.close()
+    return end - sum(max(tp.offset, 0) for tp in committed)
+
+
+def wait_until_committed(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
+    """Wait until ``group`` has committed every record ``topics`` hold: a worker killed
+    after this replays none of them."""
+    wait_for(
+        lambda: not any(uncommitted(bootstrap, group, topic) for topic in topics),
+        timeout_s,
+        f"{group} committed all of {sorted(topics)}",
+    )
 
 
 # --- settings ---------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from tests.test_faults.support import (
     RetuneOracle,
     TopicRecorder,
     rating_values,
+    uncommitted,
     wait_for,
 )
 
@@ -74,21 +75,6 @@ def scrape(port: int, name: str, label: str) -> dict[str, float]:
 
 def replayed(port: int) -> dict[str, float]:
     return scrape(port, "fragrance_ops_replayed_events", "agent")
-
-
-def uncommitted(bootstrap: str, group: str, topic: str, end: int | None = None) -> int:
-    """Records of ``topic`` past ``group``'s commit: of ``end`` records when given, else of
-    what the topic holds."""
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p) for p in partitions]
-        committed = reader.committed(tps, timeout=10)
-        if end is None:
-            end = sum(reader.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
-    finally:
-        reader.close()
-    return end - sum(max(tp.offset, 0) for tp in committed)
 
 
 def reset_offsets(bootstrap: str, group: str, topics: list[str], timeout_s: float) -> None:
